@@ -1,0 +1,289 @@
+"""EDSR and MDSR (Lim et al., CVPR-W 2017), eager PyTorch, exactly the official layout.
+
+Module names and parameter shapes match the official EDSR-PyTorch release, so its
+checkpoints load with `strict=True`:
+
+    sub_mean, add_mean              frozen 1x1 convs (mean shift, scaled by rgb_range)
+    head.0                          conv 3 -> F
+    body.{i}.body.{0,2}             residual block i: conv, ReLU, conv   (i < B)
+    body.{B}                        conv F -> F after the blocks (plus the global skip)
+    tail.0.{0,2}                    upsampler convs (EDSR; x4 has two x2 stages)
+    tail.1 (EDSR) / tail.0 (MDSR)   conv F -> 3
+    pre_process.{s}.{0,1}.body.{0,2}  MDSR: two 5x5 residual blocks per scale index s
+    upsample.{s}.{0,2}              MDSR: upsampler per scale index s
+
+Inputs are (N, 3, H, W) float in 0..rgb_range; outputs (N, 3, s*H, s*W), same range
+(not clamped). `fused=True` runs the same math through fastsr's fused ops
+(fastsr.models.fused); `backend` forces one of them by name.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+SUPPORTED_SCALES = (2, 3, 4)
+
+
+def default_conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
+    """The official `default_conv`: bias on, "same" padding, stride 1."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=True)
+
+
+class MeanShift(nn.Conv2d):
+    """Frozen 1x1 conv adding `sign * rgb_range * mean` per channel (official MeanShift)."""
+
+    def __init__(self, rgb_range: float, rgb_mean: Sequence[float] = DIV2K_RGB_MEAN, sign: int = -1):
+        super().__init__(3, 3, kernel_size=1)
+        self.weight.data = torch.eye(3).view(3, 3, 1, 1)
+        self.bias.data = sign * rgb_range * torch.tensor(rgb_mean, dtype=torch.float32)
+        for p in self.parameters():
+            p.requires_grad = False
+
+
+class ResBlock(nn.Module):
+    """`x + res_scale * conv(relu(conv(x)))`; `body.0` and `body.2` hold the convs."""
+
+    def __init__(self, n_feats: int, kernel_size: int = 3, res_scale: float = 1.0):
+        super().__init__()
+        self.body = nn.Sequential(
+            default_conv(n_feats, n_feats, kernel_size),
+            nn.ReLU(inplace=True),
+            default_conv(n_feats, n_feats, kernel_size),
+        )
+        self.res_scale = float(res_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        res = self.body(x).mul(self.res_scale)
+        res += x
+        return res
+
+
+def check_scale(scale: int, allowed: Sequence[int] = SUPPORTED_SCALES) -> int:
+    """Return `scale` as an int or raise ValueError naming the allowed values."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or int(scale) != scale:
+        raise ValueError(f"scale must be one of {tuple(allowed)}, got {scale!r}")
+    if int(scale) not in allowed:
+        raise ValueError(f"scale must be one of {tuple(allowed)}, got {scale!r}")
+    return int(scale)
+
+
+class Upsampler(nn.Sequential):
+    """Official upsampler: x2/x4 = one/two [conv F->4F, PixelShuffle(2)]; x3 = [conv F->9F, PixelShuffle(3)]."""
+
+    def __init__(self, scale: int, n_feats: int):
+        scale = check_scale(scale)
+        layers: list[nn.Module] = []
+        if scale == 3:
+            layers += [default_conv(n_feats, 9 * n_feats, 3), nn.PixelShuffle(3)]
+        else:
+            for _ in range(int(math.log2(scale))):
+                layers += [default_conv(n_feats, 4 * n_feats, 3), nn.PixelShuffle(2)]
+        super().__init__(*layers)
+        self.scale = scale
+
+
+class _FusedMixin:
+    """Shared `fused`/`backend` handling; the fused forward lives in fastsr.models.fused."""
+
+    def _init_fused(self, fused: bool, backend: str | None) -> None:
+        from fastsr.ops.dispatch import check_backend_name
+
+        self.fused = bool(fused) or backend is not None
+        self.backend_request = check_backend_name(backend) if backend is not None else None
+        # Which backend the last forward actually ran ("eager" for the reference modules).
+        self.backend: str | None = None
+        self._inference_plan = None
+
+    def prepare_for_inference(self) -> "nn.Module":
+        """Pack weights once (folded mean shift, NHWC layouts) for repeated inference.
+
+        Packed weights are a snapshot: call again after changing the parameters. Training
+        never uses the snapshot (it repacks from the live parameters every step).
+        """
+        from fastsr.models.fused import build_plan
+
+        self._inference_plan = build_plan(self)
+        return self
+
+    def _forward_dispatch(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
+        _check_input(x)
+        if not self.fused:
+            self.backend = "eager"
+            return self._forward_eager(x, scale_idx)
+        from fastsr.models.fused import fused_forward
+
+        out, backend = fused_forward(self, x, scale_idx)
+        self.backend = backend
+        return out
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"input must be (N, 3, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor in 0..rgb_range, got {x.dtype}")
+
+
+class EDSR(_FusedMixin, nn.Module):
+    """Single-scale EDSR. x: (N, 3, H, W) float in 0..rgb_range -> (N, 3, sH, sW)."""
+
+    def __init__(
+        self,
+        scale: int = 2,
+        n_resblocks: int = 16,
+        n_feats: int = 64,
+        res_scale: float = 1.0,
+        rgb_range: float = 255.0,
+        fused: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.scale = check_scale(scale)
+        self.n_resblocks, self.n_feats = int(n_resblocks), int(n_feats)
+        self.res_scale, self.rgb_range = float(res_scale), float(rgb_range)
+        self.sub_mean = MeanShift(rgb_range, sign=-1)
+        self.head = nn.Sequential(default_conv(3, n_feats, 3))
+        self.body = nn.Sequential(
+            *[ResBlock(n_feats, 3, res_scale) for _ in range(n_resblocks)],
+            default_conv(n_feats, n_feats, 3),
+        )
+        self.tail = nn.Sequential(Upsampler(self.scale, n_feats), default_conv(n_feats, 3, 3))
+        self.add_mean = MeanShift(rgb_range, sign=1)
+        self._init_fused(fused, backend)
+
+    @property
+    def arch(self) -> str:
+        """Short architecture tag as the official code names it, e.g. 'r16f64x2'."""
+        return f"r{self.n_resblocks}f{self.n_feats}x{self.scale}"
+
+    def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        if scale is not None and check_scale(scale) != self.scale:
+            raise ValueError(f"this EDSR is built for scale {self.scale}, got scale={scale}")
+        return self._forward_dispatch(x, 0)
+
+    def _forward_eager(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
+        x = self.sub_mean(x)
+        x = self.head(x)
+        res = self.body(x)
+        res += x
+        x = self.tail(res)
+        return self.add_mean(x)
+
+    # Used by the fused path: the pieces of the network in execution order.
+    def upsampler(self, scale_idx: int) -> Upsampler:
+        return self.tail[0]
+
+    def tail_conv(self) -> nn.Conv2d:
+        return self.tail[1]
+
+    def pre_blocks(self, scale_idx: int) -> Sequence[ResBlock]:
+        return ()
+
+
+class MDSR(_FusedMixin, nn.Module):
+    """Multi-scale MDSR: shared head/body/tail, per-scale 5x5 pre-processing and upsamplers.
+
+    x: (N, 3, H, W) float in 0..rgb_range; `forward(x, scale=s)` runs only scale s's branches.
+    """
+
+    def __init__(
+        self,
+        scales: Sequence[int] = (2, 3, 4),
+        n_resblocks: int = 16,
+        n_feats: int = 64,
+        rgb_range: float = 255.0,
+        fused: bool = False,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.scales = tuple(check_scale(s) for s in scales)
+        if len(set(self.scales)) != len(self.scales) or not self.scales:
+            raise ValueError(f"scales must be distinct values from {SUPPORTED_SCALES}, got {tuple(scales)}")
+        self.n_resblocks, self.n_feats = int(n_resblocks), int(n_feats)
+        self.res_scale, self.rgb_range = 1.0, float(rgb_range)
+        self.sub_mean = MeanShift(rgb_range, sign=-1)
+        self.head = nn.Sequential(default_conv(3, n_feats, 3))
+        self.pre_process = nn.ModuleList(
+            [nn.Sequential(ResBlock(n_feats, 5), ResBlock(n_feats, 5)) for _ in self.scales]
+        )
+        self.body = nn.Sequential(
+            *[ResBlock(n_feats, 3) for _ in range(n_resblocks)],
+            default_conv(n_feats, n_feats, 3),
+        )
+        self.upsample = nn.ModuleList([Upsampler(s, n_feats) for s in self.scales])
+        self.tail = nn.Sequential(default_conv(n_feats, 3, 3))
+        self.add_mean = MeanShift(rgb_range, sign=1)
+        self._init_fused(fused, backend)
+
+    @property
+    def arch(self) -> str:
+        return f"mdsr-r{self.n_resblocks}f{self.n_feats}"
+
+    def scale_index(self, scale: int) -> int:
+        scale = check_scale(scale, self.scales)
+        return self.scales.index(scale)
+
+    def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        if scale is None:
+            raise ValueError(f"MDSR needs forward(x, scale=...) with scale in {self.scales}")
+        return self._forward_dispatch(x, self.scale_index(scale))
+
+    def _forward_eager(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
+        x = self.sub_mean(x)
+        x = self.head(x)
+        x = self.pre_process[scale_idx](x)
+        res = self.body(x)
+        res += x
+        x = self.upsample[scale_idx](res)
+        x = self.tail(x)
+        return self.add_mean(x)
+
+    def upsampler(self, scale_idx: int) -> Upsampler:
+        return self.upsample[scale_idx]
+
+    def tail_conv(self) -> nn.Conv2d:
+        return self.tail[0]
+
+    def pre_blocks(self, scale_idx: int) -> Sequence[ResBlock]:
+        return tuple(self.pre_process[scale_idx])
+
+
+# Presets with the published sizes (DESIGN.md table).
+def edsr_baseline(scale: int = 2, **kw) -> EDSR:
+    """EDSR-baseline: 16 blocks, 64 features, res_scale 1 (1.37M params at x2)."""
+    return EDSR(scale, n_resblocks=16, n_feats=64, res_scale=1.0, **kw)
+
+
+def edsr(scale: int = 2, **kw) -> EDSR:
+    """EDSR: 32 blocks, 256 features, res_scale 0.1 (40.7M params at x2)."""
+    return EDSR(scale, n_resblocks=32, n_feats=256, res_scale=0.1, **kw)
+
+
+def mdsr_baseline(**kw) -> MDSR:
+    """MDSR-baseline: 16 blocks, 64 features (3.23M params)."""
+    return MDSR((2, 3, 4), n_resblocks=16, n_feats=64, **kw)
+
+
+def mdsr(**kw) -> MDSR:
+    """MDSR: 80 blocks, 64 features (7.95M params)."""
+    return MDSR((2, 3, 4), n_resblocks=80, n_feats=64, **kw)
+
+
+PRESETS = {
+    "edsr_baseline": edsr_baseline,
+    "edsr": edsr,
+    "mdsr_baseline": mdsr_baseline,
+    "mdsr": mdsr,
+}
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameters; the published counts exclude the frozen mean shifts."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,1 @@
+"""Fused ops: registered torch ops, their eager references, and backend dispatch."""
