@@ -1,0 +1,347 @@
+"""Reading, writing and matching checkpoints.
+
+Formats: the official EDSR-PyTorch `.pt` files (plain state_dicts), BasicSR's EDSR layout
+(`conv_first`, `body.i.conv1`, ..., usually wrapped in {"params": ...}), and `.safetensors`
+(fastsr's own format, with the architecture in the metadata). Pickled files are read with
+`torch.load(weights_only=True)` only: a file that needs arbitrary code to unpickle is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastsr.errors import CheckpointError
+from fastsr.models.edsr import EDSR, MDSR, MeanShift
+
+StateDict = dict[str, torch.Tensor]
+
+# Keys that wrap the real state_dict in training checkpoints of common codebases.
+_WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder, fsync, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
+    """Read a state_dict and its metadata from `.safetensors`, `.pt` or `.pth`.
+
+    Returns (state_dict with CPU tensors, metadata); metadata is empty for pickled files.
+    Raises CheckpointError with the file name for anything unreadable or unsafe.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return sd, meta
+    if path.suffix not in (".pt", ".pth"):
+        raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt or .pth")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled objects beyond plain tensors, which could run code "
+            f"when loaded (torch.load weights_only=True said: {first})"
+        ) from None
+    except Exception as e:  # corrupt zip, truncated file, not a torch file at all
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    return _unwrap(obj, path), {}
+
+
+def _unwrap(obj, path: Path) -> StateDict:
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
+    # DataParallel / DDP prefixes
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+# ---------------------------------------------------------------------------------------
+# Recognizing what a state_dict holds
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What a state_dict seems to hold: kind ('edsr' | 'mdsr' | 'basicsr-edsr'), sizes, scales."""
+
+    kind: str
+    n_resblocks: int
+    n_feats: int
+    scales: tuple[int, ...]
+
+    def tag(self) -> str:
+        if self.kind == "mdsr":
+            return f"mdsr r{self.n_resblocks}f{self.n_feats} (scales {','.join(map(str, self.scales))})"
+        prefix = "BasicSR " if self.kind == "basicsr-edsr" else ""
+        return f"{prefix}r{self.n_resblocks}f{self.n_feats}x{self.scales[0]}"
+
+
+def _upsampler_scale(sd: StateDict, prefix: str, n_feats: int) -> int | None:
+    w0 = sd.get(f"{prefix}0.weight")
+    if w0 is None or n_feats <= 0:
+        return None
+    ratio = w0.shape[0] // n_feats
+    if ratio == 9:
+        return 3
+    if ratio == 4:
+        return 4 if f"{prefix}2.weight" in sd else 2
+    return None
+
+
+def infer_arch(sd: StateDict) -> ArchSpec | None:
+    """Guess the architecture from key names and shapes; None if it is not EDSR/MDSR-like."""
+    try:
+        if "conv_first.weight" in sd:  # BasicSR
+            f = sd["conv_first.weight"].shape[0]
+            b = len({m.group(1) for k in sd if (m := re.match(r"body\.(\d+)\.conv1\.weight$", k))})
+            s = _upsampler_scale(sd, "upsample.", f)
+            return ArchSpec("basicsr-edsr", b, f, (s,) if s else ())
+        if "head.0.weight" not in sd:
+            return None
+        f = sd["head.0.weight"].shape[0]
+        b = len({m.group(1) for k in sd if (m := re.match(r"body\.(\d+)\.body\.0\.weight$", k))})
+        if any(k.startswith("pre_process.") for k in sd):
+            idx = sorted({int(m.group(1)) for k in sd if (m := re.match(r"upsample\.(\d+)\.", k))})
+            scales = tuple(s for i in idx if (s := _upsampler_scale(sd, f"upsample.{i}.", f)))
+            return ArchSpec("mdsr", b, f, scales)
+        s = _upsampler_scale(sd, "tail.0.", f)
+        return ArchSpec("edsr", b, f, (s,) if s else ())
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def describe(sd: StateDict) -> str:
+    spec = infer_arch(sd)
+    return f"looks like {spec.tag()}" if spec else "does not look like an EDSR/MDSR checkpoint"
+
+
+def model_arch_tag(model: nn.Module) -> str:
+    if isinstance(model, MDSR):
+        return ArchSpec("mdsr", model.n_resblocks, model.n_feats, model.scales).tag()
+    return ArchSpec("edsr", model.n_resblocks, model.n_feats, (model.scale,)).tag()
+
+
+# ---------------------------------------------------------------------------------------
+# BasicSR conversion
+# ---------------------------------------------------------------------------------------
+
+_BASICSR_RULES = [
+    (r"^conv_first\.(weight|bias)$", r"head.0.\1"),
+    (r"^body\.(\d+)\.conv1\.(weight|bias)$", r"body.\1.body.0.\2"),
+    (r"^body\.(\d+)\.conv2\.(weight|bias)$", r"body.\1.body.2.\2"),
+    (r"^upsample\.(\d+)\.(weight|bias)$", r"tail.0.\1.\2"),
+]
+
+
+def convert_basicsr(sd: StateDict, rgb_range: float = 255.0) -> StateDict:
+    """BasicSR EDSR state_dict -> official layout.
+
+    BasicSR's forward is `((x - mean) * img_range)` -> same convs -> `/ img_range + mean`
+    with x in 0..1; with the default img_range = 255 its convs see exactly what the official
+    model sees for inputs in 0..255, so the weights carry over unchanged and only the names
+    and the (non-persistent in BasicSR) mean shift change. fastsr's model then takes 0..255
+    input: `fastsr(x * 255) == basicsr(x) * 255`.
+    """
+    spec = infer_arch(sd)
+    if spec is None or spec.kind != "basicsr-edsr":
+        raise CheckpointError(f"not a BasicSR EDSR state_dict: {describe(sd)}")
+    n_blocks = spec.n_resblocks
+    out: StateDict = {}
+    for key, value in sd.items():
+        for pattern, repl in _BASICSR_RULES:
+            if re.match(pattern, key):
+                out[re.sub(pattern, repl, key)] = value
+                break
+        else:
+            m = re.match(r"^conv_after_body\.(weight|bias)$", key)
+            n = re.match(r"^conv_last\.(weight|bias)$", key)
+            if m:
+                out[f"body.{n_blocks}.{m.group(1)}"] = value
+            elif n:
+                out[f"tail.1.{n.group(1)}"] = value
+            else:
+                raise CheckpointError(f"BasicSR state_dict has an unexpected key {key!r}")
+    for name, sign in (("sub_mean", -1), ("add_mean", 1)):
+        shift = MeanShift(rgb_range, sign=sign)
+        out[f"{name}.weight"], out[f"{name}.bias"] = shift.weight.detach().clone(), shift.bias.detach().clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Loading into a model
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What `load_weights` did: keys loaded, and keys skipped with the reason."""
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}"]
+        lines += [f"  skipped {k}: {why}" for k, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _is_upsampler_key(model: nn.Module, key: str) -> bool:
+    if isinstance(model, MDSR):
+        return key.startswith("upsample.")
+    return key.startswith("tail.0.")
+
+
+def _mismatch_message(model: nn.Module, sd: StateDict, source: str) -> str | None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {few(unexpected)}")
+    if shapes:
+        parts.append(f"mis-shaped: {few(shapes)}")
+    return (
+        f"{source} does not match the model ({model_arch_tag(model)}): the file {describe(sd)}; "
+        + "; ".join(parts)
+    )
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike | StateDict,
+    *,
+    partial_upsampler: bool = False,
+) -> LoadReport:
+    """Load official, BasicSR or fastsr weights into `model` strictly.
+
+    partial_upsampler=True is the paper's fine-tuning start (x2 weights -> x3/x4 model):
+    everything but the upsampler must match; upsampler tensors that do not fit are skipped
+    and listed in the report. Any other mismatch raises CheckpointError naming the
+    missing / unexpected / mis-shaped keys and what the file seems to hold.
+    """
+    name = str(source) if not isinstance(source, dict) else "state_dict"
+    sd = read_checkpoint(source)[0] if not isinstance(source, dict) else dict(source)
+    spec = infer_arch(sd)
+    if spec is not None and spec.kind == "basicsr-edsr":
+        sd = convert_basicsr(sd, getattr(model, "rgb_range", 255.0))
+    report = LoadReport()
+    if partial_upsampler:
+        own = model.state_dict()
+        for key in list(sd):
+            if _is_upsampler_key(model, key) and (key not in own or own[key].shape != sd[key].shape):
+                report.skipped.append((key, "upsampler of another scale"))
+                del sd[key]
+        for key in own:
+            if _is_upsampler_key(model, key) and key not in sd:
+                if not any(key == k for k, _ in report.skipped):
+                    report.skipped.append((key, "not in the file; kept the model's initialization"))
+                sd[key] = own[key]
+    msg = _mismatch_message(model, sd, name)
+    if msg:
+        raise CheckpointError(msg)
+    model.load_state_dict(sd, strict=True)
+    skipped = {k for k, _ in report.skipped}
+    report.loaded = [k for k in sd if k not in skipped]
+    return report
+
+
+def model_from_checkpoint(
+    source: str | os.PathLike,
+    *,
+    res_scale: float | None = None,
+    **model_kwargs,
+) -> nn.Module:
+    """Build the model a checkpoint holds and load it strictly.
+
+    The architecture comes from the safetensors metadata when fastsr wrote the file,
+    otherwise from key names and shapes. res_scale is not stored in official files:
+    it defaults to the paper's (0.1 for 256 features, else 1).
+    """
+    sd, meta = read_checkpoint(source)
+    spec = infer_arch(sd)
+    if spec is None or not spec.scales:
+        raise CheckpointError(f"{source}: {describe(sd)}")
+    if res_scale is None:
+        res_scale = float(meta["res_scale"]) if "res_scale" in meta else (0.1 if spec.n_feats == 256 else 1.0)
+    rgb_range = float(meta.get("rgb_range", 255.0))
+    if spec.kind == "mdsr":
+        model = MDSR(spec.scales, spec.n_resblocks, spec.n_feats, rgb_range=rgb_range, **model_kwargs)
+    else:
+        model = EDSR(spec.scales[0], spec.n_resblocks, spec.n_feats, res_scale, rgb_range=rgb_range, **model_kwargs)
+    load_weights(model, sd if spec.kind != "basicsr-edsr" else convert_basicsr(sd, rgb_range))
+    return model
+
+
+def save_safetensors(
+    model: nn.Module, path: str | os.PathLike, *, half: bool = False, extra_metadata: dict[str, str] | None = None
+) -> Path:
+    """Save `model`'s state_dict as safetensors (atomically) with its architecture in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if half:
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    meta = {
+        "format": "fastsr",
+        "arch": "mdsr" if isinstance(model, MDSR) else "edsr",
+        "n_resblocks": str(model.n_resblocks),
+        "n_feats": str(model.n_feats),
+        "scales": json.dumps(list(model.scales) if isinstance(model, MDSR) else [model.scale]),
+        "res_scale": repr(float(model.res_scale)),
+        "rgb_range": repr(float(model.rgb_range)),
+    }
+    meta.update(extra_metadata or {})
+    _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    return path
