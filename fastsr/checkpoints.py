@@ -67,11 +67,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused: the file holds pickled objects beyond plain tensors, which could run code "
-            f"when loaded (torch.load weights_only=True said: {first})"
-        ) from None
+        # The weights-only unpickler names the global it refused ("GLOBAL print was not an
+        # allowed global"); any other unpickling failure is a damaged or foreign file.
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: the file holds pickled code ({found.group(1)}), which could run when "
+                "loaded; fastsr reads .pt/.pth with torch.load(weights_only=True) only"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     return _unwrap(obj, path), {}
@@ -111,7 +115,8 @@ class ArchSpec:
         if self.kind == "mdsr":
             return f"mdsr r{self.n_resblocks}f{self.n_feats} (scales {','.join(map(str, self.scales))})"
         prefix = "BasicSR " if self.kind == "basicsr-edsr" else ""
-        return f"{prefix}r{self.n_resblocks}f{self.n_feats}x{self.scales[0]}"
+        scale = self.scales[0] if self.scales else "?"
+        return f"{prefix}r{self.n_resblocks}f{self.n_feats}x{scale}"
 
 
 def _upsampler_scale(sd: StateDict, prefix: str, n_feats: int) -> int | None:

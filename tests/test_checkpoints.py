@@ -1,0 +1,177 @@
+"""Checkpoint compatibility: official layout, BasicSR conversion, partial loads, safetensors, safety."""
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastsr
+from fastsr.checkpoints import (
+    convert_basicsr,
+    describe,
+    load_weights,
+    model_from_checkpoint,
+    read_checkpoint,
+    save_safetensors,
+)
+from fastsr.errors import CheckpointError
+
+
+def official_state_dict(model: nn.Module, seed: int = 0) -> dict:
+    """A random state_dict with exactly the official names and shapes (real files can't be downloaded here)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+PRESETS = [
+    ("edsr_baseline", 2), ("edsr_baseline", 3), ("edsr_baseline", 4),
+    ("edsr", 2), ("edsr", 3), ("edsr", 4),
+    ("mdsr_baseline", None), ("mdsr", None),
+]
+
+
+@pytest.mark.parametrize("name,scale", PRESETS)
+def test_official_layout_loads_strictly_through_a_pt_file(tmp_path, name, scale):
+    build = getattr(fastsr, name)
+    sd = official_state_dict(build(scale) if scale else build())
+    path = tmp_path / f"{name}_x{scale}.pt"
+    torch.save(sd, path)  # what the official release ships: a plain state_dict
+    model = model_from_checkpoint(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert type(model).__name__ == ("MDSR" if scale is None else "EDSR")
+    if scale:
+        assert model.scale == scale
+        assert model.res_scale == (0.1 if name == "edsr" else 1.0)
+
+
+class BasicSREDSR(nn.Module):
+    """BasicSR's EDSR forward, written out (input 0..1, img_range 255) to check the converter."""
+
+    def __init__(self, scale: int, n_feats: int = 8, n_blocks: int = 2, res_scale: float = 1.0):
+        super().__init__()
+        self.mean = torch.tensor([0.4488, 0.4371, 0.4040]).view(1, 3, 1, 1)
+        self.res_scale = res_scale
+        self.conv_first = nn.Conv2d(3, n_feats, 3, 1, 1)
+        self.body = nn.ModuleList(nn.ModuleDict({"conv1": nn.Conv2d(n_feats, n_feats, 3, 1, 1),
+                                                 "conv2": nn.Conv2d(n_feats, n_feats, 3, 1, 1)})
+                                  for _ in range(n_blocks))
+        self.conv_after_body = nn.Conv2d(n_feats, n_feats, 3, 1, 1)
+        ups = []
+        if scale == 3:
+            ups += [nn.Conv2d(n_feats, 9 * n_feats, 3, 1, 1), nn.PixelShuffle(3)]
+        else:
+            for _ in range(scale // 2):
+                ups += [nn.Conv2d(n_feats, 4 * n_feats, 3, 1, 1), nn.PixelShuffle(2)]
+        self.upsample = nn.Sequential(*ups)
+        self.conv_last = nn.Conv2d(n_feats, 3, 3, 1, 1)
+
+    def forward(self, x):
+        x = (x - self.mean) * 255.0
+        x = self.conv_first(x)
+        res = x
+        for blk in self.body:
+            res = res + self.res_scale * blk["conv2"](F.relu(blk["conv1"](res)))
+        res = self.conv_after_body(res) + x
+        return self.conv_last(self.upsample(res)) / 255.0 + self.mean
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_basicsr_conversion_gives_identical_outputs(tmp_path, scale):
+    torch.manual_seed(scale)
+    ref = BasicSREDSR(scale)
+    path = tmp_path / "net_g.pth"
+    torch.save({"params": ref.state_dict()}, path)  # BasicSR wraps weights in "params"
+    model = model_from_checkpoint(path)
+    assert model.scale == scale and model.n_resblocks == 2 and model.n_feats == 8
+    x = torch.rand(2, 3, 7, 6)
+    torch.testing.assert_close(model(x * 255) / 255, ref(x), rtol=1e-5, atol=2e-6)
+
+
+def test_convert_basicsr_rejects_other_layouts():
+    with pytest.raises(CheckpointError, match="not a BasicSR"):
+        convert_basicsr(fastsr.EDSR(2, 1, 8).state_dict())
+
+
+@pytest.mark.parametrize("target", [3, 4])
+def test_x2_weights_start_an_x3_x4_model(target):
+    x2 = fastsr.EDSR(2, 2, 8)
+    model = fastsr.EDSR(target, 2, 8)
+    init_tail = model.tail[0][0].weight.clone()
+    report = load_weights(model, x2.state_dict(), partial_upsampler=True)
+    skipped = {k for k, _ in report.skipped}
+    assert skipped and all(k.startswith("tail.0.") for k in skipped)
+    assert torch.equal(model.body[0].body[0].weight, x2.body[0].body[0].weight)
+    assert torch.equal(model.tail[1].weight, x2.tail[1].weight)
+    if target == 3:  # x3's upsampler conv has another shape: it keeps its initialization
+        assert torch.equal(model.tail[0][0].weight, init_tail)
+    else:  # x4's first stage has x2's shape and takes it; the second stage is skipped
+        assert torch.equal(model.tail[0][0].weight, x2.tail[0][0].weight)
+        assert skipped == {"tail.0.2.weight", "tail.0.2.bias"}
+    assert "skipped" in str(report)
+
+
+def test_mismatch_names_keys_and_the_files_architecture():
+    with pytest.raises(CheckpointError) as err:
+        load_weights(fastsr.edsr_baseline(2), official_state_dict(fastsr.EDSR(4, 32, 16)))
+    msg = str(err.value)
+    assert "looks like r32f16x4" in msg and "r16f64x2" in msg
+    assert "unexpected keys: body.16.body.0.weight" in msg
+    assert "mis-shaped: head.0.weight (file (16, 3, 3, 3), model (64, 3, 3, 3))" in msg
+
+
+def test_missing_keys_are_named():
+    sd = official_state_dict(fastsr.EDSR(2, 2, 8))
+    del sd["body.1.body.2.bias"]
+    with pytest.raises(CheckpointError, match=r"missing keys: body\.1\.body\.2\.bias"):
+        load_weights(fastsr.EDSR(2, 2, 8), sd)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_safetensors_round_trip(tmp_path, half):
+    model = fastsr.MDSR((2, 4), 2, 8)
+    path = save_safetensors(model, tmp_path / "m.safetensors", half=half)
+    sd, meta = read_checkpoint(path)
+    assert meta["arch"] == "mdsr" and meta["scales"] == "[2, 4]"
+    loaded = model_from_checkpoint(path)
+    assert loaded.scales == (2, 4)
+    for k, v in model.state_dict().items():
+        expect = v.half().float() if half else v
+        assert torch.equal(loaded.state_dict()[k], expect), k
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        torch.save({"head.0.weight": torch.zeros(1), "x": Evil()}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,match", [(b"", "not a readable"), (b"garbage" * 10, "not a readable")])
+def test_corrupt_files_are_clear_errors(tmp_path, content, match):
+    for suffix in (".pt", ".safetensors"):
+        path = tmp_path / f"bad{suffix}"
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError, match=match):
+            read_checkpoint(path)
+
+
+def test_other_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        read_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="unknown checkpoint extension"):
+        read_checkpoint(tmp_path / "w.bin")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not look like an EDSR"):
+        model_from_checkpoint(tmp_path / "other.pt")
+    assert describe({"head.0.weight": torch.zeros(4, 3, 3, 3)}) == "looks like r0f4x?"
