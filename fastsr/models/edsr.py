@@ -14,7 +14,9 @@ checkpoints load with `strict=True`:
 
 Inputs are (N, 3, H, W) float in 0..rgb_range; outputs (N, 3, s*H, s*W), same range
 (not clamped). `fused=True` runs the same math through fastsr's fused ops
-(fastsr.models.fused); `backend` forces one of them by name.
+(fastsr.models.fused); `backend` forces one of them by name ("triton", "cpu",
+"reference"); `dtype` sets the fused path's compute dtype (e.g. torch.bfloat16 on a
+CPU with bf16 instructions). After each forward, `model.backend` names what ran.
 """
 from __future__ import annotations
 
@@ -90,25 +92,31 @@ class Upsampler(nn.Sequential):
 class _FusedMixin:
     """Shared `fused`/`backend` handling; the fused forward lives in fastsr.models.fused."""
 
-    def _init_fused(self, fused: bool, backend: str | None) -> None:
+    def _init_fused(self, fused: bool, backend: str | None, dtype: torch.dtype | None) -> None:
         from fastsr.ops.dispatch import check_backend_name
 
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype (the fused path's compute dtype) must be float32/float16/bfloat16, got {dtype}")
+        if dtype is not None and not (fused or backend is not None):
+            raise ValueError("dtype selects the fused path's compute dtype: pass fused=True with it")
+        self.compute_dtype = dtype
         self.fused = bool(fused) or backend is not None
         self.backend_request = check_backend_name(backend) if backend is not None else None
         # Which backend the last forward actually ran ("eager" for the reference modules).
         self.backend: str | None = None
-        self._inference_plan = None
 
-    def prepare_for_inference(self) -> "nn.Module":
-        """Pack weights once (folded mean shift, NHWC layouts) for repeated inference.
+    def prepare_for_inference(self, io_dtype: torch.dtype = torch.float32) -> "nn.Module":
+        """Fold and cast the weights once (mean shifts folded, compute dtype) for inference.
 
-        Packed weights are a snapshot: call again after changing the parameters. Training
-        never uses the snapshot (it repacks from the live parameters every step).
+        The plan is cached under the parameters' version counters, so changing a parameter
+        afterwards rebuilds it instead of using stale weights. Returns self in eval mode.
         """
-        from fastsr.models.fused import build_plan
+        from fastsr.models.fused import get_plan
 
-        self._inference_plan = build_plan(self)
-        return self
+        if self.fused:
+            with torch.no_grad():
+                get_plan(self, self.compute_dtype or io_dtype, io_dtype)
+        return self.eval()
 
     def _forward_dispatch(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
         _check_input(x)
@@ -143,6 +151,7 @@ class EDSR(_FusedMixin, nn.Module):
         rgb_range: float = 255.0,
         fused: bool = False,
         backend: str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.scale = check_scale(scale)
@@ -156,7 +165,7 @@ class EDSR(_FusedMixin, nn.Module):
         )
         self.tail = nn.Sequential(Upsampler(self.scale, n_feats), default_conv(n_feats, 3, 3))
         self.add_mean = MeanShift(rgb_range, sign=1)
-        self._init_fused(fused, backend)
+        self._init_fused(fused, backend, dtype)
 
     @property
     def arch(self) -> str:
@@ -201,6 +210,7 @@ class MDSR(_FusedMixin, nn.Module):
         rgb_range: float = 255.0,
         fused: bool = False,
         backend: str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.scales = tuple(check_scale(s) for s in scales)
@@ -220,7 +230,7 @@ class MDSR(_FusedMixin, nn.Module):
         self.upsample = nn.ModuleList([Upsampler(s, n_feats) for s in self.scales])
         self.tail = nn.Sequential(default_conv(n_feats, 3, 3))
         self.add_mean = MeanShift(rgb_range, sign=1)
-        self._init_fused(fused, backend)
+        self._init_fused(fused, backend, dtype)
 
     @property
     def arch(self) -> str:

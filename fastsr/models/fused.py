@@ -1,0 +1,129 @@
+"""The fused forward of EDSR/MDSR: the same network as a sequence of fused ops.
+
+    head   conv(x - mean)               mean shift folded into the head's input (in_shift)
+    blocks resblock(...)                MDSR's 5x5 pre-processing blocks, then the body
+    body   conv(r) + skip               the conv after the blocks, global skip in its epilogue
+    up     conv + pixel shuffle         shuffle written by the conv (x4 = two x2 stages)
+    tail   conv + (bias + mean)         add_mean folded into the tail bias
+
+The folded weights ("plan") are derived from the live parameters with differentiable
+ops, so training sees every update. Without gradients the plan is cached, keyed by the
+parameters' storage and version counters: an optimizer step (or load_state_dict)
+changes a version, so a stale plan is never used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fastsr.ops.conv import BACKWARD_BACKEND, conv2d, resblock
+from fastsr.ops.dispatch import choose_backend
+
+Conv = tuple[torch.Tensor, torch.Tensor]  # (weight, bias)
+
+
+@dataclass
+class FusedPlan:
+    """Folded weights for one compute dtype and device."""
+
+    head: Conv
+    in_shift: torch.Tensor          # (3,) fp32: subtracted from the input inside the head conv
+    pre: list[list[tuple[Conv, Conv]]]   # per scale index: the 5x5 blocks (empty for EDSR)
+    body: list[tuple[Conv, Conv]]
+    body_last: Conv
+    up: list[list[tuple[Conv, int]]]     # per scale index: (conv, shuffle) stages
+    tail: Conv
+    res_scale: float
+
+
+def _conv(m: nn.Conv2d, dtype: torch.dtype) -> Conv:
+    return m.weight.to(dtype), m.bias
+
+
+def build_plan(model: nn.Module, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None) -> FusedPlan:
+    """Fold the mean shifts and collect the weights of `model`.
+
+    dtype: compute dtype of the body and upsampler; io_dtype: dtype of the head and tail
+    convs (the input and output images). Both default to the parameters' dtype.
+    """
+    dtype = dtype or model.head[0].weight.dtype
+    io_dtype = io_dtype or model.head[0].weight.dtype
+    sub, add = model.sub_mean, model.add_mean
+    # sub_mean(x) = A x + a with A = I in the official release; head(A x + a) with zero
+    # padding applied after the shift == head'(x - s) with head' = head o A, s = -A^-1 a.
+    a_sub = sub.weight.detach()[:, :, 0, 0].float()
+    in_shift = -torch.linalg.solve(a_sub, sub.bias.detach().float())
+    head_w = torch.einsum("ojhw,jc->ochw", model.head[0].weight, a_sub.to(model.head[0].weight.dtype))
+    # add_mean(tail(y)) = B (W y + b) + c: a 1x1 conv after a conv composes into one conv.
+    b_add = add.weight.detach()[:, :, 0, 0].to(model.tail_conv().weight.dtype)
+    tail = model.tail_conv()
+    tail_w = torch.einsum("oj,jchw->ochw", b_add, tail.weight)
+    tail_b = b_add @ tail.bias + add.bias.detach().to(tail.bias.dtype)
+
+    def blocks(mods) -> list[tuple[Conv, Conv]]:
+        return [(_conv(b.body[0], dtype), _conv(b.body[2], dtype)) for b in mods]
+
+    n_scales = len(model.scales) if hasattr(model, "scales") else 1
+    ups = []
+    for s in range(n_scales):
+        stages = model.upsampler(s)
+        convs = [m for m in stages if isinstance(m, nn.Conv2d)]
+        shuffle = 3 if stages.scale == 3 else 2
+        ups.append([(_conv(c, dtype), shuffle) for c in convs])
+    return FusedPlan(
+        head=(head_w.to(io_dtype), model.head[0].bias),
+        in_shift=in_shift,
+        pre=[blocks(model.pre_blocks(s)) for s in range(n_scales)],
+        body=blocks(list(model.body)[:-1]),
+        body_last=_conv(model.body[-1], dtype),
+        up=ups,
+        tail=(tail_w.to(io_dtype), tail_b),
+        res_scale=model.res_scale,
+    )
+
+
+def get_plan(model: nn.Module, dtype: torch.dtype, io_dtype: torch.dtype) -> FusedPlan:
+    """The plan for this forward: rebuilt while gradients flow, cached otherwise."""
+    params = list(model.parameters())
+    # Inference tensors (parameters created under inference_mode) have no version counter
+    # to key a cache on, so their plan is rebuilt each call, like a training step's.
+    if any(p.is_inference() for p in params) or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        return build_plan(model, dtype, io_dtype)
+    key = (dtype, io_dtype) + tuple((p.data_ptr(), p._version) for p in params)
+    cached = getattr(model, "_plan_cache", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build_plan(model, dtype, io_dtype))
+        model._plan_cache = cached
+    return cached[1]
+
+
+def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[torch.Tensor, str]:
+    """Run `model` on x: (N, 3, H, W) float through the fused ops. Returns (output, backend).
+
+    The body and upsampler compute in `model.compute_dtype` (default: x's dtype; weights
+    are cast once per plan). The head and tail convs, which see the image itself, run in
+    x's dtype: an fp32 image keeps fp32 pixels in and out while the 64..256-channel
+    features are bf16, which keeps the PSNR cost of bf16 small for about 1% of the FLOPs.
+    The output has x's dtype and is channels-last.
+    """
+    backend = choose_backend(x, model.backend_request)
+    compute = model.compute_dtype or x.dtype
+    plan = get_plan(model, compute, x.dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    h = conv2d(x, *plan.head, in_shift=plan.in_shift.to(x.device), backend=backend).to(compute)
+    for (c1, c2) in plan.pre[scale_idx]:
+        h = resblock(h, *c1, *c2, 1.0, backend=backend)
+    r = h
+    for (c1, c2) in plan.body:
+        r = resblock(r, *c1, *c2, plan.res_scale, backend=backend)
+    r = conv2d(r, *plan.body_last, skip=h, backend=backend)
+    for conv, shuffle in plan.up[scale_idx]:
+        r = conv2d(r, *conv, shuffle=shuffle, backend=backend)
+    out = conv2d(r.to(x.dtype), *plan.tail, backend=backend)
+    return out, backend
+
+
+__all__ = ["BACKWARD_BACKEND", "FusedPlan", "build_plan", "fused_forward", "get_plan"]

@@ -1,0 +1,286 @@
+"""The fused ops, registered with torch.library: `fastsr::conv2d` and `fastsr::resblock`.
+
+Each op takes logically-NCHW tensors stored channels-last (NHWC in memory, so the Triton
+kernels read them as (N, H, W, C) views without a copy) and returns channels-last
+output. The `backend` argument picks the implementation ("triton" or "cpu"); the eager
+specification is fastsr.ops.reference. Autograd: the backward recomputes the op from its
+saved inputs with eager math (only the inputs are saved, as the fused block promises);
+fused backward kernels are separate work (see `BACKWARD_BACKEND`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastsr.ops.reference import conv2d_ref, resblock_ref
+
+CL = torch.channels_last
+# What runs in backward for every backend today: eager math over recomputed forwards.
+BACKWARD_BACKEND = "reference"
+
+
+def _check_conv_args(x, weight, bias, in_shift, skip, shuffle) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got {x.dim()} dims {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] not in (1, 3, 5):
+        raise ValueError(f"weight must be (Cout, Cin, k, k) with k in 1/3/5, got {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects Cin={weight.shape[1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("in_shift", in_shift), ("skip", skip)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    cout = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (cout,):
+        raise ValueError(f"bias must be ({cout},), got {tuple(bias.shape)}")
+    if in_shift is not None and tuple(in_shift.shape) != (x.shape[1],):
+        raise ValueError(f"in_shift must be ({x.shape[1]},), got {tuple(in_shift.shape)}")
+    if shuffle not in (1, 2, 3) or cout % (shuffle * shuffle):
+        raise ValueError(f"shuffle must be 1, 2 or 3 dividing Cout={cout} by shuffle^2, got {shuffle}")
+    if skip is not None:
+        if shuffle != 1:
+            raise ValueError("skip cannot be combined with shuffle > 1")
+        want = (x.shape[0], cout, x.shape[2], x.shape[3])
+        if tuple(skip.shape) != want or skip.dtype != x.dtype:
+            raise ValueError(f"skip must be {want} {x.dtype}, got {tuple(skip.shape)} {skip.dtype}")
+
+
+def _out_shape(x: torch.Tensor, cout: int, shuffle: int) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    return (n, cout // (shuffle * shuffle), h * shuffle, w * shuffle)
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) logical -> (N, H, W, C) contiguous; free when t is channels-last."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+# --------------------------------------------------------------------------- cpu backend
+
+
+def _conv_cpu(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, shuffle=1):
+    x = x.contiguous(memory_format=CL)
+    if in_shift is not None:
+        x = x - in_shift.to(x.dtype).view(1, -1, 1, 1)
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=weight.shape[-1] // 2)
+    # Epilogues in place on the fresh conv output: one extra read/write each, no new buffers.
+    if relu:
+        y.relu_()
+    if skip is not None:
+        if res_scale == 1.0:
+            y.add_(skip)
+        else:
+            torch.add(skip, y, alpha=res_scale, out=y)  # skip + s*y in one pass
+    elif res_scale != 1.0:
+        y.mul_(res_scale)
+    if shuffle > 1:
+        y = F.pixel_shuffle(y, shuffle)
+    return y.contiguous(memory_format=CL)
+
+
+def _resblock_cpu(x, w1, b1, w2, b2, res_scale):
+    h = _conv_cpu(x, w1, b1, relu=True)
+    return _conv_cpu(h, w2, b2, res_scale=res_scale, skip=x.contiguous(memory_format=CL))
+
+
+# ------------------------------------------------------------------------ triton backend
+
+
+def _conv_triton(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, shuffle=1):
+    from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
+
+    out = conv2d_nhwc(
+        _nhwc(x),
+        pack_weight(weight.to(x.dtype)),
+        None if bias is None else bias.float().contiguous(),
+        weight.shape[-1],
+        in_shift=None if in_shift is None else in_shift.float().contiguous(),
+        relu=relu,
+        res_scale=res_scale,
+        skip=None if skip is None else _nhwc(skip),
+        shuffle=shuffle,
+    )
+    return out.permute(0, 3, 1, 2)
+
+
+def _resblock_triton(x, w1, b1, w2, b2, res_scale):
+    from fastsr.kernels.conv2d import pack_weight
+    from fastsr.kernels.resblock import resblock_nhwc, resblock_supported
+
+    k = w1.shape[-1]
+    if not resblock_supported(x.shape[1], k):  # two-kernel path: conv+ReLU, conv+scale+add
+        h = _conv_triton(x, w1, b1, relu=True)
+        return _conv_triton(h, w2, b2, res_scale=res_scale, skip=x)
+    out = resblock_nhwc(
+        _nhwc(x),
+        pack_weight(w1.to(x.dtype)),
+        None if b1 is None else b1.float().contiguous(),
+        pack_weight(w2.to(x.dtype)),
+        None if b2 is None else b2.float().contiguous(),
+        k,
+        res_scale,
+    )
+    return out.permute(0, 3, 1, 2)
+
+
+_CONV_IMPLS = {"cpu": _conv_cpu, "triton": _conv_triton}
+_BLOCK_IMPLS = {"cpu": _resblock_cpu, "triton": _resblock_triton}
+
+
+def _impl(table: dict, backend: str):
+    try:
+        return table[backend]
+    except KeyError:
+        raise ValueError(f"fused op backend must be one of {sorted(table)}, got {backend!r}") from None
+
+
+# ------------------------------------------------------------------------ registration
+
+
+@torch.library.custom_op("fastsr::conv2d", mutates_args=())
+def conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    in_shift: Optional[torch.Tensor],
+    skip: Optional[torch.Tensor],
+    relu: bool,
+    res_scale: float,
+    shuffle: int,
+    backend: str,
+) -> torch.Tensor:
+    _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
+    return _impl(_CONV_IMPLS, backend)(x, weight, bias, in_shift, relu, res_scale, skip, shuffle)
+
+
+@conv2d_op.register_fake
+def _(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend):
+    _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
+    return x.new_empty(_out_shape(x, weight.shape[0], shuffle)).contiguous(memory_format=CL)
+
+
+@torch.library.custom_op("fastsr::resblock", mutates_args=())
+def resblock_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    res_scale: float,
+    backend: str,
+) -> torch.Tensor:
+    _check_block_args(x, w1, b1, w2, b2)
+    return _impl(_BLOCK_IMPLS, backend)(x, w1, b1, w2, b2, res_scale)
+
+
+def _check_block_args(x, w1, b1, w2, b2) -> None:
+    _check_conv_args(x, w1, b1, None, None, 1)
+    c = x.shape[1]
+    if w1.shape[0] != c or tuple(w2.shape) != tuple(w1.shape):
+        raise ValueError(f"a residual block maps C -> C: x has C={c}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    if b2 is not None and tuple(b2.shape) != (c,):
+        raise ValueError(f"b2 must be ({c},), got {tuple(b2.shape)}")
+
+
+@resblock_op.register_fake
+def _(x, w1, b1, w2, b2, res_scale, backend):
+    _check_block_args(x, w1, b1, w2, b2)
+    return x.new_empty(x.shape).contiguous(memory_format=CL)
+
+
+# ---------------------------------------------------------------------------- autograd
+# Backward = eager autograd through the reference, recomputed from the saved inputs.
+
+
+def _grads(fn, inputs: tuple, grad_out: torch.Tensor) -> tuple:
+    needs = [t is not None and t.requires_grad for t in inputs]
+    if not any(needs):
+        return tuple(None for _ in inputs)
+    with torch.enable_grad():
+        detached = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(inputs, needs)]
+        out = fn(*detached)
+        wrt = [t for t, n in zip(detached, needs) if n]
+        got = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
+    return tuple(next(got) if n else None for n in needs)
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, in_shift, skip, relu, res_scale, shuffle, _ = inputs
+    ctx.save_for_backward(x, weight, bias, in_shift, skip)
+    ctx.opts = dict(relu=relu, res_scale=res_scale, shuffle=shuffle)
+
+
+def _conv_backward(ctx, grad):
+    x, weight, bias, in_shift, skip = ctx.saved_tensors
+    opts = ctx.opts
+
+    def f(x, weight, bias, in_shift, skip):
+        return conv2d_ref(x, weight, bias, in_shift=in_shift, skip=skip, **opts)
+
+    return (*_grads(f, (x, weight, bias, in_shift, skip), grad), None, None, None, None)
+
+
+conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _block_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, res_scale, _ = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2)  # the block's input only: conv1+ReLU is recomputed
+    ctx.res_scale = res_scale
+
+
+def _block_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    fn = lambda x, w1, b1, w2, b2: resblock_ref(x, w1, b1, w2, b2, ctx.res_scale)
+    return (*_grads(fn, saved, grad), None, None)
+
+
+resblock_op.register_autograd(_block_backward, setup_context=_block_setup)
+
+
+# ------------------------------------------------------------------------ public entry
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    in_shift: torch.Tensor | None = None,
+    relu: bool = False,
+    res_scale: float = 1.0,
+    skip: torch.Tensor | None = None,
+    shuffle: int = 1,
+    backend: str = "cpu",
+) -> torch.Tensor:
+    """Fused conv: pixel_shuffle(res_scale * act(conv(x - in_shift) + bias) + skip, shuffle).
+
+    x: (N, Cin, H, W) float (channels-last storage avoids a copy); weight (Cout, Cin, k, k),
+    k in {1, 3, 5}; returns (N, Cout/r^2, rH, rW), channels-last, dtype of x.
+    backend "reference" runs fastsr.ops.reference.conv2d_ref.
+    """
+    if backend == "reference":
+        _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
+        return conv2d_ref(x, weight.to(x.dtype), bias, in_shift=in_shift, relu=relu, res_scale=res_scale,
+                          skip=skip, shuffle=shuffle)
+    return conv2d_op(x, weight, bias, in_shift, skip, relu, float(res_scale), int(shuffle), backend)
+
+
+def resblock(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    res_scale: float = 1.0,
+    *,
+    backend: str = "cpu",
+) -> torch.Tensor:
+    """Fused residual block x + res_scale * (conv2(relu(conv1(x) + b1)) + b2); x: (N, C, H, W)."""
+    if backend == "reference":
+        _check_block_args(x, w1, b1, w2, b2)
+        return resblock_ref(x, w1.to(x.dtype), b1, w2.to(x.dtype), b2, res_scale)
+    return resblock_op(x, w1, b1, w2, b2, float(res_scale), backend)
