@@ -35,6 +35,7 @@ class FusedPlan:
     body_last: Conv
     up: list[list[tuple[Conv, int]]]     # per scale index: (conv, shuffle) stages
     tail: Conv
+    out_shift: torch.Tensor | None  # (3,) io-dtype mean added after the tail (low-precision compute only)
     res_scale: float
 
 
@@ -57,10 +58,15 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None = None, io_dtype: tor
     in_shift = -torch.linalg.solve(a_sub, sub.bias.detach().float())
     head_w = torch.einsum("ojhw,jc->ochw", model.head[0].weight, a_sub.to(model.head[0].weight.dtype))
     # add_mean(tail(y)) = B (W y + b) + c: a 1x1 conv after a conv composes into one conv.
+    # In low precision the mean (~110) stays out of the bf16 bias, whose spacing there is
+    # 0.5: it is added in io precision after the tail instead (3 channels, cheap).
     b_add = add.weight.detach()[:, :, 0, 0].to(model.tail_conv().weight.dtype)
     tail = model.tail_conv()
     tail_w = torch.einsum("oj,jchw->ochw", b_add, tail.weight)
-    tail_b = b_add @ tail.bias + add.bias.detach().to(tail.bias.dtype)
+    tail_b = b_add @ tail.bias
+    out_shift = add.bias.detach().to(io_dtype)
+    if dtype == io_dtype:
+        tail_b, out_shift = tail_b + out_shift.to(tail_b.dtype), None
 
     def blocks(mods) -> list[tuple[Conv, Conv]]:
         return [(_conv(b.body[0], dtype), _conv(b.body[2], dtype)) for b in mods]
@@ -79,7 +85,8 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None = None, io_dtype: tor
         body=blocks(list(model.body)[:-1]),
         body_last=_conv(model.body[-1], dtype),
         up=ups,
-        tail=(tail_w.to(io_dtype), tail_b),
+        tail=(tail_w.to(dtype), tail_b),
+        out_shift=out_shift,
         res_scale=model.res_scale,
     )
 
@@ -103,11 +110,10 @@ def get_plan(model: nn.Module, dtype: torch.dtype, io_dtype: torch.dtype) -> Fus
 def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[torch.Tensor, str]:
     """Run `model` on x: (N, 3, H, W) float through the fused ops. Returns (output, backend).
 
-    The body and upsampler compute in `model.compute_dtype` (default: x's dtype; weights
-    are cast once per plan). The head and tail convs, which see the image itself, run in
-    x's dtype: an fp32 image keeps fp32 pixels in and out while the 64..256-channel
-    features are bf16, which keeps the PSNR cost of bf16 small for about 1% of the FLOPs.
-    The output has x's dtype and is channels-last.
+    Everything after the head computes in `model.compute_dtype` (default: x's dtype;
+    weights are cast once per plan). The head conv, which reads the image itself, runs in
+    x's dtype (0..255 minus the mean is not exact in bf16; it is ~1% of the FLOPs), and
+    the mean is added back in x's dtype. The output has x's dtype and is channels-last.
     """
     backend = choose_backend(x, model.backend_request)
     compute = model.compute_dtype or x.dtype
@@ -122,7 +128,9 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     r = conv2d(r, *plan.body_last, skip=h, backend=backend)
     for conv, shuffle in plan.up[scale_idx]:
         r = conv2d(r, *conv, shuffle=shuffle, backend=backend)
-    out = conv2d(r.to(x.dtype), *plan.tail, backend=backend)
+    out = conv2d(r, *plan.tail, backend=backend)
+    if plan.out_shift is not None:
+        out = out.to(x.dtype).add_(plan.out_shift.view(1, 3, 1, 1))
     return out, backend
 
 

@@ -1,0 +1,534 @@
+"""fastsr benchmark: fused kernels and models against what users would otherwise run.
+
+    python bench/run.py                  # everything for this device
+    python bench/run.py --quick          # a small subset (~1 minute on CPU)
+    python bench/run.py --only resblock  # workloads whose name contains the pattern
+    python bench/run.py --compare bench/results/OLD.json
+
+Providers, side by side in one process:
+    eager_nchw   the official EDSR-PyTorch way: NCHW eager modules
+    eager_cl     the same modules channels-last (cuDNN / oneDNN's preferred layout)
+    compile      torch.compile of the eager model (GPU also: compile_max, max-autotune)
+    fused        fastsr's fused path (backend recorded per row)
+each at fp32 and bf16 (and fp16 on GPU). Rows: median and quartiles of the time, the
+ratio of each provider's median to the fused one's (>1: fused is faster), FLOP/s and
+bytes/s against peaks measured in the same run (a large matmul, a large copy), peak
+memory of live tensors, and compile time apart from run time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import fastsr
+from fastsr.ops.conv import conv2d, resblock
+from fastsr.ops.reference import conv2d_ref, resblock_ref
+from torch.utils._python_dispatch import TorchDispatchMode
+
+CL = torch.channels_last
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = [
+    "workload", "kind", "mode", "shape", "provider", "dtype", "backend", "median_ms", "q25_ms", "q75_ms",
+    "ratio_vs_fused", "gflops", "tflops_per_s", "flop_frac_of_peak", "gbytes", "gb_per_s", "bw_frac_of_peak",
+    "peak_mem_mb", "compile_s", "device", "torch", "triton", "date",
+]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device: str, min_repeats: int, min_time_s: float) -> list[float]:
+    """Milliseconds per call after warm-up: CUDA events on GPU, a monotonic clock on CPU."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < min_repeats or (time.perf_counter() - start_all < min_time_s and len(times) < 200):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def quartiles(times: list[float]) -> tuple[float, float, float]:
+    if len(times) < 4:
+        s = sorted(times)
+        return s[len(s) // 2], s[0], s[-1]
+    q = statistics.quantiles(times, n=4)
+    return statistics.median(times), q[0], q[2]
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the mode (works on CPU too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key in self._seen or st.nbytes() == 0:
+                    continue
+                self._seen.add(key)
+                self.live += st.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, st.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+
+def peak_memory_mb(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with PeakMemory() as pm:
+        fn()
+    return pm.peak / 2**20
+
+
+def measure_peaks(device: str, dtype: torch.dtype, quick: bool) -> tuple[float, float]:
+    """(FLOP/s of a large matmul, bytes/s of a large copy), measured now on this machine."""
+    n = 1024 if (quick or device == "cpu") else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = statistics.median(time_fn(lambda: a @ b, device, 3, 0.2)) / 1e3
+    flops = 2 * n**3 / t
+    src = torch.empty(64 * 2**20 // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = statistics.median(time_fn(lambda: dst.copy_(src), device, 3, 0.2)) / 1e3
+    return flops, 2 * src.numel() * 4 / t
+
+
+# -------------------------------------------------------------------------- workloads
+
+
+def conv_flops(cin: int, cout: int, k: int, pixels: int) -> float:
+    return 2.0 * k * k * cin * cout * pixels
+
+
+def model_flops(model: nn.Module, h: int, w: int, scale_idx: int = 0) -> float:
+    """FLOPs of one forward at LR size h x w: convs only (epilogues are noise)."""
+    total = 0.0
+    pixels = h * w
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Conv2d) or name.endswith("_mean"):
+            continue
+        if isinstance(model, fastsr.MDSR):
+            if (name.startswith("pre_process.") or name.startswith("upsample.")) and f".{scale_idx}." not in name[:14]:
+                continue
+        total += conv_flops(mod.in_channels, mod.out_channels, mod.kernel_size[0], pixels)
+    # upsampler and tail convs run at higher resolution: add the extra pixels
+    s = model.scale if isinstance(model, fastsr.EDSR) else model.scales[scale_idx]
+    tail = model.tail_conv()
+    total += conv_flops(tail.in_channels, 3, 3, pixels) * (s * s - 1)
+    ups = [m for m in model.upsampler(scale_idx) if isinstance(m, nn.Conv2d)]
+    if len(ups) == 2:  # x4: the second x2 stage runs at 2x
+        total += conv_flops(ups[1].in_channels, ups[1].out_channels, 3, pixels) * 3
+    return total
+
+
+@dataclass
+class Workload:
+    name: str
+    kind: str          # "kernel" | "model" | "train"
+    mode: str          # "forward" | "backward" | "full"
+    shape: str
+    flops: float
+    bytes: float       # minimum traffic: inputs + outputs + weights, once each
+    make: object       # (provider, dtype, device) -> callable or None (not applicable)
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+def _kernel_workloads(device: str, quick: bool) -> list[Workload]:
+    hw = (64, 64) if quick else ((128, 128) if device == "cpu" else (256, 256))
+    n = 1
+    out: list[Workload] = []
+
+    def add(name, cin, cout, k, fused_fn, ref_fn, shuffle=1, block=False):
+        h, w = hw
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, cin, h, w, generator=g) * 10
+        w1 = torch.randn(cout, cin, k, k, generator=g) / math.sqrt(cin * k * k)
+        b1 = torch.randn(cout, generator=g)
+        w2 = torch.randn(cout, cout, k, k, generator=g) / math.sqrt(cout * k * k)
+        b2 = torch.randn(cout, generator=g)
+        flops = conv_flops(cin, cout, k, n * h * w) * (2 if block else 1)
+        nbytes_el = n * h * w * (cin + cout) + w1.numel() + (w2.numel() if block else 0)
+
+        def make(provider, dtype, device, x=x, w1=w1, b1=b1, w2=w2, b2=b2):
+            if provider == "compile_max":
+                return None
+            xs = x.to(device, dtype)
+            args = [t.to(device) for t in (w1, b1, w2, b2)]
+            args[0], args[2] = args[0].to(dtype), args[2].to(dtype)
+            if provider == "eager_nchw":
+                return lambda: ref_fn(xs, *args)
+            xc = xs.contiguous(memory_format=CL)
+            if provider == "eager_cl":
+                return lambda: ref_fn(xc, *args)
+            if provider == "compile":
+                f = torch.compile(ref_fn)
+                return lambda: f(xc, *args)
+            backend = "triton" if device == "cuda" else "cpu"
+            run = lambda: fused_fn(xc, *args, backend)
+            run.backend = backend
+            return run
+
+        out.append(Workload(name, "kernel", "forward", f"{n}x{cin}x{h}x{w}", flops, nbytes_el * 2, make))
+
+    for f in ((64,) if quick else (64, 256)):
+        add(f"resblock_f{f}", f, f, 3,
+            lambda x, w1, b1, w2, b2, be: resblock(x, w1, b1, w2, b2, 0.1, backend=be),
+            lambda x, w1, b1, w2, b2: resblock_ref(x, w1, b1, w2, b2, 0.1), block=True)
+    if quick:
+        return out
+    add("conv3x3_relu_f64", 64, 64, 3, lambda x, w, b, w2, b2, be: conv2d(x, w, b, relu=True, backend=be),
+        lambda x, w, b, w2, b2: conv2d_ref(x, w, b, relu=True))
+    add("conv3x3_scale_add_f64", 64, 64, 3,
+        lambda x, w, b, w2, b2, be: conv2d(x, w, b, res_scale=0.1, skip=x, backend=be),
+        lambda x, w, b, w2, b2: conv2d_ref(x, w, b, res_scale=0.1, skip=x))
+    for r in (2, 3):
+        add(f"upsample_x{r}_f64", 64, 64 * r * r, 3,
+            lambda x, w, b, w2, b2, be, r=r: conv2d(x, w, b, shuffle=r, backend=be),
+            lambda x, w, b, w2, b2, r=r: conv2d_ref(x, w, b, shuffle=r))
+    add("head_3_to_64", 3, 64, 3, lambda x, w, b, w2, b2, be: conv2d(x, w, b, backend=be),
+        lambda x, w, b, w2, b2: conv2d_ref(x, w, b))
+    add("tail_64_to_3", 64, 3, 3, lambda x, w, b, w2, b2, be: conv2d(x, w, b, backend=be),
+        lambda x, w, b, w2, b2: conv2d_ref(x, w, b))
+    add("mdsr_block5x5_f64", 64, 64, 5,
+        lambda x, w1, b1, w2, b2, be: resblock(x, w1, b1, w2, b2, 1.0, backend=be),
+        lambda x, w1, b1, w2, b2: resblock_ref(x, w1, b1, w2, b2, 1.0), block=True)
+    return out
+
+
+def _model_make(build, h, w, scale, mode):
+    """Providers for a model workload: builds each provider's model lazily."""
+
+    def make(provider, dtype, device):
+        torch.manual_seed(0)
+        x = (torch.rand(16 if mode != "forward" or h == 48 else 1, 3, h, w) * 255).to(device)
+        fused = provider == "fused"
+        model = build(fused=fused, dtype=dtype if fused and dtype != torch.float32 else None).to(device)
+        if mode == "forward":
+            model.eval()
+        if provider in ("eager_nchw", "eager_cl", "compile", "compile_max") and dtype != torch.float32:
+            model = model.to(dtype)
+        if provider in ("eager_cl", "compile", "compile_max", "fused"):
+            model = model.to(memory_format=CL)
+        xin = x if (fused or dtype == torch.float32) else x.to(dtype)
+        if provider != "eager_nchw":
+            xin = xin.contiguous(memory_format=CL)
+        kw = {"scale": scale} if isinstance(model, fastsr.MDSR) else {}
+        net = model
+        if provider == "compile":
+            net = torch.compile(model)
+        elif provider == "compile_max":
+            if device != "cuda":
+                return None
+            net = torch.compile(model, mode="max-autotune")
+        if mode == "forward":
+            def run():
+                with torch.inference_mode():
+                    return net(xin, **kw)
+            run.model = model
+            return run
+        hr = torch.rand(xin.shape[0], 3, h * scale, w * scale, device=device) * 255
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            out = net(xin, **kw)
+            loss = (out.float() - hr).abs().mean()
+            loss.backward()
+            if mode == "full":
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        step.model = model
+        return step
+
+    return make
+
+
+def _model_workloads(device: str, quick: bool) -> list[Workload]:
+    if quick:
+        sizes = [(64, 64)]
+        builds = [("edsr_baseline_x2", lambda **k: fastsr.edsr_baseline(2, **k), 2)]
+    else:
+        sizes = [(128, 128), (256, 256)] + ([(540, 960)] if device == "cuda" else [])
+        builds = [
+            ("edsr_baseline_x2", lambda **k: fastsr.edsr_baseline(2, **k), 2),
+            ("edsr_baseline_x4", lambda **k: fastsr.edsr_baseline(4, **k), 4),
+            ("mdsr_baseline_x2", lambda **k: fastsr.mdsr_baseline(**k), 2),
+        ]
+        if device == "cuda":
+            builds += [("edsr_x2", lambda **k: fastsr.edsr(2, **k), 2), ("edsr_x4", lambda **k: fastsr.edsr(4, **k), 4)]
+        else:  # EDSR (40M params) forward at 128x128 takes ~20 s a call on 2 cores: once, small
+            builds += [("edsr_x2", lambda **k: fastsr.edsr(2, **k), 2)]
+    out = []
+    for name, build, scale in builds:
+        ref = build()
+        for h, w in sizes:
+            if name == "edsr_x2" and device == "cpu" and h > 128:
+                continue
+            out.append(Workload(name, "model", "forward", f"1x3x{h}x{w}", model_flops(ref, h, w), _io_bytes(ref, 1, h, w, scale),
+                                _model_make(build, h, w, scale, "forward")))
+    # the paper's training step: batch 16 of 48x48 LR patches
+    train_builds = builds[:1]
+    modes = ("full",) if quick else ("backward", "full")
+    for name, build, scale in train_builds:
+        ref = build()
+        hh = 24 if quick else 48
+        for mode in modes:
+            out.append(Workload(f"train_{name}", "train", mode, f"16x3x{hh}x{hh}", 3 * model_flops(ref, hh, hh) * 16,
+                                _io_bytes(ref, 16, hh, hh, scale), _model_make(build, hh, hh, scale, mode)))
+    return out
+
+
+def _io_bytes(model: nn.Module, n: int, h: int, w: int, scale: int) -> float:
+    params = sum(p.numel() for p in model.parameters())
+    return 4.0 * (params + n * 3 * h * w * (1 + scale * scale))
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def _providers(device: str) -> list[str]:
+    return ["eager_nchw", "eager_cl", "compile"] + (["compile_max"] if device == "cuda" else []) + ["fused"]
+
+
+def _dtypes(device: str) -> list[torch.dtype]:
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+def run(args) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    if device == "cpu":
+        dev_name = _cpu_name() or dev_name
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    workloads = _kernel_workloads(device, args.quick) + _model_workloads(device, args.quick)
+    if args.only:
+        workloads = [w for w in workloads if re.search(args.only, w.name)]
+    dtypes = [d for d in _dtypes(device) if not args.dtype or str(d).split(".")[-1] in args.dtype]
+    providers = [p for p in _providers(device) if not args.providers or p in args.providers]
+    peaks = {d: measure_peaks(device, d, args.quick) for d in dtypes}
+    print(f"device: {dev_name}  torch {torch.__version__}  triton {triton_version}")
+    for d, (f, b) in peaks.items():
+        print(f"peak ({str(d).split('.')[-1]}): matmul {f / 1e12:.3f} TFLOP/s, copy {b / 1e9:.1f} GB/s")
+    rows: list[dict] = []
+    for wl in workloads:
+        for dtype in dtypes:
+            group: list[dict] = []
+            for provider in providers:
+                if wl.kind != "kernel" and provider == "compile" and args.no_compile:
+                    continue
+                fn = wl.make(provider, dtype, device)
+                if fn is None:
+                    continue
+                compile_s = 0.0
+                t0 = time.perf_counter()
+                try:
+                    fn()
+                    _sync(device)
+                except Exception as e:  # a provider that cannot run this case is reported, not fatal
+                    print(f"  {wl.name} {provider} {dtype}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    continue
+                if provider.startswith("compile"):
+                    compile_s = time.perf_counter() - t0
+                times = time_fn(fn, device, args.repeats, args.min_time)
+                med, q25, q75 = quartiles(times)
+                mem = peak_memory_mb(fn, device)
+                backend = _backend_of(fn, provider, device)
+                sec = med / 1e3
+                f_peak, b_peak = peaks[dtype]
+                group.append(dict(
+                    workload=wl.name, kind=wl.kind, mode=wl.mode, shape=wl.shape, provider=provider,
+                    dtype=str(dtype).split(".")[-1], backend=backend, median_ms=med, q25_ms=q25, q75_ms=q75,
+                    ratio_vs_fused=float("nan"), gflops=wl.flops / 1e9, tflops_per_s=wl.flops / sec / 1e12,
+                    flop_frac_of_peak=wl.flops / sec / f_peak, gbytes=wl.bytes / 1e9, gb_per_s=wl.bytes / sec / 1e9,
+                    bw_frac_of_peak=wl.bytes / sec / b_peak, peak_mem_mb=mem, compile_s=compile_s,
+                    device=dev_name, torch=torch.__version__, triton=triton_version, date=date,
+                ))
+            fused = next((r for r in group if r["provider"] == "fused"), None)
+            for r in group:
+                if fused:
+                    r["ratio_vs_fused"] = r["median_ms"] / fused["median_ms"]
+                print(_fmt_row(r))
+            rows += group
+    return rows
+
+
+def _backend_of(fn, provider: str, device: str) -> str:
+    if provider != "fused":
+        return {"eager_nchw": "aten", "eager_cl": "aten", "compile": "inductor", "compile_max": "inductor"}[provider]
+    model = getattr(fn, "model", None)
+    if model is not None:
+        return model.backend or "unknown"
+    return getattr(fn, "backend", "unknown")
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def _fmt_row(r: dict) -> str:
+    ratio = "" if math.isnan(r["ratio_vs_fused"]) else f"{r['ratio_vs_fused']:6.2f}x"
+    comp = f"  compile {r['compile_s']:.1f}s" if r["compile_s"] else ""
+    return (f"{r['workload']:<24} {r['mode']:<8} {r['shape']:<14} {r['dtype']:<8} {r['provider']:<11} "
+            f"{r['backend']:<9} {r['median_ms']:10.2f} ms [{r['q25_ms']:.2f}, {r['q75_ms']:.2f}]  {ratio:>7}  "
+            f"{r['tflops_per_s'] * 1e3:8.1f} GFLOP/s ({r['flop_frac_of_peak'] * 100:4.0f}% peak)  "
+            f"mem {r['peak_mem_mb']:8.1f} MB{comp}")
+
+
+def write_outputs(rows: list[dict], out_dir: Path, tag: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / f"{tag}.csv", "json": out_dir / f"{tag}.json"}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in COLUMNS})
+    paths["json"].write_text(json.dumps(rows, indent=1))
+    png = _plot(rows, out_dir / f"{tag}.png")
+    if png:
+        paths["png"] = png
+    return paths
+
+
+def _plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install matplotlib)")
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
+    groups = sorted({(r["workload"], r["mode"], r["shape"], r["dtype"]) for r in rows})
+    providers = [p for p in ("eager_nchw", "eager_cl", "compile", "compile_max") if any(r["provider"] == p for r in rows)]
+    width = 0.8 / max(1, len(providers))
+    for i, p in enumerate(providers):
+        vals = []
+        for g in groups:
+            r = next((r for r in rows if (r["workload"], r["mode"], r["shape"], r["dtype"]) == g and r["provider"] == p), None)
+            vals.append(r["ratio_vs_fused"] if r and not math.isnan(r["ratio_vs_fused"]) else 0)
+        ax1.bar([j + i * width for j in range(len(groups))], vals, width, label=p)
+    ax1.axhline(1.0, color="k", lw=0.8)
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax1.set_xticklabels([f"{g[0]} {g[2]} {g[3]}" for g in groups], rotation=75, fontsize=6)
+    ax1.set_ylabel("fused speedup (provider time / fused time)")
+    ax1.legend(fontsize=7)
+    ax1.set_title("speedup of fused over each provider")
+    for p in providers + ["fused"]:
+        sel = [r for r in rows if r["provider"] == p]
+        ax2.scatter([r["gflops"] / max(r["gbytes"], 1e-12) for r in sel], [r["tflops_per_s"] for r in sel], label=p, s=12)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("arithmetic intensity (FLOP / minimum byte)")
+    ax2.set_ylabel("achieved TFLOP/s")
+    ax2.set_title("roofline (measured peaks in the CSV)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(rows: list[dict], old_path: Path) -> None:
+    old = {(r["workload"], r["mode"], r["shape"], r["dtype"], r["provider"]): r for r in json.loads(old_path.read_text())}
+    print(f"\nchange against {old_path} (new / old median; < 1 is faster now):")
+    for r in rows:
+        o = old.get((r["workload"], r["mode"], r["shape"], r["dtype"], r["provider"]))
+        if o:
+            print(f"  {r['workload']:<24} {r['mode']:<8} {r['shape']:<14} {r['dtype']:<8} {r['provider']:<11} "
+                  f"{r['median_ms']:9.2f} ms vs {o['median_ms']:9.2f} ms  x{r['median_ms'] / o['median_ms']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small subset (about a minute on CPU)")
+    p.add_argument("--only", help="regex: run only workloads whose name matches")
+    p.add_argument("--dtype", nargs="*", help="subset of float32 bfloat16 float16")
+    p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max fused")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile for model workloads")
+    p.add_argument("--repeats", type=int, default=5, help="minimum timed calls per row (default 5)")
+    p.add_argument("--min-time", type=float, default=1.0, help="keep timing until this many seconds (default 1)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for CSV/JSON/PNG (default bench/results)")
+    p.add_argument("--tag", help="file name stem (default: date_device)")
+    p.add_argument("--compare", type=Path, help="a previous run's JSON to compare against")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
+    args = p.parse_args(argv)
+    if args.compare and not args.compare.is_file():
+        p.error(f"--compare: no such file {args.compare}")
+    if args.quick:
+        args.repeats, args.min_time = min(args.repeats, 3), min(args.min_time, 0.2)
+    rows = run(args)
+    if not rows:
+        print("no rows: nothing matched --only/--dtype/--providers", file=sys.stderr)
+        return 1
+    dev = re.sub(r"[^A-Za-z0-9]+", "-", rows[0]["device"]).strip("-")[:40]
+    tag = args.tag or f"{_dt.date.today().isoformat()}_{'cuda' if 'cuda' in str(rows[0]) else 'cpu'}_{dev}" + ("_quick" if args.quick else "")
+    paths = write_outputs(rows, args.out, tag)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    if args.compare:
+        compare(rows, args.compare)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
