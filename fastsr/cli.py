@@ -1,0 +1,465 @@
+"""The `fastsr` command line: `fastsr upscale ...` and `fastsr eval ...`.
+
+Subcommands live in `COMMANDS` (name -> Command(help, add_arguments, run)); another
+module adds one by adding an entry there. `run(args)` returns the exit status.
+
+Exit status: 0 all good; 1 a user-level failure (bad weights, unreadable image, ...:
+one line `fastsr: error: ...` on stderr, other files still processed); 2 usage errors
+(argparse); 130 interrupted. Anything else that escapes is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from fastsr.errors import FastSRError
+from fastsr.models.edsr import MDSR, PRESETS, SUPPORTED_SCALES
+
+PROG = "fastsr"
+BICUBIC_WARNING = (
+    "WARNING: no trained weights shipped or given (--weights FILE): "
+    "this output is plain bicubic, NOT EDSR"
+)
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------------------
+
+
+def _error(message: str) -> None:
+    """One line on stderr, kept clear of a running progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _info(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# Argument types (argparse turns ArgumentTypeError into a usage error, exit 2)
+# ---------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _tile_arg(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _device_arg(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {text!r}")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", "-s", type=int, required=True, choices=SUPPORTED_SCALES, help="upscaling factor")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--weights", "-w", metavar="FILE",
+                       help="checkpoint: official EDSR/MDSR .pt, BasicSR .pth or fastsr .safetensors")
+    which.add_argument("--bicubic", action="store_true", help="plain MATLAB-style bicubic instead of a network")
+    p.add_argument("--model", choices=sorted(PRESETS), metavar="PRESET",
+                   help=f"network preset ({', '.join(sorted(PRESETS))}); with --weights, the file must hold it; "
+                        "without, selects the shipped weights (only edsr_baseline ships)")
+    p.add_argument("--device", type=_device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--half", action="store_true", help="half precision: bfloat16 on CPU, float16 on CUDA")
+    p.add_argument("--tile", type=_tile_arg, metavar="N|auto",
+                   help="process the LR image in N x N tiles (or 'auto': only when it would not fit in memory)")
+    p.add_argument("--tile-overlap", type=_non_negative_int, metavar="N",
+                   help="LR context pixels per tile side (default: the receptive-field radius, "
+                        "which makes tiled output identical to untiled; smaller is faster but not exact)")
+    p.add_argument("--self-ensemble", action="store_true",
+                   help="average the 8 flips/rotations (the paper's EDSR+; 8x slower)")
+
+
+# ---------------------------------------------------------------------------------------
+# Model selection
+# ---------------------------------------------------------------------------------------
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FastSRError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FastSRError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+@dataclass
+class Upscaler:
+    """The chosen way to upscale: a loaded network, or bicubic (model None)."""
+
+    model: nn.Module | None
+    label: str
+    device: torch.device
+    dtype: torch.dtype
+    scale: int
+    tile: int | str | None = None
+    tile_overlap: int | None = None
+    self_ensemble: bool = False
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr (N, 3, H, W) float 0..255 (uint8 for the bicubic protocol path) -> float32 CPU output."""
+        from fastsr.inference import bicubic_upscale, upscale
+
+        if self.model is None:
+            return bicubic_upscale(lr.to(self.device), self.scale).float().cpu()
+        x = lr.to(self.device, self.dtype)
+        y = upscale(self.model, x, self.scale, tile=self.tile, tile_overlap=self.tile_overlap,
+                    self_ensemble=self.self_ensemble)
+        return y.float().cpu()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _preset_reference(name: str, scale: int) -> nn.Module:
+    factory = PRESETS[name]
+    # Built on the meta device: only the shapes are needed, not 40M real parameters.
+    with torch.device("meta"):
+        return factory(scale) if "scale" in inspect.signature(factory).parameters else factory()
+
+
+def _check_model(model: nn.Module, source: str, scale: int, preset: str | None) -> None:
+    from fastsr.checkpoints import model_arch_tag
+
+    if preset is not None:
+        ref = _preset_reference(preset, scale)
+        if type(ref) is not type(model) or (ref.n_resblocks, ref.n_feats) != (model.n_resblocks, model.n_feats):
+            raise FastSRError(f"{source} holds {model_arch_tag(model)}, not --model {preset} ({model_arch_tag(ref)})")
+    if isinstance(model, MDSR):
+        if scale not in model.scales:
+            raise FastSRError(f"{source}: this MDSR has scales {model.scales}, not --scale {scale}")
+    elif model.scale != scale:
+        raise FastSRError(
+            f"{source} is an x{model.scale} model ({model_arch_tag(model)}), but --scale is {scale}; "
+            f"use weights trained for x{scale}"
+        )
+
+
+def load_upscaler(args: argparse.Namespace) -> Upscaler:
+    """Resolve --weights / --model / --bicubic / --device / --half into an Upscaler.
+
+    Never random weights: without --weights and without shipped weights it is bicubic,
+    with BICUBIC_WARNING on stderr.
+    """
+    from fastsr.checkpoints import model_arch_tag, model_from_checkpoint
+    from fastsr.weights import default_weights
+
+    scale = args.scale
+    device = _pick_device(args.device)
+    common = dict(device=device, scale=scale, tile=args.tile, tile_overlap=args.tile_overlap,
+                  self_ensemble=args.self_ensemble)
+    if args.bicubic:
+        return Upscaler(None, "bicubic", dtype=torch.float32, **common)
+    weights = Path(args.weights) if args.weights else None
+    if weights is None:
+        if args.model not in (None, "edsr_baseline"):
+            raise FastSRError(f"no weights ship for --model {args.model}; pass --weights FILE")
+        weights = default_weights(scale)
+        if weights is None:
+            _info(BICUBIC_WARNING)
+            return Upscaler(None, "bicubic (no weights)", dtype=torch.float32, **common)
+    model = model_from_checkpoint(weights)
+    _check_model(model, str(weights), scale, args.model)
+    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    label = f"{model_arch_tag(model)} from {weights}"
+    return Upscaler(model, label, dtype=dtype, **common)
+
+
+def _describe(up: Upscaler) -> str:
+    extras = [str(up.device), str(up.dtype).replace("torch.", "")]
+    if up.self_ensemble:
+        extras.append("self-ensemble")
+    if up.tile is not None:
+        extras.append(f"tile {up.tile}")
+    return f"x{up.scale} with {up.label} ({', '.join(extras)})"
+
+
+_OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+
+
+def _is_cpu_oom(err: RuntimeError) -> bool:
+    return "can't allocate memory" in str(err) or "not enough memory" in str(err)
+
+
+def _run_guarded(up: Upscaler, lr: torch.Tensor, name: str) -> torch.Tensor:
+    """Run the upscaler; out-of-memory becomes a one-line FastSRError suggesting --tile."""
+    try:
+        return up(lr)
+    except (*_OOM_ERRORS, RuntimeError) as e:
+        if not isinstance(e, _OOM_ERRORS) and not _is_cpu_oom(e):
+            raise
+        if up.device.type == "cuda":
+            torch.cuda.empty_cache()
+        h, w = lr.shape[-2:]
+        hint = "try a smaller --tile" if up.tile is not None else "try --tile auto or --tile 256"
+        raise FastSRError(f"{name}: out of memory on {up.device} for a {w}x{h} input; {hint}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# fastsr upscale
+# ---------------------------------------------------------------------------------------
+
+
+def _add_upscale_arguments(p: argparse.ArgumentParser) -> None:
+    from fastsr.imageio import DEFAULT_MAX_PIXELS
+
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders (not recursive)")
+    p.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder: OUT/<stem>_x<S>.png")
+    _add_model_arguments(p)
+    p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"refuse inputs with more pixels, checked before decoding (default {DEFAULT_MAX_PIXELS:,})")
+
+
+def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
+    from fastsr.imageio import IMAGE_EXTENSIONS, list_images
+
+    paths: list[Path] = []
+    errors: list[str] = []
+    for item in inputs:
+        found = list_images([item])
+        if Path(item).is_dir() and not found:
+            errors.append(f"{item}: folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
+        paths += [p for p in found if p not in paths]
+    return paths, errors
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fastsr.imageio import read_image, write_png
+    from fastsr.imresize import imresize
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FastSRError(f"{out_dir}: exists and is not a folder (-o/--output names a folder)")
+    paths, errors = _collect_inputs(args.inputs)
+    for message in errors:
+        _error(message)
+    failures = len(errors)
+
+    # Two inputs with the same stem (a.png, a.jpg, or two folders) would overwrite each other.
+    targets: dict[Path, Path] = {}
+    jobs: list[tuple[Path, Path]] = []
+    for path in paths:
+        target = out_dir / f"{path.stem}_x{args.scale}.png"
+        if target in targets:
+            _error(f"{path}: skipped, its output {target} would overwrite the output of {targets[target]}")
+            failures += 1
+            continue
+        targets[target] = path
+        jobs.append((path, target))
+    if not jobs:
+        raise FastSRError("no input images to upscale")
+
+    up = load_upscaler(args)
+    _info(f"upscaling {len(jobs)} image(s) {_describe(up)} into {out_dir}")
+    done = 0
+    for path, target in tqdm(jobs, desc=PROG, unit="img", disable=None, file=sys.stderr):
+        try:
+            image = read_image(path, max_pixels=args.max_pixels)
+            sr = _run_guarded(up, image.rgb[None], str(path))[0]
+        except FastSRError as e:
+            _error(str(e))
+            failures += 1
+            continue
+        alpha = None
+        if image.alpha is not None:
+            # Alpha is not something the network was trained on: plain bicubic, clamped.
+            alpha = imresize(image.alpha, scale=args.scale).clamp_(0, 255)
+        try:
+            write_png(target, sr, alpha, bit_depth=image.bit_depth)
+        except OSError as e:
+            _error(f"{target}: cannot write ({e.strerror or e})")
+            failures += 1
+            continue
+        done += 1
+    _info(f"wrote {done} of {len(jobs)} image(s) to {out_dir}" + (f"; {failures} problem(s) reported" if failures else ""))
+    if up.model is None and up.label != "bicubic":
+        _info(BICUBIC_WARNING)
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------
+# fastsr eval
+# ---------------------------------------------------------------------------------------
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", metavar="DATASET_DIR", help="folder of HR images (e.g. Set5)")
+    _add_model_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+
+
+def evaluate_image(up: Upscaler, rgb: torch.Tensor, scale: int) -> tuple[float, float, float]:
+    """The papers' protocol on one HR image rgb (3, H, W) float 0..255.
+
+    HR -> uint8, modcrop to `scale`; LR = MATLAB bicubic of the uint8 HR (uint8, rounded);
+    SR = network(LR) quantized to 0..255 (bicubic: MATLAB's uint8 path); PSNR and SSIM on
+    BT.601 Y with `scale` pixels shaved. Returns (psnr, ssim, seconds spent upscaling).
+    """
+    from fastsr.imresize import imresize, modcrop
+    from fastsr.metrics import psnr_y, quantize, ssim_y
+
+    hr = modcrop(rgb.round().clamp(0, 255).to(torch.uint8), scale)
+    h, w = hr.shape[-2:]
+    if min(h, w) - 2 * scale < 11:
+        raise FastSRError(f"{h}x{w} is too small for the protocol (SSIM needs 11 pixels after shaving {scale})")
+    # size= rather than scale=1/s: ceil(H * (1/3)) can land one pixel above H/3.
+    lr = imresize(hr, size=(h // scale, w // scale))
+    up.synchronize()
+    start = time.perf_counter()
+    if up.model is None:
+        sr = up(lr[None]).float()
+    else:
+        sr = quantize(up(lr[None].float()))
+    up.synchronize()
+    seconds = time.perf_counter() - start
+    target = hr[None].float()
+    return float(psnr_y(sr, target, shave=scale)[0]), float(ssim_y(sr, target, shave=scale)[0]), seconds
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fastsr.imageio import list_images, read_image
+
+    dataset = Path(args.dataset)
+    if not dataset.is_dir():
+        raise FastSRError(f"{dataset}: not a folder of images")
+    paths = list_images([dataset])
+    if not paths:
+        raise FastSRError(f"{dataset}: no image files in this folder")
+    up = load_upscaler(args)
+    _info(f"evaluating {len(paths)} image(s) of {dataset} {_describe(up)}")
+    rows: list[dict] = []
+    failed: list[str] = []
+    start = time.perf_counter()
+    for path in tqdm(paths, desc=PROG, unit="img", disable=None, file=sys.stderr, leave=False):
+        try:
+            image = read_image(path)
+            psnr, ssim, seconds = evaluate_image(up, image.rgb, args.scale)
+        except FastSRError as e:
+            message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+            _error(message)
+            failed.append(message)
+            continue
+        rows.append({"image": path.name, "height": image.height, "width": image.width,
+                     "psnr": psnr, "ssim": ssim, "seconds": seconds})
+    total = time.perf_counter() - start
+    mean_psnr = sum(r["psnr"] for r in rows) / len(rows) if rows else float("nan")
+    mean_ssim = sum(r["ssim"] for r in rows) / len(rows) if rows else float("nan")
+    if args.json:
+        print(json.dumps({
+            "dataset": str(dataset), "scale": args.scale, "model": up.label, "device": str(up.device),
+            "dtype": str(up.dtype).replace("torch.", ""), "self_ensemble": up.self_ensemble,
+            "protocol": f"Y (BT.601), shave {args.scale}, MATLAB bicubic LR",
+            "images": rows, "mean_psnr": mean_psnr, "mean_ssim": mean_ssim,
+            "n_images": len(rows), "failed": failed, "seconds": total,
+        }, indent=2))
+    else:
+        _print_table(rows, mean_psnr, mean_ssim, args.scale, up, total)
+    if up.model is None and up.label != "bicubic":
+        _info(BICUBIC_WARNING)
+    return 1 if failed or not rows else 0
+
+
+def _print_table(rows: list[dict], mean_psnr: float, mean_ssim: float, scale: int, up: Upscaler, total: float) -> None:
+    width = max([len("image")] + [len(r["image"]) for r in rows])
+    print(f"{'image':<{width}}  {'size':>9}  {'PSNR (dB)':>9}  {'SSIM':>6}  {'time (s)':>8}")
+    for r in rows:
+        size = f"{r['width']}x{r['height']}"
+        print(f"{r['image']:<{width}}  {size:>9}  {r['psnr']:>9.4f}  {r['ssim']:>6.4f}  {r['seconds']:>8.3f}")
+    print(f"{'mean':<{width}}  {len(rows):>8}   {mean_psnr:>9.4f}  {mean_ssim:>6.4f}")
+    print(f"x{scale}, {up.label}; PSNR/SSIM on Y (BT.601), shave {scale}; total {total:.2f} s")
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    "upscale": Command("super-resolve images or folders into PNGs", _add_upscale_arguments, run_upscale),
+    "eval": Command("PSNR/SSIM of a folder of HR images under the papers' protocol", _add_eval_arguments, run_eval),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="EDSR/MDSR super-resolution (official-checkpoint compatible)."
+    )
+    from fastsr import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, "run", None) is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: a command is required ({', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except FastSRError as e:
+        _error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130

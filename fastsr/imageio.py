@@ -1,0 +1,373 @@
+"""Reading and writing images for the command line: Pillow in, PNG out, one-line errors.
+
+`read_image` turns any PNG / JPEG / BMP / TIFF / WebP / GIF that Pillow decodes into an
+`Image` holding a (3, H, W) float32 RGB tensor in 0..255 and an optional (H, W) float32
+alpha in 0..255:
+
+    L, 1, I;16, I          gray, replicated to RGB
+    LA, RGBA, P + tRNS     RGB + alpha
+    CMYK, YCbCr, ...       converted to RGB by Pillow
+    EXIF orientation       applied;  animations: the first frame
+
+16-bit files keep their precision (value / 65535 * 255). Pillow decodes 16-bit gray
+natively but truncates 16-bit RGB / RGBA / gray+alpha to their high bytes; for PNG and
+TIFF the low bytes are recovered by decoding a second time with the byte order swapped
+(see `_low_byte_rawmode`), so no other decoder is needed.
+
+The pixel count is read from the header (Image.open is lazy) and checked against
+`max_pixels` before anything is decoded: a 100-byte PNG can claim 10^10 pixels.
+
+`write_png` writes atomically (temp file in the target folder, fsync, rename), 8- or
+16-bit. Pillow cannot write 16-bit RGB(A), so 16-bit PNGs are encoded here (zlib plus
+the Paeth filter, vectorised with numpy, in row chunks to bound memory).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import struct
+import sys
+import tempfile
+import threading
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from PIL import ImageOps
+
+from fastsr.errors import ImageReadError
+
+# An 8192 x 8192 input is already a 32768 x 32768 output at x4 (1 G pixels, 12 GB as
+# float32 RGB): anything larger must be asked for explicitly.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# What Pillow's decoders raise for malformed files (its own exception types are not a
+# closed set: PNG chunk errors are SyntaxError, broken headers struct.error, etc.).
+_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+    MemoryError, struct.error, zlib.error, PILImage.DecompressionBombError,
+)
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@dataclass
+class Image:
+    """A decoded image.
+
+    rgb: (3, H, W) float32 in 0..255 (16-bit sources: value / 65535 * 255, not rounded).
+    alpha: (H, W) float32 in 0..255, or None when the file has no transparency.
+    bit_depth: 8 or 16, the precision of the source samples.
+    """
+
+    rgb: torch.Tensor
+    alpha: torch.Tensor | None
+    bit_depth: int
+    path: Path
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[2])
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _open_lazily(path: Path) -> PILImage.Image:
+    """PILImage.open (header only) with Pillow's own bomb guard off; the caller checks the size.
+
+    Pillow refuses images above 2 * MAX_IMAGE_PIXELS inside open() with a message that
+    has no dimensions, and that global would override a user's larger max_pixels. It is
+    lifted only for the header parse (under a lock, restored at once): no pixel data is
+    decoded before `_decode` has compared width * height with max_pixels.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = PILImage.MAX_IMAGE_PIXELS
+        PILImage.MAX_IMAGE_PIXELS = None
+        try:
+            return PILImage.open(path)
+        finally:
+            PILImage.MAX_IMAGE_PIXELS = saved
+
+
+def _low_byte_rawmode(im: PILImage.Image) -> str | None:
+    """Raw mode that makes Pillow's decoder keep the LOW byte of each 16-bit sample.
+
+    Pillow decodes 48/64-bit RGB(A) into 8-bit RGB(A) by keeping the high byte; its
+    unpackers for the opposite byte order keep the other byte. Decoding twice, once each
+    way, gives both bytes, with Pillow's own unfiltering / decompression (bits per pixel
+    are the same for both raw modes, so PNG filtering is undone correctly). 16-bit
+    gray + alpha ("LA;16B") is decoded with the 32-bit raw mode "RGBA", which keeps all
+    four bytes. Returns None when the image is not one of these cases.
+    """
+    if not im.tile or im.mode not in ("RGB", "RGBA"):
+        return None
+    rawmodes = {_tile_rawmode(t) for t in im.tile}
+    if len(rawmodes) != 1:
+        return None
+    raw = rawmodes.pop()
+    if not isinstance(raw, str):
+        return None
+    if raw == "LA;16B":
+        return "RGBA"
+    native = "L" if sys.byteorder == "little" else "B"
+    for base in ("RGB", "RGBA"):
+        for order, other in (("B", "L"), ("L", "B"), ("N", "B" if native == "L" else "L")):
+            if raw == f"{base};16{order}":
+                return f"{base};16{other}"
+    return None
+
+
+def _tile_rawmode(tile) -> object:
+    args = tile[3] if len(tile) > 3 else None
+    return args[0] if isinstance(args, tuple) and args else args
+
+
+def _with_rawmode(tile, rawmode: str):
+    args = tile[3]
+    new_args = (rawmode,) + tuple(args[1:]) if isinstance(args, tuple) else rawmode
+    return tile._replace(args=new_args) if hasattr(tile, "_replace") else (*tile[:3], new_args, *tile[4:])
+
+
+def _decode(path: Path, max_pixels: int) -> tuple[np.ndarray, int]:
+    """Decode the first frame to an (H, W, C) array, C in 1..4 (gray, gray+alpha, RGB, RGBA).
+
+    Returns (array: uint8, or uint16 for 16-bit sources; bit_depth).
+    Raises ImageReadError for anything Pillow cannot decode, or too many pixels.
+    """
+    try:
+        with warnings.catch_warnings(), _open_lazily(path) as im:
+            # The size was checked by us; Pillow's warning for large images is noise.
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {width}x{height} pixels ({width * height:,}) exceeds the limit of "
+                    f"{max_pixels:,} pixels (possible decompression bomb); raise max_pixels / --max-pixels to read it"
+                )
+            low_mode = _low_byte_rawmode(im)
+            low = _decode_low_bytes(path, low_mode) if low_mode else None
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if low is not None:
+                return _merge_16bit(np.asarray(im), low, low_mode), 16
+            return _pillow_to_array(im, path)
+    except ImageReadError:
+        raise
+    except PILImage.UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file Pillow can read (unknown format or corrupt header)") from None
+    except PermissionError as e:
+        raise ImageReadError(f"{path}: cannot open ({e.strerror})") from None
+    except _DECODE_ERRORS as e:
+        raise ImageReadError(f"{path}: corrupt, truncated or unsupported image ({_one_line(e)})") from None
+
+
+def _decode_low_bytes(path: Path, rawmode: str) -> np.ndarray:
+    with _open_lazily(path) as im:
+        im.tile = [_with_rawmode(t, rawmode) for t in im.tile]
+        im.load()
+        return np.asarray(ImageOps.exif_transpose(im))
+
+
+def _merge_16bit(high: np.ndarray, low: np.ndarray, low_mode: str) -> np.ndarray:
+    if low_mode == "RGBA":
+        # 16-bit gray + alpha decoded as raw RGBA bytes: (L hi, L lo, A hi, A lo).
+        b = low.astype(np.uint16)
+        return np.stack([b[..., 0] * 256 + b[..., 1], b[..., 2] * 256 + b[..., 3]], axis=-1)
+    return high.astype(np.uint16) * 256 + low.astype(np.uint16)
+
+
+def _has_transparency(im: PILImage.Image) -> bool:
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return True
+    if "transparency" in im.info:
+        return True
+    return im.mode == "P" and im.palette is not None and im.palette.mode == "RGBA"
+
+
+def _pillow_to_array(im: PILImage.Image, path: Path) -> tuple[np.ndarray, int]:
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit gray ("I" is how some Pillow versions / TIFFs hand 16-bit gray over).
+        arr = np.asarray(im).astype(np.int64)
+        return np.clip(arr, 0, 65535).astype(np.uint16)[..., None], 16
+    if mode == "F":
+        raise ImageReadError(f"{path}: 32-bit float images are not supported; save it as 8- or 16-bit")
+    if mode == "1":
+        im, mode = im.convert("L"), "L"
+    if _has_transparency(im):
+        target = "LA" if mode in ("LA", "La") else "RGBA"
+    else:
+        target = "L" if mode == "L" else "RGB"
+    if mode != target:
+        im = im.convert(target)
+    arr = np.asarray(im)
+    return (arr[..., None] if arr.ndim == 2 else arr), 8
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+    """Read an image file into RGB (3, H, W) float32 0..255 plus optional alpha (H, W).
+
+    Raises ImageReadError (one-line message starting with the path) for missing, empty,
+    truncated, corrupt, unsupported or too-large (> max_pixels, checked from the header
+    before decoding) files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
+    arr, bit_depth = _decode(path, max_pixels)
+    scale = 255.0 / 65535.0 if bit_depth == 16 else 1.0
+    data = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)
+    if scale != 1.0:
+        data = data * scale
+    channels = data.shape[0]
+    color = data[:1].expand(3, -1, -1) if channels in (1, 2) else data[:3]
+    alpha = data[-1].clone() if channels in (2, 4) else None
+    return Image(rgb=color.contiguous(), alpha=alpha, bit_depth=bit_depth, path=path)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, rename: readers never see half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+
+def encode_png16(pixels: np.ndarray, rows_per_chunk: int = 256) -> bytes:
+    """Encode an (H, W, C) uint16 array, C in 1..4, as a 16-bit PNG (Paeth filter on every row).
+
+    Paeth filtering uses the unfiltered neighbours only, so unlike decoding it is a
+    whole-array numpy expression; rows are processed in chunks to bound the temporaries.
+    """
+    if pixels.dtype != np.uint16 or pixels.ndim != 3 or not 1 <= pixels.shape[2] <= 4:
+        raise ValueError(f"expected an (H, W, 1..4) uint16 array, got {pixels.dtype} {pixels.shape}")
+    height, width, channels = pixels.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    bpp = 2 * channels
+    raw = np.ascontiguousarray(pixels.astype(">u2")).view(np.uint8).reshape(height, width * bpp)
+    comp = zlib.compressobj(6)
+    parts = []
+    for r0 in range(0, height, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, height)
+        cur = raw[r0:r1].astype(np.int16)
+        up = np.empty_like(cur)
+        up[0] = raw[r0 - 1] if r0 > 0 else 0
+        up[1:] = cur[:-1]
+        left = np.zeros_like(cur)
+        left[:, bpp:] = cur[:, :-bpp]
+        upleft = np.zeros_like(cur)
+        upleft[:, bpp:] = up[:, :-bpp]
+        p = left + up - upleft
+        pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
+        pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+        filtered = ((cur - pred) & 0xFF).astype(np.uint8)
+        rows = np.concatenate([np.full((r1 - r0, 1), 4, np.uint8), filtered], axis=1)  # 4 = Paeth
+        parts.append(comp.compress(rows.tobytes()))
+    parts.append(comp.flush())
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def write_png(
+    path: str | os.PathLike,
+    rgb: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    bit_depth: int = 8,
+) -> Path:
+    """Write rgb (3, H, W) float 0..255 and optional alpha (H, W) float 0..255 as a PNG.
+
+    Values are clamped to 0..255 (NaN -> 0) and rounded; bit_depth 16 maps 0..255 to
+    0..65535 (RGB or RGBA, 16 bits per sample). Written atomically; OSError on failure.
+    """
+    path = Path(path)
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
+    if not isinstance(rgb, torch.Tensor) or rgb.dim() != 3 or rgb.shape[0] != 3:
+        raise ValueError(f"rgb must be a (3, H, W) tensor, got {getattr(rgb, 'shape', type(rgb))}")
+    planes = [rgb]
+    if alpha is not None:
+        if alpha.shape != rgb.shape[1:]:
+            raise ValueError(f"alpha must be (H, W) = {tuple(rgb.shape[1:])}, got {tuple(alpha.shape)}")
+        planes.append(alpha[None])
+    data = torch.cat([p.detach().to("cpu", torch.float32) for p in planes]).permute(1, 2, 0).numpy()
+    data = np.clip(np.nan_to_num(data, nan=0.0), 0.0, 255.0)
+    if bit_depth == 16:
+        encoded = encode_png16(np.rint(data * (65535.0 / 255.0)).astype(np.uint16))
+    else:
+        buf = io.BytesIO()
+        PILImage.fromarray(np.ascontiguousarray(np.rint(data).astype(np.uint8))).save(buf, format="PNG")
+        encoded = buf.getvalue()
+    _atomic_write_bytes(path, encoded)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Listing inputs
+# ---------------------------------------------------------------------------------------
+
+
+def is_image_name(path: Path) -> bool:
+    """True for a visible file name with a known image extension (case-insensitive)."""
+    # Dot files are skipped: macOS "._x.png" AppleDouble files and our own temp files.
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders into a list of image paths, without duplicates.
+
+    Folders are scanned non-recursively for image extensions (sorted by name). Other
+    paths are kept as given, even when missing or oddly named: the caller reads them and
+    reports whatever is wrong with each.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        found = sorted(c for c in path.iterdir() if c.is_file() and is_image_name(c)) if path.is_dir() else [path]
+        for p in found:
+            key = p.resolve() if p.exists() else p
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out

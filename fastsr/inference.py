@@ -1,0 +1,248 @@
+"""Whole-image inference: tiling for memory, the paper's self-ensemble (EDSR+), bicubic.
+
+Tiling. The LR image is cut into tiles of `tile` x `tile` pixels; each is run with
+`tile_overlap` extra LR pixels of context on every side (clipped at the image border)
+and only the tile's own part of the output is kept. The output equals the untiled one
+exactly (up to float reassociation) when the overlap is at least the network's
+receptive-field radius (`receptive_field_radius`): every output pixel then sees the
+same inputs, and the image-border zero padding stays where it was. That radius is the
+default. Smaller overlaps are faster (less recomputed context) and differ from the
+untiled output near tile seams; EDSR's large receptive field makes the difference
+small but not zero.
+
+Self-ensemble (Lim et al., section 4: "EDSR+"): run the 8 flips / 90-degree rotations
+of the input, undo each on its output, average.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+import torch.nn as nn
+
+from fastsr.imresize import imresize
+
+Tile = Union[int, str, None]
+
+# Activations alive at once per LR pixel, in units of n_feats channels: the block input,
+# both conv outputs, the global skip, plus slack for conv workspaces (im2col on the CPU,
+# cuDNN workspaces). The upsampler adds about 2 * scale^2 (conv output + shuffled copy).
+_ACTIVATION_MAPS_LR = 8
+# Never plan to use more than this fraction of the free memory: allocator fragmentation
+# and the estimate's error need headroom.
+_MEMORY_FRACTION = 0.5
+_MIN_TILE = 32
+
+
+def _conv_radius(conv: nn.Conv2d) -> int:
+    """Pixels of context one conv adds on each side (its 'same' padding reach)."""
+    k = max(conv.kernel_size)
+    d = max(conv.dilation)
+    return d * (k - 1) // 2
+
+
+def receptive_field_radius(model: nn.Module, scale: int | None = None) -> int:
+    """Receptive-field radius of `model` in LR pixels (each 3x3 conv adds 1, each 5x5 adds 2).
+
+    For EDSR/MDSR only the convs that run at `scale` count (MDSR's other scale branches
+    do not; scale=None on MDSR: the largest over its scales). Convs after the upsampler run at HR resolution; each is rounded up to a
+    whole LR pixel, which can only over-estimate (safe for exact tiling). Other modules:
+    every Conv2d counts (an upper bound).
+    """
+    if all(hasattr(model, a) for a in ("head", "body", "pre_blocks", "upsampler", "tail_conv")):
+        if hasattr(model, "scale_index"):  # MDSR
+            if scale is None:
+                return max(receptive_field_radius(model, s) for s in model.scales)
+            idx = model.scale_index(scale)
+        else:
+            idx = 0
+        parts: list[nn.Module] = [model.head, *model.pre_blocks(idx), model.body, model.upsampler(idx), model.tail_conv()]
+        convs = [m for part in parts for m in part.modules() if isinstance(m, nn.Conv2d)]
+    else:
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return sum(_conv_radius(c) for c in convs)
+
+
+def _model_feats(model: nn.Module) -> int:
+    feats = getattr(model, "n_feats", None)
+    if feats:
+        return int(feats)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return max(widths, default=64)
+
+
+def _read_meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _read_cgroup_available() -> int | None:
+    # In a container the cgroup limit, not the host's free RAM, is what kills us.
+    base = Path("/sys/fs/cgroup")
+    try:
+        limit = (base / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((base / "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def free_memory_bytes(device: torch.device | str) -> int | None:
+    """Bytes that a new allocation on `device` can use, or None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        # Memory cached by PyTorch's allocator but unused is free for us too.
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        values = [v for v in (_read_meminfo_available(), _read_cgroup_available()) if v is not None]
+        return min(values) if values else None
+    return None
+
+
+def activation_bytes_per_lr_pixel(model: nn.Module, scale: int, dtype: torch.dtype) -> int:
+    """Rough peak activation memory per LR pixel and image: n_feats * bytes * (8 + 2 s^2)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return _model_feats(model) * elem * (_ACTIVATION_MAPS_LR + 2 * scale * scale)
+
+
+def auto_tile_size(
+    model: nn.Module,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    lr_size: tuple[int, int] | None = None,
+    scale: int | None = None,
+    batch: int = 1,
+    tile_overlap: int | None = None,
+) -> int | None:
+    """LR tile size that fits in free memory, or None when the whole image fits.
+
+    lr_size: (H, W) of the LR input (None: always return a tile). The estimate is
+    `activation_bytes_per_lr_pixel` x pixels (tile plus overlap) x batch, against half
+    the free memory (CUDA: mem_get_info plus the allocator's cache; CPU: MemAvailable,
+    capped by the cgroup limit). When free memory cannot be read, a 512 tile is used.
+    """
+    scale = int(scale if scale is not None else getattr(model, "scale", 2))
+    per_px = activation_bytes_per_lr_pixel(model, scale, dtype) * max(1, batch)
+    free = free_memory_bytes(device)
+    if free is None:
+        return 512 if lr_size is None or max(lr_size) > 512 else None
+    budget = free * _MEMORY_FRACTION
+    if lr_size is not None:
+        h, w = lr_size
+        # The output buffer (N, 3, sH, sW) lives beside the activations.
+        budget -= batch * 3 * h * w * scale * scale * torch.empty((), dtype=dtype).element_size()
+        if h * w * per_px <= budget:
+            return None
+    overlap = receptive_field_radius(model, scale) if tile_overlap is None else tile_overlap
+    side = int(math.sqrt(max(budget, 0) / per_px)) - 2 * overlap
+    return max(_MIN_TILE, side // 8 * 8)
+
+
+def _spans(length: int, tile: int) -> list[tuple[int, int]]:
+    """Split 0..length into ceil(length / tile) near-equal spans (no thin last sliver)."""
+    n = max(1, math.ceil(length / tile))
+    bounds = [round(i * length / n) for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+def _forward_tiled(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: int, tile: int, overlap: int
+) -> torch.Tensor:
+    n, _, h, w = x.shape
+    if tile >= h and tile >= w:
+        return run(x)
+    out: torch.Tensor | None = None
+    for y0, y1 in _spans(h, tile):
+        for x0, x1 in _spans(w, tile):
+            cy0, cy1 = max(0, y0 - overlap), min(h, y1 + overlap)
+            cx0, cx1 = max(0, x0 - overlap), min(w, x1 + overlap)
+            piece = run(x[:, :, cy0:cy1, cx0:cx1].contiguous())
+            if out is None:
+                out = piece.new_empty(n, piece.shape[1], h * scale, w * scale)
+            oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
+            out[:, :, y0 * scale : y1 * scale, x0 * scale : x1 * scale] = piece[
+                :, :, oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale
+            ]
+    assert out is not None
+    return out
+
+
+def _ensemble(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Mean over the dihedral group D4: rotate k quarter turns after an optional flip, undo."""
+    acc: torch.Tensor | None = None
+    for flip in (False, True):
+        xf = x.flip(-1) if flip else x
+        for k in range(4):
+            # rot90 returns a transposed view; convs on such strides take a slow path (~2x).
+            y = run(torch.rot90(xf, k, dims=(-2, -1)).contiguous())
+            y = torch.rot90(y, -k, dims=(-2, -1))
+            if flip:
+                y = y.flip(-1)
+            # Accumulate in float32 at least: eight bf16/fp16 additions would lose bits.
+            y = y.to(torch.promote_types(y.dtype, torch.float32))
+            acc = y if acc is None else acc.add_(y)
+    assert acc is not None
+    return (acc / 8).to(x.dtype)
+
+
+def upscale(
+    model: nn.Module,
+    x: torch.Tensor,
+    scale: int,
+    *,
+    tile: Tile = None,
+    tile_overlap: int | None = None,
+    self_ensemble: bool = False,
+) -> torch.Tensor:
+    """Super-resolve x (N, 3, H, W) float 0..255 -> (N, 3, scale*H, scale*W), x's dtype and device.
+
+    model(x, scale=scale) must accept the scale keyword (EDSR checks it, MDSR selects
+    its branches with it); model and x must already share device and dtype.
+    tile: None (whole image), an LR tile size, or "auto" (`auto_tile_size`).
+    tile_overlap: LR context pixels per tile side; None = the receptive-field radius,
+    which makes tiled == untiled. The output is not clamped or quantized.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a float (N, C, H, W) tensor, got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    if tile_overlap is not None and tile_overlap < 0:
+        raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
+    if tile == "auto":
+        tile = auto_tile_size(model, x.device, x.dtype, lr_size=tuple(x.shape[-2:]), scale=scale,
+                              batch=x.shape[0], tile_overlap=tile_overlap)
+    elif tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0):
+        raise ValueError(f"tile must be a positive int, 'auto' or None, got {tile!r}")
+    overlap = receptive_field_radius(model, scale) if tile_overlap is None else int(tile_overlap)
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        if tile is None:
+            return model(t, scale=scale)
+        return _forward_tiled(lambda p: model(p, scale=scale), t, scale, tile, overlap)
+
+    with torch.inference_mode():
+        return _ensemble(run, x) if self_ensemble else run(x)
+
+
+def bicubic_upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """MATLAB-compatible bicubic upscaling (fastsr.imresize), the papers' baseline.
+
+    x: (N, C, H, W), (C, H, W) or (H, W); uint8 in -> rounded uint8 out (MATLAB's uint8
+    path, what the published baselines use), float in -> same float dtype, unclamped.
+    """
+    with torch.inference_mode():
+        return imresize(x, scale=scale)

@@ -1,0 +1,296 @@
+"""The `fastsr` command line, mostly in-process through fastsr.cli.main([...])."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+import fastsr.weights
+from conftest import shared_set
+from fastsr import cli
+from fastsr.checkpoints import save_safetensors
+from fastsr.imageio import encode_png16, read_image
+from fastsr.models import EDSR, MDSR
+
+RNG = np.random.default_rng(7)
+
+
+def _tiny(model):
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    return model
+
+
+@pytest.fixture
+def weights_x2(tmp_path):
+    return save_safetensors(_tiny(EDSR(2, n_resblocks=1, n_feats=8)), tmp_path / "tiny_x2.safetensors")
+
+
+@pytest.fixture
+def no_shipped_weights(monkeypatch):
+    monkeypatch.setattr(fastsr.weights, "default_weights", lambda scale: None)
+
+
+def _photo(h, w):
+    """Smooth content (bicubic/SR numbers on noise mean little)."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 100 * np.sin(x / 5.0), 128 + 100 * np.cos(y / 7.0), (x + y) % 256], -1)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    PILImage.fromarray(_photo(12, 15)).save(d / "good.png")
+    PILImage.fromarray(_photo(9, 8)[..., 0]).save(d / "gray.jpg")
+    rgba = np.concatenate([_photo(10, 11), RNG.integers(0, 256, (10, 11, 1), dtype=np.uint8)], -1)
+    PILImage.fromarray(rgba).save(d / "alpha.png")
+    (d / "deep.png").write_bytes(encode_png16(RNG.integers(0, 65536, (6, 7, 3), dtype=np.uint16)))
+    (d / "broken.png").write_text("not a png at all\n")
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.txt").write_text("ignored: not an image extension\n")
+    return d
+
+
+def _errors(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("fastsr: error:")]
+
+
+def test_upscale_good_and_bad_files(tmp_path, inputs, weights_x2, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(inputs), "-o", str(out), "--scale", "2", "--weights", str(weights_x2)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    errors = _errors(err)
+    assert len(errors) == 2
+    assert any("broken.png" in e for e in errors) and any("empty.png" in e for e in errors)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["alpha_x2.png", "deep_x2.png", "good_x2.png", "gray_x2.png"]
+    good = read_image(out / "good_x2.png")
+    assert good.rgb.shape == (3, 24, 30) and good.alpha is None and good.bit_depth == 8
+    alpha = read_image(out / "alpha_x2.png")
+    assert alpha.alpha is not None and alpha.rgb.shape == (3, 20, 22)
+    deep = read_image(out / "deep_x2.png")
+    assert deep.bit_depth == 16 and deep.rgb.shape == (3, 12, 14)
+
+
+def test_upscale_all_good_exit_zero_and_matches_library(tmp_path, weights_x2, capsys):
+    from fastsr.checkpoints import model_from_checkpoint
+    from fastsr.inference import upscale
+
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(11, 13)).save(src)
+    out = tmp_path / "out"
+    args = ["upscale", str(src), "-o", str(out), "-s", "2", "-w", str(weights_x2), "--tile", "4", "--self-ensemble"]
+    assert cli.main(args) == 0
+    assert _errors(capsys.readouterr().err) == []
+    model = model_from_checkpoint(weights_x2).eval()
+    expected = upscale(model, read_image(src).rgb[None], 2, self_ensemble=True)[0]
+    got = read_image(out / "a_x2.png").rgb
+    assert (got - expected.clamp(0, 255).round()).abs().max() <= 1
+
+
+def test_upscale_without_weights_is_loud_bicubic(tmp_path, no_shipped_weights, capsys):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(8, 8)).save(src)
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "--scale", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "bicubic" in err and "NOT EDSR" in err
+    assert read_image(tmp_path / "o" / "a_x3.png").rgb.shape == (3, 24, 24)
+
+
+def test_explicit_bicubic_is_quiet(tmp_path, capsys):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(8, 8)).save(src)
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "--scale", "2", "--bicubic"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--scale", "3"], "x2 model"),
+        (["--scale", "2", "--model", "edsr"], "not --model edsr"),
+        (["--scale", "2", "--device", "cuda"], "CUDA is not available"),
+    ],
+    ids=["wrong-scale", "wrong-preset", "no-cuda"],
+)
+def test_model_selection_errors_are_one_line(tmp_path, weights_x2, capsys, extra, needle):
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(8, 8)).save(src)
+    code = cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-w", str(weights_x2), *extra])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    errors = _errors(err)
+    assert len(errors) == 1 and needle in errors[0]
+
+
+def test_bad_checkpoint_is_one_line(tmp_path, capsys):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(8, 8)).save(src)
+    bad = tmp_path / "junk.safetensors"
+    bad.write_bytes(b"garbage")
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(bad)]) == 1
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "junk.safetensors" in errors[0]
+
+
+def test_mdsr_weights_pass_the_scale(tmp_path, capsys):
+    weights = save_safetensors(_tiny(MDSR((2, 3), n_resblocks=1, n_feats=8)), tmp_path / "mdsr.safetensors")
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(7, 9)).save(src)
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "3", "-w", str(weights)]) == 0
+    assert read_image(tmp_path / "o" / "a_x3.png").rgb.shape == (3, 21, 27)
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "4", "-w", str(weights)]) == 1
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "scales (2, 3)" in errors[0]
+
+
+def test_duplicate_stems_and_empty_folders(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    PILImage.fromarray(_photo(6, 6)).save(d / "a.png")
+    PILImage.fromarray(_photo(6, 6)).save(d / "a.bmp")
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    code = cli.main(["upscale", str(d), str(empty), "-o", str(tmp_path / "o"), "-s", "2", "--bicubic"])
+    errors = _errors(capsys.readouterr().err)
+    assert code == 1 and len(errors) == 2
+    assert any("would overwrite" in e for e in errors) and any("nothing" in e for e in errors)
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a_x2.png"]
+
+
+def test_output_problems_are_one_line(tmp_path, capsys):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(6, 6)).save(src)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    assert cli.main(["upscale", str(src), "-o", str(not_a_folder), "-s", "2", "--bicubic"]) == 1
+    # A folder squatting on the output name: the write fails, reported, no traceback.
+    (tmp_path / "o" / "a_x2.png").mkdir(parents=True)
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "--bicubic"]) == 1
+    err = capsys.readouterr().err
+    errors = _errors(err)
+    assert "Traceback" not in err and len(errors) == 2
+    assert "not a folder" in errors[0] and "cannot write" in errors[1]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a_x2.png"]  # no temp file left
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "2", "--tile", "0"]) == 2
+    assert cli.main(["upscale", "x.png", "-o", str(tmp_path)]) == 2  # --scale missing
+    assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "-s", "5"]) == 2
+    assert cli.main(["eval", str(tmp_path), "-s", "2", "--bicubic", "--weights", "w.pt"]) == 2
+    assert cli.main([]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_keyboard_interrupt_exits_130(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(6, 6)).save(src)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastsr.imageio.read_image", interrupted)
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "--bicubic"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(6, 6)).save(src)
+
+    def buggy(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("fastsr.imageio.read_image", buggy)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "--bicubic"])
+
+
+def test_python_m_fastsr_help():
+    # The one subprocess test: the real entry point, in a fresh interpreter.
+    proc = subprocess.run([sys.executable, "-m", "fastsr", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "upscale" in proc.stdout and "eval" in proc.stdout
+
+
+def test_subcommand_help(capsys):
+    assert cli.main(["upscale", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--weights", "--tile", "--tile-overlap", "--self-ensemble", "--half", "--max-pixels", "--bicubic"):
+        assert flag in out
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_bicubic_set5_x2_matches_published(capsys):
+    data = shared_set("Set5")
+    assert cli.main(["eval", str(data), "--scale", "2", "--bicubic", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_images"] == 5 and result["failed"] == []
+    assert result["mean_psnr"] == pytest.approx(33.66, abs=0.03)
+    assert result["mean_ssim"] == pytest.approx(0.9299, abs=0.002)
+
+
+@pytest.fixture
+def hr_set(tmp_path):
+    d = tmp_path / "hr"
+    d.mkdir()
+    PILImage.fromarray(_photo(33, 41)).save(d / "one.png")
+    PILImage.fromarray(_photo(30, 30)[..., 1]).save(d / "gray.png")
+    return d
+
+
+def test_eval_with_weights_json_and_table(hr_set, weights_x2, capsys):
+    assert cli.main(["eval", str(hr_set), "-s", "2", "-w", str(weights_x2), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_images"] == 2 and "r1f8x2" in result["model"]
+    names = [r["image"] for r in result["images"]]
+    assert names == ["gray.png", "one.png"]
+    for row in result["images"]:
+        assert np.isfinite(row["psnr"]) and 0 < row["ssim"] <= 1 and row["seconds"] >= 0
+    # One image by hand: the protocol through the library functions.
+    from fastsr.checkpoints import model_from_checkpoint
+    from fastsr.imresize import imresize, modcrop
+    from fastsr.inference import upscale
+    from fastsr.metrics import psnr_y, quantize
+
+    hr = modcrop(read_image(hr_set / "one.png").rgb.to(torch.uint8), 2)
+    lr = imresize(hr, scale=0.5)
+    sr = quantize(upscale(model_from_checkpoint(weights_x2).eval(), lr[None].float(), 2))
+    expected = float(psnr_y(sr, hr[None].float(), shave=2)[0])
+    assert result["images"][1]["psnr"] == pytest.approx(expected, abs=1e-6)
+
+    assert cli.main(["eval", str(hr_set), "-s", "2", "-w", str(weights_x2)]) == 0
+    table = capsys.readouterr().out
+    assert "one.png" in table and "mean" in table and "PSNR" in table and "total" in table
+
+
+def test_eval_reports_bad_images_and_continues(hr_set, capsys):
+    (hr_set / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    PILImage.fromarray(_photo(8, 8)).save(hr_set / "tiny.png")
+    assert cli.main(["eval", str(hr_set), "-s", "2", "--bicubic", "--json"]) == 1
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["n_images"] == 2 and len(result["failed"]) == 2
+    errors = _errors(captured.err)
+    assert any("bad.png" in e for e in errors) and any("tiny.png" in e and "too small" in e for e in errors)
+
+
+def test_eval_missing_folder(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "nope"), "-s", "2", "--bicubic"]) == 1
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and "nope" in errors[0]
