@@ -1,0 +1,299 @@
+"""Training: exact resume, safe checkpoints, Ctrl-C, DDP, MDSR branches, fused vs eager, config errors.
+
+Tiny models (1 block, 8 features) on tiny random images keep each run to a fraction of a
+second; the subprocess tests pay mostly for starting Python and importing torch.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fastsr.train import ConfigError, TrainConfig, load_config, load_train_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "n_resblocks": 1, "n_feats": 8, "res_scale": 1.0, "batch_size": 2, "patch_size": 8,
+    "val_dir": "", "plot": False, "log_every": 1, "ckpt_every": 1000, "threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    g = torch.Generator().manual_seed(0)
+    for i, (h, w) in enumerate([(40, 48), (44, 36), (52, 52)]):
+        # Smooth-ish content (upsampled noise) so the network has something learnable.
+        small = torch.rand(1, 3, h // 4, w // 4, generator=g)
+        img = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+        Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f"p{i}.png")
+    return folder
+
+
+def config(photos: Path, out: Path, **kw) -> TrainConfig:
+    values = {**TINY, "train_dir": str(photos), "out_dir": str(out), **kw}
+    return load_config(values=values)
+
+
+def cli_args(photos: Path, out: Path, **kw) -> list[str]:
+    values = {**TINY, "train_dir": str(photos), "out_dir": str(out), **kw}
+    return [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+
+
+def run_module(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fastsr.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def model_state(run_dir: Path) -> dict:
+    return load_train_checkpoint(run_dir / "last.pt")["model"]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# ---------------------------------------------------------------------------------------
+# Resume, checkpoints, interruption
+# ---------------------------------------------------------------------------------------
+
+
+def test_resume_in_a_new_process_is_bitwise_exact(photos, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    r = run_module(cli_args(photos, straight, steps=6))
+    assert r.returncode == 0, r.stderr
+    r = run_module(cli_args(photos, split, steps=3))
+    assert r.returncode == 0, r.stderr
+    r = run_module(cli_args(photos, split, steps=6) + ["--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout and "at step 3" in r.stdout
+    a, b = load_train_checkpoint(straight / "last.pt"), load_train_checkpoint(split / "last.pt")
+    assert a["step"] == b["step"] == 6
+    assert_bitwise_equal(a["model"], b["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_bitwise_equal(sa, sb)
+    # The logs of the split run read like the straight run's (same steps, same losses).
+    rows = [json.loads(line) for line in (split / "log.jsonl").read_text().splitlines()]
+    straight_rows = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+
+
+def test_dataloader_path_with_ema_and_clipping_resumes_exactly(photos, tmp_path):
+    kw = dict(loader="dataloader", num_workers=1, ema_decay=0.9, grad_clip=1.0)
+    full = train(config(photos, tmp_path / "full", steps=5, **kw))
+    train(config(photos, tmp_path / "part", steps=2, **kw))
+    resumed = train(config(photos, tmp_path / "part", steps=5, **kw), resume=True)
+    assert full.losses[2:] == resumed.losses
+    a, b = load_train_checkpoint(tmp_path / "full" / "last.pt"), load_train_checkpoint(tmp_path / "part" / "last.pt")
+    assert_bitwise_equal(a["model"], b["model"])
+    assert_bitwise_equal(a["ema"], b["ema"])
+    assert not torch.equal(a["ema"]["head.0.weight"], a["model"]["head.0.weight"])
+
+
+def test_checkpoint_is_loadable_with_weights_only_and_holds_every_state(photos, tmp_path):
+    train(config(photos, tmp_path / "run", steps=2, amp="fp16", fused=False))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["step"] == 2
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "sampler", "config"):
+        assert state[key] is not None, key
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["sampler"][0]["kind"] == "device"
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(photos, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint: half a file, then the disk "fills up"
+            Path(f).write_bytes(b"PK\x03\x04 partial checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(config(photos, run, steps=4, ckpt_every=2))
+    monkeypatch.undo()
+    assert load_train_checkpoint(run / "last.pt")["step"] == 2
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
+    # ... and the run continues from it.
+    result = train(config(photos, run, steps=4, ckpt_every=2), resume=True)
+    assert result.step == 4 and result.steps_run == 2
+
+
+def test_keyboard_interrupt_from_a_callback_saves_and_returns(photos, tmp_path):
+    def stop_at_3(info):
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    result = train(config(photos, tmp_path / "run", steps=50), on_step=stop_at_3)
+    assert result.interrupted and result.step == 3
+    assert load_train_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
+    assert result.final_weights is None
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(photos, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastsr.train", *cli_args(photos, run, steps=100000)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            if "step 1/" in line:
+                break
+            assert time.monotonic() < deadline, "no step reported"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = [line for line in out.splitlines() if "interrupted at step" in line]
+    assert len(lines) == 1 and "checkpoint saved to" in lines[0] and "--resume" in lines[0]
+    assert "Traceback" not in err
+    assert load_train_checkpoint(run / "last.pt")["step"] >= 1
+
+
+def test_a_fresh_run_refuses_to_overwrite_a_run_folder(photos, tmp_path):
+    train(config(photos, tmp_path / "run", steps=1))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config(photos, tmp_path / "run", steps=2))
+    with pytest.raises(ConfigError, match="different network"):
+        train(config(photos, tmp_path / "run", steps=2, n_feats=16), resume=True)
+
+
+# ---------------------------------------------------------------------------------------
+# DDP
+# ---------------------------------------------------------------------------------------
+
+
+def test_two_process_gloo_ddp_ends_with_identical_weights(photos, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*launcher, "--standalone", "--nproc-per-node", "2", "-m", "fastsr.train",
+                        *cli_args(photos, run, steps=4, batch_size=4)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    result = json.loads((run / "result.json").read_text())
+    assert result["world_size"] == 2 and result["step"] == 4
+    assert len(result["rank_checksums"]) == 2 and len(set(result["rank_checksums"])) == 1
+    state = load_train_checkpoint(run / "last.pt")
+    assert len(state["sampler"]) == 2  # each rank's sampling state, to resume exactly
+    assert not torch.equal(state["sampler"][0]["patch_rng"], state["sampler"][1]["patch_rng"])
+    assert r.stdout.count("resolved config") == 1  # rank 0 alone logs
+    assert "DDP over 2 ranks (2 patches each)" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# MDSR, fused vs eager, AMP, validation and init_from
+# ---------------------------------------------------------------------------------------
+
+
+def test_mdsr_draws_every_scale_and_trains_only_the_drawn_branch(photos, tmp_path):
+    drawn = []
+
+    def check(info):
+        model = info.model
+        drawn.append(info.scale)
+        for i, s in enumerate(model.scales):
+            for branch in (model.upsample[i], model.pre_process[i]):
+                grads = [p.grad for p in branch.parameters()]
+                if s == info.scale:
+                    assert all(g is not None and g.abs().sum() > 0 for g in grads), s
+                else:
+                    assert all(g is None for g in grads), (s, info.scale)
+        assert model.head[0].weight.grad is not None and model.tail[0].weight.grad is not None
+
+    result = train(config(photos, tmp_path / "mdsr", model="mdsr_baseline", steps=10), on_step=check)
+    assert set(drawn) == {2, 3, 4} and result.step == 10
+
+
+def test_fused_and_eager_training_agree(photos, tmp_path):
+    fused = train(config(photos, tmp_path / "fused", steps=20, fused=True, seed=3))
+    eager = train(config(photos, tmp_path / "eager", steps=20, fused=False, seed=3))
+    assert torch.allclose(torch.tensor(fused.losses), torch.tensor(eager.losses), rtol=1e-5, atol=0)
+    a, b = model_state(tmp_path / "fused"), model_state(tmp_path / "eager")
+    for k in a:
+        # An Adam step moves a weight by up to ~lr = 1e-4: a wrong or missing gradient term
+        # shows up at that size, float rounding (measured ~1e-8 here) far below it.
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_amp_trains(photos, tmp_path, fused):
+    result = train(config(photos, tmp_path / "amp", steps=3, amp="bf16", fused=fused))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert model_state(tmp_path / "amp")["head.0.weight"].dtype == torch.float32
+
+
+def test_validation_logs_plot_and_x2_to_x3_init(photos, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    val = tmp_path / "val"
+    val.mkdir()
+    shutil.copy(sorted(photos.iterdir())[2], val / "v.png")
+    x2 = tmp_path / "x2"
+    result = train(config(photos, x2, steps=4, val_dir=str(val), val_every=2, log_every=2, plot=True))
+    assert result.best_step in (2, 4) and result.best_psnr == max(result.best_psnr, result.val["psnr"])
+    assert {p.name for p in x2.iterdir()} >= {"config.toml", "last.pt", "best.safetensors", "final.safetensors",
+                                               "log.csv", "log.jsonl", "curves.png", "result.json"}
+    header, *rows = (x2 / "log.csv").read_text().splitlines()
+    assert header == "step,loss,lr,steps_per_s,elapsed_s,val_psnr,val_ssim"
+    assert [r.split(",")[0] for r in rows] == ["2", "4"] and all(r.split(",")[5] for r in rows)
+    assert load_config(x2 / "config.toml") == config(photos, x2, steps=4, val_dir=str(val), val_every=2,
+                                                     log_every=2, plot=True)
+    capsys.readouterr()
+    x3 = train(config(photos, tmp_path / "x3", steps=1, scale=3, init_from=str(x2 / "best.safetensors")))
+    out = capsys.readouterr().out
+    assert "skipped tail.0.0.weight: upsampler of another scale" in out
+    best = load_file(x2 / "best.safetensors")
+    x3_state = model_state(tmp_path / "x3")
+    assert x3.step == 1 and x3_state["tail.0.0.weight"].shape[0] == 9 * 8  # x3 upsampler, freshly made
+    assert not torch.equal(best["body.0.body.0.weight"], torch.zeros_like(best["body.0.body.0.weight"]))
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+
+def test_unknown_config_keys_are_named_with_the_valid_ones(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('model = "edsr_baseline"\nlearning_rate = 1e-3\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(toml)
+    msg = str(e.value)
+    assert "'learning_rate'" in msg and str(toml) in msg and "valid keys:" in msg and "batch_size" in msg
+    with pytest.raises(ConfigError, match=r"unknown config key 'bach_size' in --set \(did you mean 'batch_size'\?\)"):
+        load_config(overrides=["bach_size=4"])
+    with pytest.raises(ConfigError, match="'steps'.*expected an integer"):
+        load_config(overrides=["steps=many"])
+    with pytest.raises(ConfigError, match="'amp'.*bf16, fp16"):
+        load_config(overrides=["amp=fp8"])
+    r = run_module(["--set", "nope=1"])
+    assert r.returncode == 1 and r.stderr.startswith("fastsr train: error: unknown config key 'nope'")
+
+
+def test_config_precedence_and_types(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('steps = 2e5\nlr = 1\ntrain_dir = "a"\nfused = false\n')
+    cfg = load_config(toml, ["train_dir=b/c", "lr=3e-4"], {"steps": 7})
+    assert (cfg.steps, cfg.lr, cfg.train_dir, cfg.fused) == (7, 3e-4, "b/c", False)
+    assert load_config(toml).steps == 200000
+    assert cfg.run_dir == Path("out/edsr_baseline_x2")
