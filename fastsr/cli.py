@@ -100,7 +100,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"network preset ({', '.join(sorted(PRESETS))}); with --weights, the file must hold it; "
                         "without, selects the shipped weights (only edsr_baseline ships)")
     p.add_argument("--device", type=_device_arg, default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--half", action="store_true", help="half precision: bfloat16 on CPU, float16 on CUDA")
+    p.add_argument("--half", action="store_true",
+                   help="half-precision features (bfloat16 on CPU, float16 on CUDA); the image stays fp32 in and out")
+    p.add_argument("--backend", choices=("auto", "eager", "triton", "cpu", "reference"), default="auto",
+                   help="how the network runs: auto = fastsr's fused path with the best backend for the device "
+                        "(default); eager = the official PyTorch modules; or force a fused backend by name")
     p.add_argument("--tile", type=_tile_arg, metavar="N|auto",
                    help="process the LR image in N x N tiles (or 'auto': only when it would not fit in memory)")
     p.add_argument("--tile-overlap", type=_non_negative_int, metavar="N",
@@ -203,16 +207,23 @@ def load_upscaler(args: argparse.Namespace) -> Upscaler:
         if weights is None:
             _info(BICUBIC_WARNING)
             return Upscaler(None, "bicubic (no weights)", dtype=torch.float32, **common)
-    model = model_from_checkpoint(weights)
+    half = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else None
+    backend = getattr(args, "backend", "auto")
+    if backend == "eager":
+        model = model_from_checkpoint(weights)
+        dtype = half or torch.float32
+    else:  # the fused path computes in `half` internally and keeps fp32 pixels in and out
+        model = model_from_checkpoint(weights, fused=True, backend=None if backend == "auto" else backend, dtype=half)
+        dtype = torch.float32
     _check_model(model, str(weights), scale, args.model)
-    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
-    label = f"{model_arch_tag(model)} from {weights}"
+    label = f"{model_arch_tag(model)} from {weights}, {'eager' if backend == 'eager' else 'fused'}"
     return Upscaler(model, label, dtype=dtype, **common)
 
 
 def _describe(up: Upscaler) -> str:
-    extras = [str(up.device), str(up.dtype).replace("torch.", "")]
+    compute = getattr(up.model, "compute_dtype", None) or up.dtype
+    extras = [str(up.device), str(compute).replace("torch.", "")]
     if up.self_ensemble:
         extras.append("self-ensemble")
     if up.tile is not None:
@@ -426,7 +437,16 @@ def _print_table(rows: list[dict], mean_psnr: float, mean_ssim: float, scale: in
 COMMANDS: dict[str, Command] = {
     "upscale": Command("super-resolve images or folders into PNGs", _add_upscale_arguments, run_upscale),
     "eval": Command("PSNR/SSIM of a folder of HR images under the papers' protocol", _add_eval_arguments, run_eval),
+    "train": Command("train EDSR/MDSR with the paper's recipe (config file + overrides)",
+                     lambda p: _train().add_arguments(p), lambda args: _train().run_cli(args)),
 }
+
+
+def _train():
+    # Imported on use: training pulls in the optimizer stack, which upscale/eval never need.
+    from fastsr import train
+
+    return train
 
 
 def build_parser() -> argparse.ArgumentParser:
