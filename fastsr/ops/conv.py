@@ -3,13 +3,15 @@
 Each op takes logically-NCHW tensors stored channels-last (NHWC in memory, so the Triton
 kernels read them as (N, H, W, C) views without a copy) and returns channels-last
 output. The `backend` argument picks the implementation ("triton" or "cpu"); the eager
-specification is fastsr.ops.reference. Autograd: the backward recomputes the op from its
-saved inputs with eager math (only the inputs are saved, as the fused block promises);
-fused backward kernels are separate work (see `BACKWARD_BACKEND`).
+specification is fastsr.ops.reference. Autograd: every op saves only its inputs (the fused
+block recomputes its intermediate in backward); the gradients run on the forward's backend
+-- Triton backward kernels for "triton", eager autograd through the reference for "cpu"
+(see `backward_backend`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from types import MappingProxyType
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +19,11 @@ import torch.nn.functional as F
 from fastsr.ops.reference import conv2d_ref, resblock_ref
 
 CL = torch.channels_last
-# What runs in backward for every backend today: eager math over recomputed forwards.
-BACKWARD_BACKEND = "reference"
+# What computes the gradients of an op, keyed by the backend its forward ran with (see
+# `backward_backend` in the autograd section): "triton" -> the Triton backward kernels
+# (kernels/conv2d_backward.py); "cpu" -> "eager", autograd through fastsr.ops.reference
+# recomputed from the saved inputs (aten/oneDNN: the CPU's fast path already).
+BACKWARD_BACKEND = MappingProxyType({"triton": "triton", "cpu": "eager"})
 
 
 def _check_conv_args(x, weight, bias, in_shift, skip, shuffle) -> None:
@@ -192,11 +197,31 @@ def _(x, w1, b1, w2, b2, res_scale, backend):
 
 
 # ---------------------------------------------------------------------------- autograd
-# Backward = eager autograd through the reference, recomputed from the saved inputs.
+# Every op saves only its inputs (the conv its x, weight, bias, in_shift -- not skip, whose
+# gradient is the output's; the block its x and weights: conv1 + ReLU is recomputed). The
+# gradients run on the backend the forward ran with:
+#   "triton" -> the Triton backward kernels, through the ops fastsr::conv2d_backward and
+#               fastsr::resblock_backward (registered with fake implementations, so AOT autograd
+#               and torch.compile trace the backward without running it);
+#   "cpu"    -> eager autograd through fastsr.ops.reference over a recomputed forward: aten's
+#               oneDNN convolution backward is already the fast CPU path, so there is no
+#               separate CPU backward kernel to write.
 
 
-def _grads(fn, inputs: tuple, grad_out: torch.Tensor) -> tuple:
-    needs = [t is not None and t.requires_grad for t in inputs]
+def backward_backend(forward_backend: str) -> str:
+    """What computes the gradients of an op whose forward ran on `forward_backend`:
+    "triton" (fused Triton backward kernels) or "eager" (autograd through the reference)."""
+    try:
+        return BACKWARD_BACKEND[forward_backend]
+    except KeyError:
+        raise ValueError(
+            f"fused op backend must be one of {sorted(BACKWARD_BACKEND)}, got {forward_backend!r}"
+        ) from None
+
+
+def _grads(fn, inputs: tuple, grad_out: torch.Tensor, needs) -> tuple:
+    """Eager gradients of fn(*inputs) for the inputs flagged in `needs` (None elsewhere)."""
+    needs = [t is not None and bool(n) for t, n in zip(inputs, needs)]
     if not any(needs):
         return tuple(None for _ in inputs)
     with torch.enable_grad():
@@ -207,35 +232,156 @@ def _grads(fn, inputs: tuple, grad_out: torch.Tensor) -> tuple:
     return tuple(next(got) if n else None for n in needs)
 
 
+def _take(outs, needs, like) -> list:
+    """Spread the backward op's list of computed gradients over the inputs, cast to their dtypes."""
+    it = iter(outs)
+    return [next(it).to(t.dtype) if n else None for n, t in zip(needs, like)]
+
+
+@torch.library.custom_op("fastsr::conv2d_backward", mutates_args=())
+def conv2d_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    in_shift: Optional[torch.Tensor],
+    relu: bool,
+    res_scale: float,
+    shuffle: int,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> List[torch.Tensor]:  # typing.List: understood by every torch >= 2.6
+    """Triton gradients of fastsr::conv2d: [dx] + [dW] + [db], each only if asked for.
+
+    dx is channels-last in x's dtype, dW in weight's dtype, db in bias's dtype."""
+    from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
+
+    dx, dw, db = conv2d_backward_nhwc(
+        _nhwc(grad),
+        _nhwc(x),
+        weight.to(x.dtype),
+        None if bias is None else bias.float().contiguous(),
+        weight.shape[-1],
+        in_shift=None if in_shift is None else in_shift.float().contiguous(),
+        relu=relu,
+        res_scale=res_scale,
+        shuffle=shuffle,
+        needs=(need_dx, need_dw, need_db and bias is not None),
+        dw_dtype=weight.dtype,
+        db_dtype=torch.float32 if bias is None else bias.dtype,
+    )
+    return [t for t in (None if dx is None else dx.permute(0, 3, 1, 2), dw, db) if t is not None]
+
+
+@conv2d_backward_op.register_fake
+def _(grad, x, weight, bias, in_shift, relu, res_scale, shuffle, need_dx, need_dw, need_db):
+    outs = []
+    if need_dx:
+        outs.append(torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CL))
+    if need_dw:
+        outs.append(weight.new_empty(weight.shape))
+    if need_db and bias is not None:
+        outs.append(bias.new_empty(bias.shape))
+    return outs
+
+
+@torch.library.custom_op("fastsr::resblock_backward", mutates_args=())
+def resblock_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    res_scale: float,
+    need_dx: bool,
+    need_dw1: bool,
+    need_db1: bool,
+    need_dw2: bool,
+    need_db2: bool,
+) -> List[torch.Tensor]:  # typing.List: understood by every torch >= 2.6
+    """Triton gradients of fastsr::resblock from its input alone: [dx, dW1, db1, dW2, db2],
+    each only if asked for. dx channels-last in x's dtype, dW* in w1's dtype, db* float32."""
+    from fastsr.kernels.conv2d_backward import resblock_backward_nhwc
+
+    got = resblock_backward_nhwc(
+        _nhwc(grad),
+        _nhwc(x),
+        w1.to(x.dtype),
+        None if b1 is None else b1.float().contiguous(),
+        w2.to(x.dtype),
+        w1.shape[-1],
+        res_scale,
+        needs=(need_dx, need_dw1, need_db1, need_dw2, need_db2),
+        dw_dtype=w1.dtype,
+    )
+    dx = got[0]
+    return [t for t in (None if dx is None else dx.permute(0, 3, 1, 2), *got[1:]) if t is not None]
+
+
+@resblock_backward_op.register_fake
+def _(grad, x, w1, b1, w2, res_scale, need_dx, need_dw1, need_db1, need_dw2, need_db2):
+    outs = []
+    if need_dx:
+        outs.append(torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=CL))
+    for need, w in ((need_dw1, w1), (need_db1, None), (need_dw2, w1), (need_db2, None)):
+        if need:
+            shape = w.shape if w is not None else w1.shape[:1]
+            outs.append(torch.empty(shape, dtype=w1.dtype if w is not None else torch.float32, device=x.device))
+    return outs
+
+
 def _conv_setup(ctx, inputs, output):
-    x, weight, bias, in_shift, skip, relu, res_scale, shuffle, _ = inputs
-    ctx.save_for_backward(x, weight, bias, in_shift, skip)
+    x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend = inputs
+    ctx.save_for_backward(x, weight, bias, in_shift)  # not skip: its gradient is the output's
     ctx.opts = dict(relu=relu, res_scale=res_scale, shuffle=shuffle)
+    ctx.backend = backend
 
 
 def _conv_backward(ctx, grad):
-    x, weight, bias, in_shift, skip = ctx.saved_tensors
+    x, weight, bias, in_shift = ctx.saved_tensors
+    need_x, need_w, need_b, need_s, need_skip = ctx.needs_input_grad[:5]
     opts = ctx.opts
+    if backward_backend(ctx.backend) == "triton":
+        need_b = need_b and bias is not None
+        need_dx = need_x or (need_s and in_shift is not None)  # d in_shift = -sum of dx
+        outs = conv2d_backward_op(grad, x, weight, bias, in_shift, opts["relu"], opts["res_scale"],
+                                  opts["shuffle"], need_dx, need_w, need_b)
+        dx, dw, db = _take(outs, (need_dx, need_w, need_b), (x, weight, bias))
+        ds = None
+        if need_s and in_shift is not None:
+            ds = dx.sum(dim=(0, 2, 3), dtype=torch.float32).neg().to(in_shift.dtype)
+        grads = (dx if need_x else None, dw, db, ds)
+    else:
+        def f(x, weight, bias, in_shift):  # skip is additive: it does not change these gradients
+            return conv2d_ref(x, weight, bias, in_shift=in_shift, **opts)
 
-    def f(x, weight, bias, in_shift, skip):
-        return conv2d_ref(x, weight, bias, in_shift=in_shift, skip=skip, **opts)
-
-    return (*_grads(f, (x, weight, bias, in_shift, skip), grad), None, None, None, None)
+        grads = _grads(f, (x, weight, bias, in_shift), grad, (need_x, need_w, need_b, need_s))
+    return (*grads, grad if need_skip else None, None, None, None, None)
 
 
 conv2d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def _block_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, res_scale, _ = inputs
+    x, w1, b1, w2, b2, res_scale, backend = inputs
     ctx.save_for_backward(x, w1, b1, w2, b2)  # the block's input only: conv1+ReLU is recomputed
     ctx.res_scale = res_scale
+    ctx.backend = backend
 
 
 def _block_backward(ctx, grad):
     saved = ctx.saved_tensors
-    fn = lambda x, w1, b1, w2, b2: resblock_ref(x, w1, b1, w2, b2, ctx.res_scale)
-    return (*_grads(fn, saved, grad), None, None)
+    needs = ctx.needs_input_grad[:5]
+    if backward_backend(ctx.backend) == "triton":
+        x, w1, b1, w2, b2 = saved
+        needs = tuple(bool(n) and t is not None for n, t in zip(needs, saved))
+        outs = resblock_backward_op(grad, x, w1, b1, w2, ctx.res_scale, *needs)
+        grads = _take(outs, needs, saved)
+    else:
+        fn = lambda x, w1, b1, w2, b2: resblock_ref(x, w1, b1, w2, b2, ctx.res_scale)
+        grads = _grads(fn, saved, grad, needs)
+    return (*grads, None, None)
 
 
 resblock_op.register_autograd(_block_backward, setup_context=_block_setup)
