@@ -42,6 +42,7 @@ from fastsr.ops.conv import (
 )
 from fastsr.ops.dispatch import unsupported_reasons
 from fastsr.ops.reference import conv2d_ref, resblock_ref
+from parity import assert_parity
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
@@ -87,23 +88,6 @@ def _autograd(fn, inputs, grad_out, dtype):
     wrt = [t for t in leaves if t is not None]
     got = iter(torch.autograd.grad(out, wrt, grad_out.to(dtype)))
     return [None if t is None else next(got) for t in leaves]
-
-
-def assert_parity(fused, ref64, eager, dtype, what):
-    assert fused.dtype == dtype, f"{what}: dtype {fused.dtype}, expected {dtype}"
-    assert tuple(fused.shape) == tuple(ref64.shape), f"{what}: shape {tuple(fused.shape)} vs {tuple(ref64.shape)}"
-    assert torch.isfinite(fused).all(), f"{what}: non-finite gradient (an element left unwritten?)"
-    scale = max(1.0, ref64.abs().max().item())
-    err = (fused.double() - ref64).abs().max().item()
-    if dtype == torch.float32:
-        tol = 1e-4 * scale
-        assert err <= tol, f"{what}: max |fused - ref64| = {err:.3g} > {tol:.3g}"
-    else:
-        eager_err = (eager.double() - ref64).abs().max().item()
-        tol = 2 * eager_err + 1e-5 * scale
-        assert err <= tol, (
-            f"{what}: max |fused - ref64| = {err:.3g} > 2 * max |eager {dtype} - ref64| ({eager_err:.3g}) + atol"
-        )
 
 
 # --------------------------------------------------------------------------------------

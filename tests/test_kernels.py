@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
 from fastsr.kernels.resblock import resblock_nhwc, resblock_supported
+from parity import assert_parity
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
@@ -85,24 +86,6 @@ def resblock_ref(x, w1, b1, w2, b2, ks, res_scale, dtype):
     t = F.relu(F.conv2d(xc, w1.to(dtype), b1.to(dtype), padding=ks // 2))
     y = xc + res_scale * F.conv2d(t, w2.to(dtype), b2.to(dtype), padding=ks // 2)
     return y.permute(0, 2, 3, 1).contiguous()
-
-
-def assert_parity(fused, ref64, eager, dtype, what):
-    assert fused.dtype == dtype, f"{what}: dtype {fused.dtype}, expected {dtype}"
-    assert tuple(fused.shape) == tuple(ref64.shape), f"{what}: shape {tuple(fused.shape)} vs {tuple(ref64.shape)}"
-    assert torch.isfinite(fused).all(), f"{what}: non-finite output (an element left unwritten?)"
-    scale = max(1.0, ref64.abs().max().item())
-    err = (fused.double() - ref64).abs().max().item()
-    if dtype == torch.float32:
-        tol = 1e-4 * scale
-        assert err <= tol, f"{what}: max |fused - ref64| = {err:.3g} > {tol:.3g}"
-    else:
-        eager_err = (eager.double() - ref64).abs().max().item()
-        tol = 2 * eager_err + 1e-5 * scale
-        assert err <= tol, (
-            f"{what}: max |fused - ref64| = {err:.3g} > 2 * max |eager {dtype} - ref64| "
-            f"({eager_err:.3g}) + atol"
-        )
 
 
 # --------------------------------------------------------------------------------------
