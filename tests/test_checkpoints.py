@@ -1,5 +1,4 @@
 """Checkpoint compatibility: official layout, BasicSR conversion, partial loads, safetensors, safety."""
-import pickle
 
 import pytest
 import torch

@@ -25,7 +25,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 SUPPORTED_SCALES = (2, 3, 4)
