@@ -74,8 +74,8 @@ def main() -> int:
         for name, (o, b, os_, bs) in scores.items():
             table.append(f"| x{scale} | {name} | {o:.2f} | {b:.2f} | {o - b:+.2f} | {os_:.4f} | {bs:.4f} |")
         sections.append(
-            f"### x{scale}\n\n- source run: `{run}` ({source.name}); steps: {result.get('steps', '?')}, "
-            f"training time: {result.get('seconds', 0) / 60:.0f} min, steps/s: {result.get('steps_per_s', 0):.2f}\n"
+            f"### x{scale}\n\n- source run: `{run}` ({source.name}); steps: {result.get('step', '?')}, "
+            f"training time: {result.get('train_seconds', 0) / 60:.0f} min, steps/s: {result.get('steps_per_s', 0):.2f}\n"
             f"- resolved config:\n\n```toml\n{config.strip()}\n```\n"
         )
         print(f"x{scale}: shipped {target.name}; Set5 {scores['Set5'][0]:.2f} dB vs bicubic {scores['Set5'][1]:.2f}")
@@ -108,7 +108,8 @@ GPU; torch {torch.__version__}.
 |---|---|---|---|---|---|---|
 {chr(10).join(table)}
 
-Measured with `python scripts/ship_weights.py` (which runs `fastsr eval`); the paper's
+Set5 doubled as the validation set that picked `best.safetensors` (Set14 was never seen
+during training). Measured with `python scripts/ship_weights.py` (which runs `fastsr eval`); the paper's
 EDSR-baseline (DIV2K, 3e5+ steps on GPUs) reaches 37.99 / 34.36 / 32.09 dB on Set5.
 
 ## Runs
