@@ -11,13 +11,13 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from fastsr.atomic import atomic_write
 from fastsr.errors import CheckpointError
 from fastsr.models.edsr import EDSR, MDSR, MeanShift
 
@@ -25,22 +25,6 @@ StateDict = dict[str, torch.Tensor]
 
 # Keys that wrap the real state_dict in training checkpoints of common codebases.
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
@@ -348,5 +332,5 @@ def save_safetensors(
         "rgb_range": repr(float(model.rgb_range)),
     }
     meta.update(extra_metadata or {})
-    _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
     return path

@@ -23,12 +23,10 @@ the Paeth filter, vectorised with numpy, in row chunks to bound memory).
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import struct
 import sys
-import tempfile
 import threading
 import warnings
 import zlib
@@ -41,6 +39,7 @@ import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from fastsr.atomic import atomic_write
 from fastsr.errors import ImageReadError
 
 # An 8192 x 8192 input is already a 32768 x 32768 output at x4 (1 G pixels, 12 GB as
@@ -250,19 +249,8 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers never see half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Readers never see half a PNG (see fastsr.atomic)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

@@ -674,9 +674,9 @@ class _StopRequest:
 
 
 def _save_last(path: Path, state: dict[str, Any]) -> None:
-    from fastsr.checkpoints import _atomic_write
+    from fastsr.atomic import atomic_write
 
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_train_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
