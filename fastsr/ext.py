@@ -36,6 +36,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from fastsr.data import augment  # one definition of the flip/transpose order
 from fastsr.errors import BackendUnavailable
 
 __all__ = [
@@ -315,17 +316,6 @@ class Patches(NamedTuple):
     params: Tensor
 
 
-def _augment(img: Tensor, hflip: bool, vflip: bool, transpose: bool) -> Tensor:
-    # The order of fastsr.data.augment (the official code's): h-flip, v-flip, transpose.
-    if hflip:
-        img = img.flip(-1)
-    if vflip:
-        img = img.flip(-2)
-    if transpose:
-        img = img.transpose(-2, -1)
-    return img
-
-
 def _sample_patches_torch(lr: Sequence[Tensor], hr: Sequence[Tensor], scale: int, patch: int, batch: int,
                           seed: int, layout: str) -> Patches:
     """The reference: the same checks (RuntimeError, same messages), draws and crops as the C++ op."""
@@ -371,9 +361,9 @@ def _sample_patches_torch(lr: Sequence[Tensor], hr: Sequence[Tensor], scale: int
     hr_out = torch.empty(batch, c, q, q, device=device)
     draws = patch_draws(len(chw_l), crop_h, crop_w, patch, batch, seed)
     for k, (i, top, left, hf, vf, tr) in enumerate(draws):
-        lr_out[k].copy_(_augment(chw_l[i][:, top: top + patch, left: left + patch], hf, vf, tr))
+        lr_out[k].copy_(augment(chw_l[i][:, top: top + patch, left: left + patch], hf, vf, tr))
         hr_p = chw_h[i][:, scale * top: scale * (top + patch), scale * left: scale * (left + patch)]
-        hr_out[k].copy_(_augment(hr_p, hf, vf, tr))
+        hr_out[k].copy_(augment(hr_p, hf, vf, tr))
     params = torch.tensor(draws, dtype=torch.int64).reshape(batch, 6)
     return Patches(lr_out, hr_out, params)
 
