@@ -408,6 +408,48 @@ def run(args) -> list[dict]:
                     r["ratio_vs_fused"] = r["median_ms"] / fused["median_ms"]
                 print(_fmt_row(r))
             rows += group
+    if not args.quick and not args.no_data:
+        rows += _data_rows(args, dev_name, date, triton_version)
+    return rows
+
+
+def _data_rows(args, dev_name: str, date: str, triton_version: str) -> list[dict]:
+    """The CPU data-path ops of the C++ extension (fastsr.ext) against pure PyTorch and Pillow.
+
+    kind "data": imresize (MATLAB bicubic) on a DIV2K-sized image, the training patch
+    sampler, and the float -> uint8 output path, each timed per provider on the CPU;
+    ratio_vs_fused is against the C++ ("cpp") row. FLOP columns are NaN (not conv work);
+    the workload specs (and their correctness checks) live in bench/ext_bench.py.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ext_bench
+    from fastsr import ext
+
+    if ext.load_extension() is None:
+        print(f"data rows skipped: the C++ extension is unavailable ({ext.extension_status()})")
+        return []
+    specs = (ext_bench.bench_imresize(args.repeats * 3, False) + ext_bench.bench_patches(args.repeats, False)
+             + ext_bench.bench_output(args.repeats * 3, False))
+    if args.only:
+        specs = [sp for sp in specs if re.search(args.only, sp["workload"])]
+    nan = float("nan")
+    rows = []
+    for sp in specs:
+        times = time_fn(sp["fn"], "cpu", sp["repeats"], sp.get("min_time_s", 0.0))
+        med, q25, q75 = quartiles(times)
+        rows.append(dict(
+            workload=sp["workload"], kind="data", mode="forward", shape=sp["shape"], provider=sp["provider"],
+            dtype="float32" if "f32" in sp["workload"] else "uint8", backend=sp["provider"], median_ms=med,
+            q25_ms=q25, q75_ms=q75, ratio_vs_fused=nan, gflops=nan, tflops_per_s=nan, flop_frac_of_peak=nan,
+            gbytes=nan, gb_per_s=nan, bw_frac_of_peak=nan, peak_mem_mb=nan, compile_s=0.0, device=dev_name,
+            torch=torch.__version__, triton=triton_version, date=date,
+        ))
+    cpp = {r["workload"]: r["median_ms"] for r in rows if r["provider"] == "cpp"}
+    for r in rows:
+        if r["workload"] in cpp:
+            r["ratio_vs_fused"] = r["median_ms"] / cpp[r["workload"]]
+        print(f"{r['workload']:<24} {r['shape']:<30} {r['provider']:<12} {r['median_ms']:10.2f} ms "
+              f"[{r['q25_ms']:.2f}, {r['q75_ms']:.2f}]  {r['ratio_vs_fused']:6.2f}x vs cpp")
     return rows
 
 
@@ -463,6 +505,9 @@ def _plot(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib not installed: no chart (pip install matplotlib)")
         return None
+    rows = [r for r in rows if r["kind"] != "data"]  # no FLOPs: they stay in the table and CSV
+    if not rows:
+        return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
     groups = sorted({(r["workload"], r["mode"], r["shape"], r["dtype"]) for r in rows})
     providers = [p for p in ("eager_nchw", "eager_cl", "compile", "compile_max") if any(r["provider"] == p for r in rows)]
@@ -511,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", nargs="*", help="subset of float32 bfloat16 float16")
     p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max fused")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    p.add_argument("--no-data", action="store_true",
+                   help="skip the C++ data-path rows (imresize, patch sampler, uint8 output; never in --quick)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed calls per row (default 5)")
     p.add_argument("--min-time", type=float, default=1.0, help="keep timing until this many seconds (default 1)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for CSV/JSON/PNG (default bench/results)")
