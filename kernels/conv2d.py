@@ -174,6 +174,28 @@ def _conv_mainloop(
 
 
 @triton.jit
+def _tile_coords(M, H, W, C_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's pixel block (over N*H*W) and channel block (over C_N), with masks and
+    the pixels' (image, row, column)."""
+    # 1-D grid, channel blocks fastest: when C_N > BLOCK_N the programs sharing one pixel
+    # tile run side by side and its activation rows are read from DRAM once (then L2).
+    # (A 2-D grid would also cap the pixel axis at 65,535 tiles.)
+    NUM_N_BLOCKS = (C_N + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    pid_n = pid % NUM_N_BLOCKS
+    pid_m = pid // NUM_N_BLOCKS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < C_N
+    ow = offs_m % W
+    t = offs_m // W
+    oh = t % H
+    img = t // H
+    return offs_m, offs_n, m_mask, n_mask, img, oh, ow
+
+
+@triton.jit
 def _conv2d_nhwc_kernel(
     x_ptr, w_ptr, bias_ptr, shift_ptr, skip_ptr, out_ptr,
     M, H, W, res_scale,
@@ -182,22 +204,7 @@ def _conv2d_nhwc_kernel(
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # 1-D grid, channel blocks fastest: when Cout > BLOCK_N the programs sharing one pixel
-    # tile run side by side and its activation rows are read from DRAM once (then L2).
-    # (A 2-D grid would also cap the pixel axis at 65,535 tiles.)
-    NUM_N_BLOCKS = (C_OUT + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    pid_n = pid % NUM_N_BLOCKS
-    pid_m = pid // NUM_N_BLOCKS
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < C_OUT
-    ow = offs_m % W
-    t = offs_m // W
-    oh = t % H
-    img = t // H
+    offs_m, offs_n, m_mask, n_mask, img, oh, ow = _tile_coords(M, H, W, C_OUT, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _conv_mainloop(

@@ -88,6 +88,7 @@ from .conv2d import (
     _check_vector,
     _conv_configs,
     _launch_config_args,
+    _tile_coords,
     _mma,
     _next_pow2,
     _overlaps,
@@ -179,19 +180,7 @@ def _dgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Same grid as the forward: 1-D, channel blocks fastest.
-    NUM_N_BLOCKS = (C_IN + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    pid_n = pid % NUM_N_BLOCKS
-    pid_m = pid // NUM_N_BLOCKS
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < C_IN
-    ow = offs_m % W
-    t = offs_m // W
-    oh = t % H
-    img = t // H
+    offs_m, offs_n, m_mask, n_mask, img, oh, ow = _tile_coords(M, H, W, C_IN, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _dgrad_mainloop(
