@@ -27,7 +27,6 @@ import re
 import statistics
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +34,9 @@ import torch
 import torch.nn as nn
 
 import fastsr
+from fastsr.memory import TensorMemory
 from fastsr.ops.conv import conv2d, resblock
 from fastsr.ops.reference import conv2d_ref, resblock_ref
-from torch.utils._python_dispatch import TorchDispatchMode
 
 CL = torch.channels_last
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,34 +87,6 @@ def quartiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[0], q[2]
 
 
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of live tensor storages created inside the mode (works on CPU too)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = st.data_ptr()
-                if key in self._seen or st.nbytes() == 0:
-                    continue
-                self._seen.add(key)
-                self.live += st.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, key, st.nbytes())
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._seen.discard(key)
-        self.live -= nbytes
-
-
 def peak_memory_mb(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -124,7 +95,7 @@ def peak_memory_mb(fn, device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with PeakMemory() as pm:
+    with TensorMemory() as pm:
         fn()
     return pm.peak / 2**20
 

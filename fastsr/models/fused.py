@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from fastsr.ops.conv import BACKWARD_BACKEND, conv2d, resblock
 from fastsr.ops.dispatch import choose_backend
@@ -107,31 +108,51 @@ def get_plan(model: nn.Module, dtype: torch.dtype, io_dtype: torch.dtype) -> Fus
     return cached[1]
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast asks for on `device`, or None when autocast is off there."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _upsample_tail(plan: FusedPlan, r: torch.Tensor, scale_idx: int, backend: str) -> torch.Tensor:
+    for conv, shuffle in plan.up[scale_idx]:
+        r = conv2d(r, *conv, shuffle=shuffle, backend=backend)
+    return conv2d(r, *plan.tail, backend=backend)
+
+
 def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[torch.Tensor, str]:
     """Run `model` on x: (N, 3, H, W) float through the fused ops. Returns (output, backend).
 
-    Everything after the head computes in `model.compute_dtype` (default: x's dtype;
-    weights are cast once per plan). The head conv, which reads the image itself, runs in
-    x's dtype (0..255 minus the mean is not exact in bf16; it is ~1% of the FLOPs), and
-    the mean is added back in x's dtype. The output has x's dtype and is channels-last.
+    Everything after the head computes in `model.compute_dtype`, else in the autocast dtype
+    when torch.autocast is on for x's device, else in x's dtype (weights are cast once per
+    plan). The head conv, which reads the image itself, runs in x's dtype (0..255 minus the
+    mean is not exact in bf16; it is ~1% of the FLOPs), and the mean is added back in x's
+    dtype. The output has x's dtype and is channels-last.
+
+    With gradients, the upsampler and tail are recomputed in backward from their input
+    (torch.utils.checkpoint): their outputs are F-maps at 2x-4x resolution, as large as 4-16
+    body activations, so keeping them would cost more memory than the whole fused body.
     """
     backend = choose_backend(x, model.backend_request)
-    compute = model.compute_dtype or x.dtype
-    plan = get_plan(model, compute, x.dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
-    h = conv2d(x, *plan.head, in_shift=plan.in_shift.to(x.device), backend=backend).to(compute)
-    for (c1, c2) in plan.pre[scale_idx]:
-        h = resblock(h, *c1, *c2, 1.0, backend=backend)
-    r = h
-    for (c1, c2) in plan.body:
-        r = resblock(r, *c1, *c2, plan.res_scale, backend=backend)
-    r = conv2d(r, *plan.body_last, skip=h, backend=backend)
-    for conv, shuffle in plan.up[scale_idx]:
-        r = conv2d(r, *conv, shuffle=shuffle, backend=backend)
-    out = conv2d(r, *plan.tail, backend=backend)
-    if plan.out_shift is not None:
-        out = out.to(x.dtype).add_(plan.out_shift.view(1, 3, 1, 1))
+    compute = model.compute_dtype or autocast_dtype(x.device) or x.dtype
+    # The dtypes are chosen above; inside, autocast must not recast the ops' arguments.
+    with torch.autocast(x.device.type, enabled=False):
+        plan = get_plan(model, compute, x.dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        h = conv2d(x, *plan.head, in_shift=plan.in_shift.to(x.device), backend=backend).to(compute)
+        for (c1, c2) in plan.pre[scale_idx]:
+            h = resblock(h, *c1, *c2, 1.0, backend=backend)
+        r = h
+        for (c1, c2) in plan.body:
+            r = resblock(r, *c1, *c2, plan.res_scale, backend=backend)
+        r = conv2d(r, *plan.body_last, skip=h, backend=backend)
+        if r.requires_grad:
+            out = checkpoint(_upsample_tail, plan, r, scale_idx, backend, use_reentrant=False)
+        else:
+            out = _upsample_tail(plan, r, scale_idx, backend)
+        if plan.out_shift is not None:
+            out = out.to(x.dtype).add_(plan.out_shift.view(1, 3, 1, 1))
     return out, backend
 
 
-__all__ = ["BACKWARD_BACKEND", "FusedPlan", "build_plan", "fused_forward", "get_plan"]
+__all__ = ["BACKWARD_BACKEND", "FusedPlan", "autocast_dtype", "build_plan", "fused_forward", "get_plan"]

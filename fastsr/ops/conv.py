@@ -158,7 +158,8 @@ def conv2d_op(
     backend: str,
 ) -> torch.Tensor:
     _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
-    return _impl(_CONV_IMPLS, backend)(x, weight, bias, in_shift, relu, res_scale, skip, shuffle)
+    with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's (see _autocast)
+        return _impl(_CONV_IMPLS, backend)(x, weight, bias, in_shift, relu, res_scale, skip, shuffle)
 
 
 @conv2d_op.register_fake
@@ -178,7 +179,8 @@ def resblock_op(
     backend: str,
 ) -> torch.Tensor:
     _check_block_args(x, w1, b1, w2, b2)
-    return _impl(_BLOCK_IMPLS, backend)(x, w1, b1, w2, b2, res_scale)
+    with torch.autocast(x.device.type, enabled=False):
+        return _impl(_BLOCK_IMPLS, backend)(x, w1, b1, w2, b2, res_scale)
 
 
 def _check_block_args(x, w1, b1, w2, b2) -> None:
@@ -224,7 +226,7 @@ def _grads(fn, inputs: tuple, grad_out: torch.Tensor, needs) -> tuple:
     needs = [t is not None and bool(n) for t, n in zip(inputs, needs)]
     if not any(needs):
         return tuple(None for _ in inputs)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autocast(grad_out.device.type, enabled=False):
         detached = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(inputs, needs)]
         out = fn(*detached)
         wrt = [t for t, n in zip(detached, needs) if n]
@@ -390,6 +392,17 @@ resblock_op.register_autograd(_block_backward, setup_context=_block_setup)
 # ------------------------------------------------------------------------ public entry
 
 
+def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
+    """(x, *tensors) cast to the autocast dtype when torch.autocast is on for x's device, as
+    aten casts a convolution's input and weight; biases stay as given (the kernels add them
+    in fp32). The ops themselves run with autocast off."""
+    kind = x.device.type
+    if not (x.is_floating_point() and torch.is_autocast_enabled(kind)):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
+
+
 def conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -408,6 +421,7 @@ def conv2d(
     k in {1, 3, 5}; returns (N, Cout/r^2, rH, rW), channels-last, dtype of x.
     backend "reference" runs fastsr.ops.reference.conv2d_ref.
     """
+    x, weight, skip = _autocast(x, weight, skip)
     if backend == "reference":
         _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
         return conv2d_ref(x, weight.to(x.dtype), bias, in_shift=in_shift, relu=relu, res_scale=res_scale,
@@ -426,6 +440,7 @@ def resblock(
     backend: str = "cpu",
 ) -> torch.Tensor:
     """Fused residual block x + res_scale * (conv2(relu(conv1(x) + b1)) + b2); x: (N, C, H, W)."""
+    x, w1, w2 = _autocast(x, w1, w2)
     if backend == "reference":
         _check_block_args(x, w1, b1, w2, b2)
         return resblock_ref(x, w1.to(x.dtype), b1, w2.to(x.dtype), b2, res_scale)

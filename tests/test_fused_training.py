@@ -1,0 +1,136 @@
+"""Training through the fused model with the tools users train with: torch.autocast,
+torch.compile, gradient accumulation, torch.utils.checkpoint and DDP.
+
+Each test compares gradients with the eager model's on the same weights and inputs. The
+"cpu" backend keeps them fast; the "triton" cases run under the interpreter on tiny shapes.
+(DDP across two processes through `fastsr.train` is tests/test_train.py.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+import fastsr
+from fastsr.ops.conv import conv2d, resblock
+
+CL = torch.channels_last
+
+
+def _pair(backend: str = "cpu", **kw):
+    torch.manual_seed(0)
+    eager = fastsr.EDSR(2, 2, 8, res_scale=0.5, **kw)
+    fused = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend=backend, **kw)
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def _data(n: int = 2, h: int = 6, w: int = 5):
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(n, 3, h, w, generator=gen) * 255, torch.rand(n, 3, 2 * h, 2 * w, generator=gen) * 255
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(got: dict, want: dict, rtol=1e-3, atol=1e-5) -> None:
+    assert got.keys() == want.keys() and got
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def _l1_step(model, x, y, **kw) -> torch.Tensor:
+    loss = (model(x, **kw).float() - y).abs().mean()
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_autocast_runs_the_fused_model_in_the_autocast_dtype(backend):
+    """Under torch.autocast the fused ops compute in its dtype (as a model built with
+    dtype=bf16 does, bit for bit), the image comes back fp32, and the gradients flow."""
+    eager, fused = _pair(backend)
+    low = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend=backend, dtype=torch.bfloat16)
+    low.load_state_dict(eager.state_dict())
+    x, y = _data(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(x)
+    assert fused.backend == backend and out.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), low(x), rtol=0, atol=0)
+        ref = eager(x)
+    assert (out.detach() - ref).abs().max() < 2.0  # bf16 features, 0..255 pixels
+    (out - y).abs().mean().backward()
+    grads = _grads(fused)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+
+def test_autocast_casts_the_ops_inputs_like_aten_conv():
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 7, 9).contiguous(memory_format=CL)
+    w1, w2 = torch.randn(8, 8, 3, 3) * 0.1, torch.randn(8, 8, 3, 3) * 0.1
+    b1, b2 = torch.randn(8), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_conv = conv2d(x, w1, b1, relu=True, backend="cpu")
+        got_block = resblock(x, w1, b1, w2, b2, 0.1, backend="cpu")
+        aten = torch.nn.functional.conv2d(x, w1, b1, padding=1)
+    bf = torch.bfloat16
+    assert got_conv.dtype == got_block.dtype == aten.dtype == bf
+    torch.testing.assert_close(got_conv, conv2d(x.to(bf), w1.to(bf), b1, relu=True, backend="cpu"), rtol=0, atol=0)
+    torch.testing.assert_close(got_block, resblock(x.to(bf), w1.to(bf), b1, w2.to(bf), b2, 0.1, backend="cpu"),
+                               rtol=0, atol=0)
+
+
+def test_torch_compile_trains_through_the_fused_ops():
+    eager, fused = _pair()
+    x, y = _data()
+    compiled = torch.compile(fused)
+    loss_c = _l1_step(compiled, x, y)
+    loss_e = _l1_step(eager, x, y)
+    assert fused.backend == "cpu"
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-4)
+    _assert_same_grads(_grads(fused), _grads(eager))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gradient_accumulation_over_micro_batches_equals_one_batch(backend):
+    _, fused = _pair(backend)
+    x, y = _data(2, 5, 4)
+    _l1_step(fused, x, y)
+    whole = _grads(fused)
+    fused.zero_grad(set_to_none=True)
+    for i in range(2):  # two micro-batches of one: half the loss each, gradients accumulate
+        loss = (fused(x[i:i + 1]) - y[i:i + 1]).abs().mean() / 2
+        loss.backward()
+    _assert_same_grads(_grads(fused), whole, rtol=1e-4, atol=1e-6)
+
+
+def test_activation_checkpointing_around_the_fused_model():
+    eager, fused = _pair()
+    x, y = _data()
+    x.requires_grad_()
+    out = checkpoint(fused, x, use_reentrant=False)
+    (out - y).abs().mean().backward()
+    dx = x.grad.clone()
+    x.grad = None
+    _l1_step(eager, x, y)
+    _assert_same_grads(_grads(fused), _grads(eager))
+    torch.testing.assert_close(dx, x.grad, rtol=1e-3, atol=1e-7)
+
+
+def test_ddp_wraps_the_fused_model(tmp_path):
+    """One-rank DDP (gloo) around the fused model: its bucketed all-reduce hooks fire on the
+    fused ops' parameter gradients, which equal the eager model's."""
+    eager, fused = _pair()
+    x, y = _data()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(fused)
+        _l1_step(ddp, x, y)
+    finally:
+        dist.destroy_process_group()
+    _l1_step(eager, x, y)
+    _assert_same_grads(_grads(fused), _grads(eager))
