@@ -4,8 +4,8 @@
 `Image` holding a (3, H, W) float32 RGB tensor in 0..255 and an optional (H, W) float32
 alpha in 0..255:
 
-    L, 1, I;16, I          gray, replicated to RGB
-    LA, RGBA, P + tRNS     RGB + alpha
+    L, 1, I;16, I          gray, replicated to RGB (I: only if every value fits 0..65535)
+    LA, RGBA, P + tRNS     RGB + alpha (16-bit gray / RGB + tRNS too: the key color is transparent)
     CMYK, YCbCr, ...       converted to RGB by Pillow
     EXIF orientation       applied;  animations: the first frame
 
@@ -13,6 +13,10 @@ alpha in 0..255:
 natively but truncates 16-bit RGB / RGBA / gray+alpha to their high bytes; for PNG and
 TIFF the low bytes are recovered by decoding a second time with the byte order swapped
 (see `_low_byte_rawmode`), so no other decoder is needed.
+
+Only those formats are decoded, whatever the file name says: Pillow's other plugins (EPS
+runs Ghostscript; XBM and PPM are plain text) are not reachable from outside data. Pillow's
+warnings about damaged files are not printed (the file either decodes or raises).
 
 The pixel count is read from the header (Image.open is lazy) and checked against
 `max_pixels` before anything is decoded: a 100-byte PNG can claim 10^10 pixels.
@@ -47,6 +51,9 @@ from fastsr.errors import ImageReadError
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Pillow format ids tried when opening, by content (JPEG includes multi-picture MPO files
+# from cameras; DIB: headerless BMP). Nothing else is ever identified, whatever the extension.
+PILLOW_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "TIFF", "WEBP", "GIF")
 
 # What Pillow's decoders raise for malformed files (its own exception types are not a
 # closed set: PNG chunk errors are SyntaxError, broken headers struct.error, etc.).
@@ -94,11 +101,13 @@ def _open_lazily(path: Path) -> PILImage.Image:
     lifted only for the header parse (under a lock, restored at once): no pixel data is
     decoded before `_decode` has compared width * height with max_pixels.
     """
-    with _PIL_LIMIT_LOCK:
+    PILImage.init()  # registers every plugin, so open() knows all of PILLOW_FORMATS (WEBP, ...)
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # header damage ("Corrupt EXIF data") raises or is harmless
         saved = PILImage.MAX_IMAGE_PIXELS
         PILImage.MAX_IMAGE_PIXELS = None
         try:
-            return PILImage.open(path)
+            return PILImage.open(path, formats=PILLOW_FORMATS)
         finally:
             PILImage.MAX_IMAGE_PIXELS = saved
 
@@ -149,30 +158,39 @@ def _decode(path: Path, max_pixels: int) -> tuple[np.ndarray, int]:
     Raises ImageReadError for anything Pillow cannot decode, or too many pixels.
     """
     try:
-        with warnings.catch_warnings(), _open_lazily(path) as im:
-            # The size was checked by us; Pillow's warning for large images is noise.
-            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageReadError(
-                    f"{path}: {width}x{height} pixels ({width * height:,}) exceeds the limit of "
-                    f"{max_pixels:,} pixels (possible decompression bomb); raise max_pixels / --max-pixels to read it"
-                )
-            low_mode = _low_byte_rawmode(im)
-            low = _decode_low_bytes(path, low_mode) if low_mode else None
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if low is not None:
-                return _merge_16bit(np.asarray(im), low, low_mode), 16
-            return _pillow_to_array(im, path)
+        with warnings.catch_warnings():
+            # The size is checked here, and damage ("Corrupt EXIF data", "Truncated File
+            # Read") either decodes or raises: Pillow's warnings would only be noise on stderr.
+            warnings.simplefilter("ignore")
+            return _decode_quietly(path, max_pixels)
     except ImageReadError:
         raise
     except PILImage.UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file Pillow can read (unknown format or corrupt header)") from None
+        raise ImageReadError(
+            f"{path}: not an image file fastsr reads (PNG, JPEG, BMP, TIFF, WebP, GIF): unknown format or corrupt header"
+        ) from None
     except PermissionError as e:
         raise ImageReadError(f"{path}: cannot open ({e.strerror})") from None
     except _DECODE_ERRORS as e:
         raise ImageReadError(f"{path}: corrupt, truncated or unsupported image ({_one_line(e)})") from None
+
+
+def _decode_quietly(path: Path, max_pixels: int) -> tuple[np.ndarray, int]:
+    """`_decode` without the error translation (Pillow's exceptions escape)."""
+    with _open_lazily(path) as im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ImageReadError(
+                f"{path}: {width}x{height} pixels ({width * height:,}) exceeds the limit of "
+                f"{max_pixels:,} pixels (possible decompression bomb); raise max_pixels / --max-pixels to read it"
+            )
+        low_mode = _low_byte_rawmode(im)
+        low = _decode_low_bytes(path, low_mode) if low_mode else None
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if low is not None:
+            return _with_key_alpha(_merge_16bit(np.asarray(im), low, low_mode), im.info), 16
+        return _pillow_to_array(im, path)
 
 
 def _decode_low_bytes(path: Path, rawmode: str) -> np.ndarray:
@@ -190,6 +208,17 @@ def _merge_16bit(high: np.ndarray, low: np.ndarray, low_mode: str) -> np.ndarray
     return high.astype(np.uint16) * 256 + low.astype(np.uint16)
 
 
+def _with_key_alpha(arr: np.ndarray, info: dict) -> np.ndarray:
+    """16-bit gray / RGB with a PNG tRNS key color (full 16-bit sample values): add the alpha
+    channel it means, 0 where a pixel equals the key and 65535 elsewhere. Other arrays as given."""
+    key = info.get("transparency")
+    channels = arr.shape[-1]
+    if key is None or channels not in (1, 3) or np.ndim(key) != (0 if channels == 1 else 1):
+        return arr
+    opaque = np.any(arr != np.asarray(key, dtype=np.int64).reshape(channels), axis=-1)
+    return np.concatenate([arr, (opaque * 65535).astype(np.uint16)[..., None]], axis=-1)
+
+
 def _has_transparency(im: PILImage.Image) -> bool:
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         return True
@@ -203,7 +232,12 @@ def _pillow_to_array(im: PILImage.Image, path: Path) -> tuple[np.ndarray, int]:
     if mode.startswith("I;16") or mode == "I":
         # 16-bit gray ("I" is how some Pillow versions / TIFFs hand 16-bit gray over).
         arr = np.asarray(im).astype(np.int64)
-        return np.clip(arr, 0, 65535).astype(np.uint16)[..., None], 16
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageReadError(
+                f"{path}: integer samples {arr.min()}..{arr.max()} do not fit 16 bits (0..65535); "
+                "save it as 8- or 16-bit unsigned"
+            )
+        return _with_key_alpha(arr.astype(np.uint16)[..., None], im.info), 16
     if mode == "F":
         raise ImageReadError(f"{path}: 32-bit float images are not supported; save it as 8- or 16-bit")
     if mode == "1":
@@ -218,6 +252,19 @@ def _pillow_to_array(im: PILImage.Image, path: Path) -> tuple[np.ndarray, int]:
     return (arr[..., None] if arr.ndim == 2 else arr), 8
 
 
+def read_pixels(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int]:
+    """The decoded samples: (H, W, C) uint8 / uint16 (C: gray, gray + alpha, RGB, RGBA) and
+    the bit depth, 8 or 16. `read_image` without the float copy; same checks and errors."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file (0 bytes)")
+    return _decode(path, max_pixels)
+
+
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
     """Read an image file into RGB (3, H, W) float32 0..255 plus optional alpha (H, W).
 
@@ -226,13 +273,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     before decoding) files.
     """
     path = Path(path)
-    if not path.exists():
-        raise ImageReadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a directory, not an image file")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path}: empty file (0 bytes)")
-    arr, bit_depth = _decode(path, max_pixels)
+    arr, bit_depth = read_pixels(path, max_pixels)
     scale = 255.0 / 65535.0 if bit_depth == 16 else 1.0
     data = torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)
     if scale != 1.0:

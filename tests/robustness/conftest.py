@@ -10,7 +10,11 @@ from hypothesis import HealthCheck, settings
 
 # The CI machine is shared and slow: no per-example deadline, and no complaint when
 # generating / running examples takes a while (decoding and model loading dominate).
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+# Tests write each example's files under tmp_path, overwriting the last example's.
+_COMMON = dict(
+    deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 settings.register_profile("ci", max_examples=20, derandomize=True, **_COMMON)
 settings.register_profile("long", max_examples=int(os.environ.get("FASTSR_FUZZ_EXAMPLES") or 0) or 20, **_COMMON)
