@@ -7,6 +7,13 @@ validation under the papers' protocol with the best weights kept, CSV/JSON logs 
 plot, checkpoints that never lose work and resume bitwise-exactly on the CPU, Ctrl-C that
 saves, and DDP under torchrun.
 
+Faults: every file is written atomically (a kill at any moment leaves the previous last.pt;
+a resume drops the log rows past it and removes the kill's temp files); a full disk stops
+the run with a one-line error naming the file, the previous last.pt intact; a NaN/inf loss
+is checked every step (agreed across DDP ranks) and handled by `nan_policy`: "stop" (the
+default) fails naming the step, "skip" drops that update and counts it (`skipped_steps` in
+the logs, checkpoint and result.json) until `nan_max_consecutive` in a row.
+
     python -m fastsr.train --config configs/edsr_baseline_x2.toml [--set key=value ...] [--resume]
     torchrun --nproc-per-node 2 -m fastsr.train --config ... (batch_size is the global batch)
 
@@ -26,11 +33,15 @@ import copy
 import csv
 import dataclasses
 import difflib
+import errno
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
+import reprlib
 import signal
 import sys
 import threading
@@ -99,6 +110,9 @@ class TrainConfig:
     eps: float = _key(1e-8, "Adam epsilon")
     weight_decay: float = _key(0.0, "Adam weight decay")
     grad_clip: float = _key(0.0, "clip the gradient norm to this (0: off)")
+    nan_policy: str = _key("stop", "a step whose loss is NaN/inf on any rank: stop (error naming the step) "
+                                   "or skip (no update, counted in skipped_steps)")
+    nan_max_consecutive: int = _key(10, "nan_policy = skip: stop after this many non-finite steps in a row")
     ema_decay: float = _key(0.0, "EMA of the weights with this decay, used for validation and saved weights (0: off)")
     init_from: str = _key("", "weights to start from; x2 weights into an x3/x4 model keep all but the upsampler")
     val_dir: str = _key("../shared/data/Set5", "validation HR folder ('': no validation)")
@@ -118,7 +132,7 @@ class TrainConfig:
     # Keys that may change on resume without touching the training trajectory.
     FREE_KEYS: typing.ClassVar[tuple[str, ...]] = (
         "name", "steps", "val_dir", "val_every", "log_every", "ckpt_every", "out_dir", "device", "threads",
-        "tensorboard", "plot", "cache_dir", "num_workers", "init_from",
+        "tensorboard", "plot", "cache_dir", "num_workers", "init_from", "nan_policy", "nan_max_consecutive",
     )
 
     @property
@@ -142,8 +156,20 @@ class TrainConfig:
         from fastsr.models.edsr import PRESETS, SUPPORTED_SCALES
 
         def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"config key {key!r} = {getattr(self, key)!r}: {why}")
+            return ConfigError(f"config key {key!r} = {_short_repr(getattr(self, key))}: {why}")
 
+        for f in dataclasses.fields(self):  # types first: TrainConfig(...) from Python skips load_config
+            value = _coerce(f.name, getattr(self, f.name), "the config")
+            setattr(self, f.name, value)
+            if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+                raise bad(f.name, "out of range (a 64-bit integer)")
+            if isinstance(value, str) and "\0" in value:
+                raise bad(f.name, "contains a NUL character")
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad(f.name, "is not valid UTF-8 text") from None
         if self.model not in PRESETS:
             raise bad("model", f"expected one of {', '.join(PRESETS)}")
         if self.scale not in SUPPORTED_SCALES:
@@ -161,17 +187,26 @@ class TrainConfig:
         for key in ("n_resblocks", "n_feats", "num_workers", "val_every", "threads", "seed"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
+        for key in ("num_workers", "threads"):
+            if getattr(self, key) > 1024:
+                raise bad(key, "must be at most 1024")
         for key in ("lr", "lr_gamma", "eps"):
             if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
                 raise bad(key, "must be a positive number")
+        if self.lr > 1e10:  # Adam's step size lr / (1 - beta1**t) must fit a float32
+            raise bad("lr", "must be at most 1e10")
         for key in ("beta1", "beta2", "ema_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(key, "must be in [0, 1)")
         for key in ("res_scale", "weight_decay", "grad_clip"):
             if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
                 raise bad(key, "must be >= 0")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
             raise bad("device", "expected auto, cpu, cuda or cuda:N")
+        if self.nan_policy not in ("stop", "skip"):
+            raise bad("nan_policy", "expected stop or skip")
+        if self.nan_max_consecutive <= 0:
+            raise bad("nan_max_consecutive", "must be positive")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,7 +225,17 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+    # A TOML basic string: escape quotes, backslashes and the control characters TOML forbids
+    # raw (json.dumps is not enough: it writes DEL raw and non-BMP characters as surrogate pairs).
+    return '"' + "".join(f"\\{c}" if c in '"\\' else f"\\u{ord(c):04X}" if c < " " or c == "\x7f" else c
+                         for c in str(v)) + '"'
+
+
+def _short_repr(value: Any) -> str:
+    """repr for a one-line message: long values cut to ~80 characters."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict = 80, 80, 6, 4
+    return r.repr(value)
 
 
 _FIELD_TYPES: dict[str, type] = {}
@@ -212,7 +257,7 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 
 def _coerce(key: str, value: Any, where: str) -> Any:
     kind = _field_types()[key]
-    got = f"{type(value).__name__} {value!r}"
+    got = f"{type(value).__name__} {_short_repr(value)}"
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -227,7 +272,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"config key {key!r} in {where}: expected an integer, got {got}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"config key {key!r} in {where}: {got} is out of range for a number") from None
         raise ConfigError(f"config key {key!r} in {where}: expected a number, got {got}")
     if isinstance(value, str):
         return value
@@ -249,7 +297,7 @@ def _toml_module():
 def _parse_set(item: str) -> tuple[str, Any]:
     """'key=value' -> (key, value); value read as a TOML value, else kept as a plain string."""
     if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got {item!r}")
+        raise ConfigError(f"--set expects key=value, got {_short_repr(item)}")
     key, text = (s.strip() for s in item.split("=", 1))
     if key not in _field_types():
         raise _unknown_key(key, "--set")
@@ -257,9 +305,11 @@ def _parse_set(item: str) -> tuple[str, Any]:
         # Paths and names need no TOML quoting on the command line.
         return key, text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
     try:
-        return key, _toml_module().loads(f"v = {text}")["v"]
+        doc = _toml_module().loads(f"v = {text}")
     except Exception:
         return key, text
+    # 'steps=5\nlr=1' parses as two keys: keep the text whole (a type error) rather than drop a part.
+    return key, doc["v"] if list(doc) == ["v"] else text
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
@@ -274,11 +324,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         p = Path(path)
         toml = _toml_module()
         try:
-            data = toml.loads(p.read_text(encoding="utf-8"))
+            data = toml.loads(p.read_bytes().decode("utf-8"))
         except OSError as e:
             raise ConfigError(f"{p}: cannot read config ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a TOML file (not UTF-8 text: byte {e.object[e.start]:#04x} "
+                              f"at offset {e.start})") from None
         except toml.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: invalid TOML (nested too deeply)") from None
         for key, value in data.items():
             if key not in _field_types():
                 raise _unknown_key(key, str(p))
@@ -308,6 +363,7 @@ class StepInfo:
     scale: int
     model: nn.Module    # the bare model (not the DDP wrapper)
     optimizer: torch.optim.Optimizer
+    skipped: bool = False  # nan_policy = skip dropped this step's update (its loss was not finite)
 
 
 @dataclass
@@ -333,13 +389,15 @@ class TrainResult:
     weights_checksum: str
     rank_checksums: list[str]
     world_size: int
+    skipped_steps: int = 0  # updates dropped by nan_policy = skip, over the whole run
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in ("out_dir", "last_checkpoint", "best_weights", "final_weights"):
             d[k] = None if d[k] is None else str(d[k])
         d.pop("losses")
-        return d
+        # Strict JSON: no NaN / Infinity tokens (final_loss of a run that made no step).
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -547,6 +605,47 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Writing run files
+# ---------------------------------------------------------------------------------------
+
+# Every file a run writes atomically (their killed writes' temp files are cleared on start).
+_RUN_FILES = ("last.pt", "config.toml", "log.csv", "log.jsonl", "curves.png", "best.safetensors",
+              "final.safetensors", "result.json")
+
+
+class _WriteError(FastSRError):
+    """A run file could not be written (full disk, permissions); the message names it."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path, what: str):
+    """Turn a failed write inside the block into a one-line _WriteError naming `what` and `path`.
+
+    OSError, and the errors of libraries that write from native code and only print the OS
+    error (safetensors: "... No space left on device (os error 28)").
+    """
+    try:
+        yield
+    except Exception as e:
+        code = e.errno if isinstance(e, OSError) else None
+        found = None if isinstance(e, OSError) else re.search(r"\(os error (\d+)\)", str(e))
+        if found:
+            code = int(found.group(1))
+        elif not isinstance(e, OSError):
+            raise
+        why = "the disk is full" if code in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+        detail = os.strerror(code) if code is not None else str(e)
+        raise _WriteError(f"{why}: writing {what} {path} failed ({detail})") from None
+
+
+def _write_text(path: Path, text: str, what: str) -> None:
+    from fastsr.atomic import atomic_write
+
+    with _writing(path, what):
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
+
+
+# ---------------------------------------------------------------------------------------
 # Logs
 # ---------------------------------------------------------------------------------------
 
@@ -585,12 +684,13 @@ class _RunLog:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
 
     def _rewrite(self) -> None:
-        with open(self.csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, _CSV_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self._csv_row(r) for r in self.rows)
-        with open(self.json_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        # Atomic: a kill while a resume trims the logs must not lose the rows before the checkpoint.
+        text = io.StringIO()
+        w = csv.DictWriter(text, _CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self._csv_row(r) for r in self.rows)
+        _write_text(self.csv_path, text.getvalue(), "the log")
+        _write_text(self.json_path, "".join(json.dumps(r) + "\n" for r in self.rows), "the log")
 
     @staticmethod
     def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -598,9 +698,10 @@ class _RunLog:
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        with open(self.csv_path, "a", newline="") as f:
+        # Appended (a kill can cut the last line: the resume that follows rewrites both files).
+        with _writing(self.csv_path, "the log"), open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, _CSV_COLUMNS, extrasaction="ignore").writerow(self._csv_row(row))
-        with open(self.json_path, "a") as f:
+        with _writing(self.json_path, "the log"), open(self.json_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
@@ -631,9 +732,10 @@ class _RunLog:
         if val_keys:
             ax_val.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_name(f".{self.plot_path.name}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, self.plot_path)
+        from fastsr.atomic import atomic_write
+
+        with _writing(self.plot_path, "the plot"):
+            atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, format="png"))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -676,7 +778,14 @@ class _StopRequest:
 def _save_last(path: Path, state: dict[str, Any]) -> None:
     from fastsr.atomic import atomic_write
 
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: str) -> None:
+        # Through a Python file: a failed write raises OSError(ENOSPC, ...); torch.save(state,
+        # a_path) reports the same as "RuntimeError: unexpected pos".
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    with _writing(path, "the checkpoint"):
+        atomic_write(path, write)
 
 
 def load_train_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -748,11 +857,13 @@ class _Run:
         elif dist.main and self.last_path.exists():
             raise ConfigError(f"{self.run_dir} already holds a run (last.pt): pass --resume to continue it, "
                               "or choose another out_dir")
+        # The step last.pt holds (None: nothing saved yet), for the messages of a failed run.
+        self.saved_step: int | None = int(checkpoint["step"]) if checkpoint is not None else None
+        self.skipped_steps = 0  # updates dropped by nan_policy = skip
+        self.nan_streak = 0     # ... of them in a row up to the current step
         if dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(cfg.to_toml())
-            self.say(f"resolved config (saved in {self.run_dir / 'config.toml'}):\n" + cfg.to_toml().rstrip())
-
+            with self.noting_checkpoint():
+                self._prepare_folder()
         # Initialization: the same seed on every rank (DDP also broadcasts rank 0's weights).
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
@@ -803,8 +914,9 @@ class _Run:
                 find_unused_parameters=isinstance(model, MDSR),
             )
         self.validator = Validator(cfg.val_dir, self.scales, device) if (cfg.val_dir and dist.main) else None
-        self.log = (_RunLog(self.run_dir, self.step_no if checkpoint is not None else None, cfg.plot,
-                            cfg.tensorboard) if dist.main else None)
+        with self.noting_checkpoint():
+            self.log = (_RunLog(self.run_dir, self.step_no if checkpoint is not None else None, cfg.plot,
+                                cfg.tensorboard) if dist.main else None)
         if self.log is not None and self.log.plot_note:
             self.say(self.log.plot_note)
         compute = (f"fused ({cfg.backend or 'auto backend'}, {cfg.amp or 'fp32'} compute)" if cfg.fused
@@ -812,6 +924,40 @@ class _Run:
         self.say(f"model {model_arch_tag(model)}: {count_parameters(model):,} parameters, {compute}, on {device}"
                  + (f", DDP over {dist.world} ranks ({per_rank} patches each)" if dist.active else "")
                  + f"; loader {cfg.loader}")
+
+    def _prepare_folder(self) -> None:
+        """Rank 0: the run folder, without the temp files of killed writes, with config.toml."""
+        from fastsr.atomic import remove_stale_temps
+
+        with _writing(self.run_dir, "the run folder"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Temp files of writes a kill (SIGKILL, power cut) interrupted; never a checkpoint.
+        # safetensors (>= 0.7) writes through its own .tmpXXXXXX beside the target.
+        stale = [t for name in _RUN_FILES for t in remove_stale_temps(self.run_dir / name)]
+        for t in self.run_dir.glob(".tmp??????"):
+            if t.is_file():
+                t.unlink()
+                stale.append(t)
+        if stale:
+            self.say(f"removed {len(stale)} temp file(s) of an interrupted write: " + ", ".join(t.name for t in stale))
+        toml = self.cfg.to_toml()
+        _write_text(self.run_dir / "config.toml", toml, "the config")
+        self.say(f"resolved config (saved in {self.run_dir / 'config.toml'}):\n" + toml.rstrip())
+
+    def saved_note(self) -> str:
+        """Where the run can continue from, for the message of a run that stops on an error."""
+        if self.saved_step is None:
+            return f"no checkpoint was saved yet ({self.last_path})"
+        return f"{self.last_path} holds step {self.saved_step} (continue with --resume)"
+
+    @contextlib.contextmanager
+    def noting_checkpoint(self, stopped: bool = False):
+        """Add where the run can continue from (and the step it stopped at) to a _WriteError."""
+        try:
+            yield
+        except _WriteError as e:
+            at = f"stopped at step {self.step_no}; " if stopped else ""
+            raise _WriteError(f"{e}; {at}{self.saved_note()}") from None
 
     def say(self, msg: str) -> None:
         if self.dist.main:
@@ -832,6 +978,7 @@ class _Run:
             self.ema.model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else self.model.state_dict())
         self.step_no = int(ckpt["step"])
         self.best_psnr, self.best_step = ckpt.get("best_psnr"), ckpt.get("best_step")
+        self.skipped_steps, self.nan_streak = int(ckpt.get("skipped_steps", 0)), int(ckpt.get("nan_streak", 0))
         _set_rng_state(ckpt["rng"])
         samplers = ckpt["sampler"]
         kind = self.source.state_dict()["kind"]
@@ -842,43 +989,70 @@ class _Run:
                      f"fit this run ({self.dist.world} rank(s), {kind}): patch sampling restarts from the seed")
 
     def save(self) -> None:
-        """Write last.pt atomically (rank 0; every rank contributes its sampler state)."""
+        """Write last.pt atomically (rank 0; every rank contributes its sampler state).
+
+        A failed write (full disk) raises on every rank: the ranks agree on it instead of
+        leaving the others waiting at the next collective.
+        """
         samplers = self.dist.gather(self.source.state_dict())
+        error: _WriteError | None = None
         if self.dist.main:
-            _save_last(self.last_path, {
-                "format": CHECKPOINT_FORMAT, "step": self.step_no, "config": self.cfg.to_dict(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "ema": self.ema.model.state_dict() if self.ema is not None else None,
-                "rng": _rng_state(), "sampler": samplers, "world_size": self.dist.world,
-                "best_psnr": self.best_psnr, "best_step": self.best_step,
-            })
-        self.dist.barrier()
+            try:
+                _save_last(self.last_path, {
+                    "format": CHECKPOINT_FORMAT, "step": self.step_no, "config": self.cfg.to_dict(),
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    "ema": self.ema.model.state_dict() if self.ema is not None else None,
+                    "rng": _rng_state(), "sampler": samplers, "world_size": self.dist.world,
+                    "best_psnr": self.best_psnr, "best_step": self.best_step,
+                    "skipped_steps": self.skipped_steps, "nan_streak": self.nan_streak,
+                })
+            except _WriteError as e:
+                error = e
+        if self.dist.any(error is not None, self.device):  # also the barrier
+            raise error or _WriteError(f"rank 0 failed to write {self.last_path}")
+        self.saved_step = self.step_no
 
     # -- one optimizer step ------------------------------------------------------------
 
-    def step(self) -> tuple[torch.Tensor, int]:
-        """Draw a batch, update the weights once; returns (detached loss, scale drawn)."""
+    def step(self) -> tuple[torch.Tensor, int, bool]:
+        """Draw a batch, update the weights once; returns (detached loss, scale drawn, skipped).
+
+        A loss that is not finite on any rank skips the update on every rank (no backward,
+        no optimizer step, no EMA update); the step still counts, for the counter, the lr
+        schedule and the data stream, so a resumed run stays exact. `_loop` applies nan_policy.
+        """
         batch = self.source.next()
         self.optimizer.zero_grad(set_to_none=True)  # None, not 0: Adam skips unused MDSR branches
         with self.autocast:
             sr = self.net(batch.lr, scale=batch.scale)
         loss = F.l1_loss(sr.float(), batch.hr)
+        # One host sync per step (fp16's GradScaler makes one anyway); under DDP one tiny
+        # all-reduce, so the ranks agree before any of them starts the backward's collectives.
+        skipped = self.dist.any(not bool(torch.isfinite(loss)), self.device)
+        self.nan_streak = self.nan_streak + 1 if skipped else 0
+        if skipped:
+            self.skipped_steps += 1
+            self._advance_schedule()
+            return loss.detach(), batch.scale, True
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self._advance_schedule()
+        return loss.detach(), batch.scale, False
+
+    def _advance_schedule(self) -> None:
         with warnings.catch_warnings():
             # fp16: GradScaler skips steps whose gradients overflowed; the schedule still counts them.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
         self.step_no += 1
-        return loss.detach(), batch.scale
 
     @property
     def lr(self) -> float:
@@ -894,9 +1068,11 @@ class _Run:
         metrics = self.validator.run(target)
         if self.best_psnr is None or metrics["psnr"] > self.best_psnr:
             self.best_psnr, self.best_step = metrics["psnr"], self.step_no
-            save_safetensors(target, self.run_dir / "best.safetensors", extra_metadata={
-                "step": str(self.step_no), "val_psnr": f"{metrics['psnr']:.4f}", "val_set": str(self.cfg.val_dir),
-                "ema": str(self.ema is not None)})
+            best = self.run_dir / "best.safetensors"
+            with _writing(best, "the best weights"):
+                save_safetensors(target, best, extra_metadata={
+                    "step": str(self.step_no), "val_psnr": f"{metrics['psnr']:.4f}",
+                    "val_set": str(self.cfg.val_dir), "ema": str(self.ema is not None)})
         per_scale = ", ".join(f"x{s} {metrics[f'psnr_x{s}']:.3f} dB / {metrics[f'ssim_x{s}']:.4f}" for s in self.scales)
         self.say(f"step {self.step_no}: validation on {self.cfg.val_dir}: {per_scale} "
                  f"(best {self.best_psnr:.3f} dB at step {self.best_step})")
@@ -930,7 +1106,8 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
             torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuning pays off
         run = _Run(cfg, dist, device, resume)
         stop = _StopRequest(handle_signals)
-        return _loop(run, stop, on_step, wall_start)
+        with run.noting_checkpoint(stopped=True):
+            return _loop(run, stop, on_step, wall_start)
     finally:
         if stop is not None:
             stop.restore()
@@ -959,11 +1136,13 @@ def _loop(run: _Run, stop: _StopRequest, on_step: Callable[[StepInfo], None] | N
     check_every = 10 if dist.active else 1  # agreeing on a stop is a collective under DDP
 
     def flush() -> float:
+        """Mean loss of the steps since the last flush, skipped (non-finite) ones left out."""
         nonlocal losses
         values = torch.stack(pending).float().cpu().tolist()
         pending.clear()
         losses += values
-        return sum(values) / len(values)
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else float("nan")
 
     try:
         while run.step_no < cfg.steps:
@@ -971,27 +1150,29 @@ def _loop(run: _Run, stop: _StopRequest, on_step: Callable[[StepInfo], None] | N
                 interrupted = True
                 break
             in_update = True
-            loss, scale = run.step()
+            loss, scale, skipped = run.step()
             in_update = False
             step = run.step_no
             pending.append(loss)
+            if skipped:
+                _apply_nan_policy(run, float(loss))
             if t_first is None:
                 _sync(device)
                 t_first = time.perf_counter()
             bar.update(1)
             if on_step is not None:
-                on_step(StepInfo(step, loss, run.lr, scale, run.model, run.optimizer))
+                on_step(StepInfo(step, loss, run.lr, scale, run.model, run.optimizer, skipped))
 
             row: dict[str, Any] = {}
             if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = flush()
-                if not math.isfinite(mean_loss):
-                    raise FastSRError(f"the loss became {mean_loss} by step {step}; last.pt holds the last "
-                                      "checkpoint's state (try amp = '' or a lower lr)")
+                mean_loss = flush()  # NaN only when every step of the interval was skipped
                 now = time.perf_counter()
                 sps = (step - step_log) / max(now - t_log - excl_log, 1e-9)
                 t_log, step_log, excl_log = now, step, 0.0
-                row.update(step=step, loss=mean_loss, lr=run.lr, steps_per_s=sps, elapsed_s=now - wall_start)
+                row.update(step=step, loss=mean_loss, lr=run.lr, steps_per_s=sps, elapsed_s=now - wall_start,
+                           skipped_steps=run.skipped_steps)
+                if not math.isfinite(mean_loss):
+                    del row["loss"]
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{run.lr:.1e}", refresh=False)
                 if bar.disable:  # no live bar (not a terminal, or not rank 0): a log line instead
                     run.say(f"step {step}/{cfg.steps} loss {mean_loss:.4f} lr {run.lr:.2e} {sps:.2f} steps/s "
@@ -1036,6 +1217,21 @@ def _loop(run: _Run, stop: _StopRequest, on_step: Callable[[StepInfo], None] | N
     return _finish(run, interrupted, losses, mean_loss, last_val, start_step, t_first, t_end, excluded, wall_start)
 
 
+def _apply_nan_policy(run: _Run, loss: float) -> None:
+    """After a skipped step (non-finite loss on some rank; every rank gets here together)."""
+    cfg, step = run.cfg, run.step_no
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "the loss is not finite on another rank"
+    if cfg.nan_policy == "stop":
+        raise FastSRError(f"{what} at step {step} (nan_policy = 'stop'); the update was not applied; "
+                          f"{run.saved_note()}; lower lr, check the data, or set nan_policy = 'skip'")
+    if run.nan_streak >= cfg.nan_max_consecutive:
+        raise FastSRError(f"the loss was not finite for {run.nan_streak} steps in a row (steps "
+                          f"{step - run.nan_streak + 1}-{step}, nan_max_consecutive = {cfg.nan_max_consecutive}); "
+                          f"their updates were skipped; {run.saved_note()}; lower lr or check the data")
+    run.say(f"step {step}: {what}: update skipped ({run.skipped_steps} skipped so far, "
+            f"{run.nan_streak} in a row)")
+
+
 def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float, last_val: dict[str, float],
             start_step: int, t_first: float | None, t_end: float, excluded: float, wall_start: float) -> TrainResult:
     """Speed, final weights, rank agreement, result.json and the closing line."""
@@ -1055,8 +1251,9 @@ def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float,
     if run.dist.main:
         if not interrupted:
             target = run.ema.model if run.ema is not None else run.model
-            final_weights = save_safetensors(target, run.run_dir / "final.safetensors", extra_metadata={
-                "step": str(run.step_no), "ema": str(run.ema is not None)})
+            with _writing(run.run_dir / "final.safetensors", "the final weights"):
+                final_weights = save_safetensors(target, run.run_dir / "final.safetensors", extra_metadata={
+                    "step": str(run.step_no), "ema": str(run.ema is not None)})
         if run.log is not None:
             run.log.draw()
             run.log.close()
@@ -1067,10 +1264,10 @@ def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float,
         final_weights=final_weights, final_loss=mean_loss, best_psnr=run.best_psnr, best_step=run.best_step,
         val=last_val, steps_per_s=steps_per_s, train_seconds=train_seconds,
         wall_seconds=time.perf_counter() - wall_start, losses=losses, weights_checksum=checksum,
-        rank_checksums=rank_sums, world_size=run.dist.world,
+        rank_checksums=rank_sums, world_size=run.dist.world, skipped_steps=run.skipped_steps,
     )
     if run.dist.main:
-        (run.run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        _write_text(run.run_dir / "result.json", json.dumps(result.to_json(), indent=2) + "\n", "the result")
         if len(set(rank_sums)) > 1:
             run.say(f"WARNING: the ranks ended with different weights: {rank_sums}")
         if interrupted:
@@ -1078,7 +1275,8 @@ def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float,
         else:
             best = (f", best validation {run.best_psnr:.3f} dB at step {run.best_step}"
                     if run.best_step is not None else "")
-            run.say(f"done: {run.step_no} steps, {steps_per_s:.3f} steps/s{best}; weights in {final_weights}")
+            skips = f", {run.skipped_steps} update(s) skipped (non-finite loss)" if run.skipped_steps else ""
+            run.say(f"done: {run.step_no} steps, {steps_per_s:.3f} steps/s{best}{skips}; weights in {final_weights}")
     return result
 
 

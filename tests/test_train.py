@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from fastsr.errors import FastSRError
 from fastsr.train import ConfigError, TrainConfig, load_config, load_train_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,12 +122,12 @@ def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(photos, tmp_
     def failing_save(obj, f, *a, **kw):
         calls.append(f)
         if len(calls) == 2:  # the second checkpoint: half a file, then the disk "fills up"
-            Path(f).write_bytes(b"PK\x03\x04 partial checkpoint")
+            f.write(b"PK\x03\x04 partial checkpoint")
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(FastSRError, match="the disk is full: writing the checkpoint .*last.pt holds step 2"):
         train(config(photos, run, steps=4, ckpt_every=2))
     monkeypatch.undo()
     assert load_train_checkpoint(run / "last.pt")["step"] == 2
