@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 import fastsr
-from fastsr.memory import TensorMemory
+from fastsr.memory import TensorMemory, activation_bytes
 from fastsr.ops.conv import conv2d, resblock
 from fastsr.ops.reference import conv2d_ref, resblock_ref
 
@@ -43,7 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = [
     "workload", "kind", "mode", "shape", "provider", "dtype", "backend", "median_ms", "q25_ms", "q75_ms",
     "ratio_vs_fused", "gflops", "tflops_per_s", "flop_frac_of_peak", "gbytes", "gb_per_s", "bw_frac_of_peak",
-    "peak_mem_mb", "compile_s", "device", "torch", "triton", "date",
+    "peak_mem_mb", "act_mem_mb", "compile_s", "device", "torch", "triton", "date",
 ]
 
 
@@ -260,6 +260,9 @@ def _model_make(build, h, w, scale, mode):
                 opt.step()
             opt.zero_grad(set_to_none=True)
         step.model = model
+        # The forward alone, for the bytes it leaves for backward (not for compiled graphs:
+        # their ops do not pass through the dispatch mode that counts them).
+        step.forward = None if provider.startswith("compile") else (lambda: net(xin, **kw))
         return step
 
     return make
@@ -362,6 +365,7 @@ def run(args) -> list[dict]:
                 times = time_fn(fn, device, args.repeats, args.min_time)
                 med, q25, q75 = quartiles(times)
                 mem = peak_memory_mb(fn, device)
+                act = activation_bytes(fn.forward) / 2**20 if getattr(fn, "forward", None) else float("nan")
                 backend = _backend_of(fn, provider, device)
                 sec = med / 1e3
                 f_peak, b_peak = peaks[dtype]
@@ -370,7 +374,7 @@ def run(args) -> list[dict]:
                     dtype=str(dtype).split(".")[-1], backend=backend, median_ms=med, q25_ms=q25, q75_ms=q75,
                     ratio_vs_fused=float("nan"), gflops=wl.flops / 1e9, tflops_per_s=wl.flops / sec / 1e12,
                     flop_frac_of_peak=wl.flops / sec / f_peak, gbytes=wl.bytes / 1e9, gb_per_s=wl.bytes / sec / 1e9,
-                    bw_frac_of_peak=wl.bytes / sec / b_peak, peak_mem_mb=mem, compile_s=compile_s,
+                    bw_frac_of_peak=wl.bytes / sec / b_peak, peak_mem_mb=mem, act_mem_mb=act, compile_s=compile_s,
                     device=dev_name, torch=torch.__version__, triton=triton_version, date=date,
                 ))
             fused = next((r for r in group if r["provider"] == "fused"), None)
@@ -412,7 +416,7 @@ def _data_rows(args, dev_name: str, date: str, triton_version: str) -> list[dict
             workload=sp["workload"], kind="data", mode="forward", shape=sp["shape"], provider=sp["provider"],
             dtype="float32" if "f32" in sp["workload"] else "uint8", backend=sp["provider"], median_ms=med,
             q25_ms=q25, q75_ms=q75, ratio_vs_fused=nan, gflops=nan, tflops_per_s=nan, flop_frac_of_peak=nan,
-            gbytes=nan, gb_per_s=nan, bw_frac_of_peak=nan, peak_mem_mb=nan, compile_s=0.0, device=dev_name,
+            gbytes=nan, gb_per_s=nan, bw_frac_of_peak=nan, peak_mem_mb=nan, act_mem_mb=nan, compile_s=0.0, device=dev_name,
             torch=torch.__version__, triton=triton_version, date=date,
         ))
     cpp = {r["workload"]: r["median_ms"] for r in rows if r["provider"] == "cpp"}
@@ -446,10 +450,11 @@ def _cpu_name() -> str | None:
 def _fmt_row(r: dict) -> str:
     ratio = "" if math.isnan(r["ratio_vs_fused"]) else f"{r['ratio_vs_fused']:6.2f}x"
     comp = f"  compile {r['compile_s']:.1f}s" if r["compile_s"] else ""
+    act = "" if math.isnan(r["act_mem_mb"]) else f"  act {r['act_mem_mb']:7.1f} MB"
     return (f"{r['workload']:<24} {r['mode']:<8} {r['shape']:<14} {r['dtype']:<8} {r['provider']:<11} "
             f"{r['backend']:<9} {r['median_ms']:10.2f} ms [{r['q25_ms']:.2f}, {r['q75_ms']:.2f}]  {ratio:>7}  "
             f"{r['tflops_per_s'] * 1e3:8.1f} GFLOP/s ({r['flop_frac_of_peak'] * 100:4.0f}% peak)  "
-            f"mem {r['peak_mem_mb']:8.1f} MB{comp}")
+            f"mem {r['peak_mem_mb']:8.1f} MB{act}{comp}")
 
 
 def write_outputs(rows: list[dict], out_dir: Path, tag: str) -> dict[str, Path]:

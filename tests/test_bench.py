@@ -27,6 +27,8 @@ def test_quick_benchmark_writes_finite_rows_and_records_the_fused_backend(tmp_pa
         for col in NUMERIC:
             v = float(r[col])
             assert math.isfinite(v) and v > 0, (r["workload"], r["provider"], col, v)
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train and all(float(r["act_mem_mb"]) > 0 for r in train)  # no compile rows here
     fused = [r for r in rows if r["provider"] == "fused"]
     assert fused and all(r["backend"] == "cpu" for r in fused)
     kinds = {r["kind"] for r in rows}
