@@ -136,6 +136,8 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"input must be (N, 3, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor in 0..rgb_range, got {x.dtype}")
+    if x.shape[2] == 0 or x.shape[3] == 0:  # an empty batch is fine: it gives an empty output
+        raise ValueError(f"input must have at least one row and column, got shape {tuple(x.shape)}")
 
 
 class EDSR(_FusedMixin, nn.Module):

@@ -10,6 +10,7 @@ block recomputes its intermediate in backward); the gradients run on the forward
 """
 from __future__ import annotations
 
+import contextlib
 from types import MappingProxyType
 from typing import List, Optional
 
@@ -35,9 +36,13 @@ def _check_conv_args(x, weight, bias, in_shift, skip, shuffle) -> None:
         raise ValueError(f"x has {x.shape[1]} channels but weight expects Cin={weight.shape[1]}")
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
+    if min(x.shape[1:]) == 0:  # an empty batch is fine (empty output); an empty image is not
+        raise ValueError(f"x must have at least one channel, row and column, got shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias), ("in_shift", in_shift), ("skip", skip)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
     cout = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (cout,):
         raise ValueError(f"bias must be ({cout},), got {tuple(bias.shape)}")
@@ -51,6 +56,16 @@ def _check_conv_args(x, weight, bias, in_shift, skip, shuffle) -> None:
         want = (x.shape[0], cout, x.shape[2], x.shape[3])
         if tuple(skip.shape) != want or skip.dtype != x.dtype:
             raise ValueError(f"skip must be {want} {x.dtype}, got {tuple(skip.shape)} {skip.dtype}")
+
+
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
+def _autocast_off(device: torch.device):
+    """A context with autocast off on `device` (a no-op where the device has no autocast)."""
+    kind = device.type
+    return torch.autocast(kind, enabled=False) if _autocast_available(kind) else contextlib.nullcontext()
 
 
 def _out_shape(x: torch.Tensor, cout: int, shuffle: int) -> tuple[int, int, int, int]:
@@ -158,7 +173,7 @@ def conv2d_op(
     backend: str,
 ) -> torch.Tensor:
     _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
-    with torch.autocast(x.device.type, enabled=False):  # dtypes are the caller's (see _autocast)
+    with _autocast_off(x.device):  # dtypes are the caller's (see _autocast)
         return _impl(_CONV_IMPLS, backend)(x, weight, bias, in_shift, relu, res_scale, skip, shuffle)
 
 
@@ -179,7 +194,7 @@ def resblock_op(
     backend: str,
 ) -> torch.Tensor:
     _check_block_args(x, w1, b1, w2, b2)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device):
         return _impl(_BLOCK_IMPLS, backend)(x, w1, b1, w2, b2, res_scale)
 
 
@@ -226,7 +241,9 @@ def _grads(fn, inputs: tuple, grad_out: torch.Tensor, needs) -> tuple:
     needs = [t is not None and bool(n) for t, n in zip(inputs, needs)]
     if not any(needs):
         return tuple(None for _ in inputs)
-    with torch.enable_grad(), torch.autocast(grad_out.device.type, enabled=False):
+    if grad_out.shape[0] == 0:  # an empty batch: zero gradients, without running aten on it
+        return tuple(torch.zeros_like(t) if n else None for t, n in zip(inputs, needs))
+    with torch.enable_grad(), _autocast_off(grad_out.device):
         detached = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(inputs, needs)]
         out = fn(*detached)
         wrt = [t for t, n in zip(detached, needs) if n]
@@ -397,7 +414,7 @@ def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
     aten casts a convolution's input and weight; biases stay as given (the kernels add them
     in fp32). The ops themselves run with autocast off."""
     kind = x.device.type
-    if not (x.is_floating_point() and torch.is_autocast_enabled(kind)):
+    if not (x.is_floating_point() and _autocast_available(kind) and torch.is_autocast_enabled(kind)):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(kind)
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
