@@ -35,6 +35,7 @@ import dataclasses
 import difflib
 import errno
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -671,7 +672,7 @@ class _RunLog:
         self.plot_note: str | None = None
         if plot:
             try:
-                import matplotlib  # noqa: F401
+                importlib.import_module("matplotlib")  # a probe: draw() imports what it uses
             except ImportError:
                 self.plot, self.plot_note = False, "matplotlib is not installed: no curves.png (pip install matplotlib)"
         self.tb = None
@@ -1297,7 +1298,8 @@ _FLAGS = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `train` options to `parser` (for `fastsr train` and `python -m fastsr.train`)."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    keys = "\n".join(f"  {f.name:<14} {_toml_value(f.default):<22} {f.metadata['help']}"
+    width = max(len(f.name) for f in dataclasses.fields(TrainConfig))
+    keys = "\n".join(f"  {f.name:<{width}} {_toml_value(f.default):<22} {f.metadata['help']}"
                      for f in dataclasses.fields(TrainConfig))
     parser.epilog = ("config keys (TOML file, --set key=value), with defaults:\n" + keys +
                      "\n\nprecedence: defaults < --config file < --set < explicit flags")

@@ -11,7 +11,7 @@ rank's batch. Every run is checked against an uninterrupted in-process run of th
 config: the checkpoint a kill leaves holds the weights of exactly the step it says, the
 resumed run ends bitwise equal, and the logs hold every step once with the same losses.
 
-FASTSR_FUZZ_EXAMPLES=N sets the number of random kills (default 4).
+FASTSR_FUZZ_EXAMPLES=N sets N/10 random kills (at least 4); FASTSR_KILL_SEED replays a schedule.
 """
 import errno
 import json
@@ -37,7 +37,7 @@ from fastsr.errors import FastSRError
 from fastsr.train import load_config, load_train_checkpoint, train, weights_checksum
 
 REPO = Path(__file__).resolve().parents[2]
-RANDOM_KILLS = int(os.environ.get("FASTSR_FUZZ_EXAMPLES") or 0) or 4
+RANDOM_KILLS = max(4, int(os.environ.get("FASTSR_FUZZ_EXAMPLES") or 0) // 10)
 
 TINY = {
     "n_resblocks": 1, "n_feats": 8, "res_scale": 1.0, "batch_size": 2, "patch_size": 8,
@@ -486,7 +486,7 @@ def test_nan_on_one_ddp_rank_skips_the_step_on_every_rank(photos, driver, tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTSR_FAULT": "nan:1:2"}  # rank 1, its 2nd batch
     values = settings(photos, run, steps=4, batch_size=4, nan_policy="skip")
     r = subprocess.run([*launcher, "--standalone", "--nproc-per-node", "2", str(driver), *as_args(values)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # slow when the machine is busy
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     result = json.loads((run / "result.json").read_text())
     assert result["world_size"] == 2 and result["step"] == 4 and result["skipped_steps"] == 1
