@@ -173,7 +173,7 @@ def _kernel_workloads(device: str, quick: bool) -> list[Workload]:
         nbytes_el = n * h * w * (cin + cout) + w1.numel() + (w2.numel() if block else 0)
 
         def make(provider, dtype, device, x=x, w1=w1, b1=b1, w2=w2, b2=b2):
-            if provider == "compile_max":
+            if provider in ("compile_max", "fused_graph"):
                 return None
             xs = x.to(device, dtype)
             args = [t.to(device) for t in (w1, b1, w2, b2)]
@@ -224,13 +224,15 @@ def _model_make(build, h, w, scale, mode):
     def make(provider, dtype, device):
         torch.manual_seed(0)
         x = (torch.rand(16 if mode != "forward" or h == 48 else 1, 3, h, w) * 255).to(device)
-        fused = provider == "fused"
+        if provider == "fused_graph" and (device != "cuda" or mode != "forward"):
+            return None  # CUDA graphs: inference on a GPU only
+        fused = provider in ("fused", "fused_graph")
         model = build(fused=fused, dtype=dtype if fused and dtype != torch.float32 else None).to(device)
         if mode == "forward":
             model.eval()
         if provider in ("eager_nchw", "eager_cl", "compile", "compile_max") and dtype != torch.float32:
             model = model.to(dtype)
-        if provider in ("eager_cl", "compile", "compile_max", "fused"):
+        if provider in ("eager_cl", "compile", "compile_max", "fused", "fused_graph"):
             model = model.to(memory_format=CL)
         xin = x if (fused or dtype == torch.float32) else x.to(dtype)
         if provider != "eager_nchw":
@@ -248,6 +250,9 @@ def _model_make(build, h, w, scale, mode):
                 with torch.inference_mode():
                     return net(xin, **kw)
             run.model = model
+            if provider == "fused_graph":
+                model.prepare_for_inference(cuda_graphs=True)
+                run(), run()  # the second same-shape call captures: timing sees replays only
             return run
         hr = torch.rand(xin.shape[0], 3, h * scale, w * scale, device=device) * 255
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -314,7 +319,8 @@ def _io_bytes(model: nn.Module, n: int, h: int, w: int, scale: int) -> float:
 
 
 def _providers(device: str) -> list[str]:
-    return ["eager_nchw", "eager_cl", "compile"] + (["compile_max"] if device == "cuda" else []) + ["fused"]
+    gpu = ["compile_max"] if device == "cuda" else []
+    return ["eager_nchw", "eager_cl", "compile"] + gpu + ["fused"] + (["fused_graph"] if gpu else [])
 
 
 def _dtypes(device: str) -> list[torch.dtype]:
@@ -429,6 +435,8 @@ def _data_rows(args, dev_name: str, date: str, triton_version: str) -> list[dict
 
 
 def _backend_of(fn, provider: str, device: str) -> str:
+    if provider == "fused_graph":
+        return f"{fn.model.backend}+graph" if fn.model.graphs.last_replayed else "NOT-REPLAYED"
     if provider != "fused":
         return {"eager_nchw": "aten", "eager_cl": "aten", "compile": "inductor", "compile_max": "inductor"}[provider]
     model = getattr(fn, "model", None)
@@ -486,7 +494,8 @@ def _plot(rows: list[dict], path: Path) -> Path | None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 6))
     groups = sorted({(r["workload"], r["mode"], r["shape"], r["dtype"]) for r in rows})
-    providers = [p for p in ("eager_nchw", "eager_cl", "compile", "compile_max") if any(r["provider"] == p for r in rows)]
+    providers = [p for p in ("eager_nchw", "eager_cl", "compile", "compile_max", "fused_graph")
+                 if any(r["provider"] == p for r in rows)]
     width = 0.8 / max(1, len(providers))
     for i, p in enumerate(providers):
         vals = []
@@ -530,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small subset (about a minute on CPU)")
     p.add_argument("--only", help="regex: run only workloads whose name matches")
     p.add_argument("--dtype", nargs="*", help="subset of float32 bfloat16 float16")
-    p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max fused")
+    p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max fused fused_graph")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--no-data", action="store_true",
                    help="skip the C++ data-path rows (imresize, patch sampler, uint8 output; never in --quick)")

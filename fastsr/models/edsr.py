@@ -103,18 +103,26 @@ class _FusedMixin:
         self.backend_request = check_backend_name(backend) if backend is not None else None
         # Which backend the last forward actually ran ("eager" for the reference modules).
         self.backend: str | None = None
+        self.graphs = None  # a fastsr.cuda_graphs.GraphedForward once prepare_for_inference(cuda_graphs=True)
 
-    def prepare_for_inference(self, io_dtype: torch.dtype = torch.float32) -> "nn.Module":
-        """Fold and cast the weights once (mean shifts folded, compute dtype) for inference.
+    def prepare_for_inference(self, io_dtype: torch.dtype = torch.float32, cuda_graphs: bool = False,
+                              max_graphs: int = 8) -> "nn.Module":
+        """Fold, cast and lay out the weights once (mean shifts folded, compute dtype) for inference.
 
         The plan is cached under the parameters' version counters, so changing a parameter
-        afterwards rebuilds it instead of using stale weights. Returns self in eval mode.
+        afterwards rebuilds it instead of using stale weights. cuda_graphs=True replays a
+        CUDA graph for repeated same-shape calls on CUDA tensors without gradients (see
+        fastsr.cuda_graphs; `self.graphs` counts captures and replays). Returns self in eval mode.
         """
+        from fastsr.cuda_graphs import GraphedForward
         from fastsr.models.fused import get_plan
 
+        if cuda_graphs and not self.fused:
+            raise ValueError("cuda_graphs=True replays the fused forward: build the model with fused=True")
         if self.fused:
             with torch.no_grad():
                 get_plan(self, self.compute_dtype or io_dtype, io_dtype)
+        self.graphs = GraphedForward(self, max_graphs=max_graphs) if cuda_graphs else None
         return self.eval()
 
     def _forward_dispatch(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
@@ -124,7 +132,11 @@ class _FusedMixin:
             return self._forward_eager(x, scale_idx)
         from fastsr.models.fused import fused_forward
 
-        out, backend = fused_forward(self, x, scale_idx)
+        graphs = getattr(self, "graphs", None)
+        if graphs is not None and graphs.applies(x):
+            out, backend = graphs(x, scale_idx)
+        else:
+            out, backend = fused_forward(self, x, scale_idx)
         self.backend = backend
         return out
 

@@ -1,0 +1,88 @@
+"""CUDA-graph replay of the fused inference forward (fastsr.cuda_graphs).
+
+The replay tests need a CUDA device (they run in bench/gpu_check.sh); on the CPU the tests
+check that graphs are never used and that nothing else changes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastsr
+from fastsr.kernels.conv2d import pack_weight
+from fastsr.models.fused import get_plan
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def _model(device: str = "cpu", **kw):
+    torch.manual_seed(0)
+    return fastsr.EDSR(2, 2, 16, res_scale=0.1, fused=True, **kw).to(device)
+
+
+def test_graphs_need_the_fused_model():
+    with pytest.raises(ValueError, match="cuda_graphs=True replays the fused forward"):
+        fastsr.EDSR(2, 1, 8).prepare_for_inference(cuda_graphs=True)
+
+
+def test_cpu_inputs_never_use_graphs():
+    model = _model().prepare_for_inference(cuda_graphs=True)
+    x = torch.rand(1, 3, 6, 5) * 255
+    with torch.no_grad():
+        outs = [model(x) for _ in range(3)]
+    assert model.backend == "cpu" and not model.graphs.last_replayed
+    assert model.graphs.captures == model.graphs.replays == 0
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
+
+
+@needs_cuda
+def test_plan_weights_are_stored_in_the_kernels_packed_layout():
+    model = _model("cuda").prepare_for_inference()
+    plan = get_plan(model, torch.float32, torch.float32)
+    w = plan.body[0][0][0]
+    packed = pack_weight(w)
+    assert packed.data_ptr() == w.data_ptr()  # packing is a view: no copy kernel per call
+    torch.testing.assert_close(packed, pack_weight(w.contiguous()), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_replay_equals_the_plain_forward_and_keeps_earlier_results():
+    model = _model("cuda", backend="triton").prepare_for_inference(cuda_graphs=True)
+    plain = _model("cuda", backend="triton").eval()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    xs = [torch.rand(2, 3, 17, 23, device="cuda", generator=gen) * 255 for _ in range(4)]
+    with torch.no_grad():
+        outs = [model(x) for x in xs]
+        refs = [plain(x) for x in xs]
+    g = model.graphs
+    assert g.captures == 1 and g.replays == 3 and g.last_replayed and model.backend == "triton"
+    for out, ref in zip(outs, refs):  # every call's output is its own, not the static buffer
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@needs_cuda
+def test_new_weights_recapture_instead_of_replaying_stale_ones():
+    model = _model("cuda", backend="triton").prepare_for_inference(cuda_graphs=True)
+    x = torch.rand(1, 3, 9, 9, device="cuda") * 255
+    with torch.no_grad():
+        for _ in range(3):
+            before = model(x)
+        model.body[0].body[0].weight.add_(0.05)  # an in-place update, as an optimizer step
+        after = [model(x) for _ in range(3)]
+        model.graphs = None
+        want = model(x)
+    assert not torch.equal(after[0], before)
+    for out in after:
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@needs_cuda
+def test_shapes_get_their_own_graphs_within_the_bound_and_grad_mode_skips_them():
+    model = _model("cuda", backend="triton").prepare_for_inference(cuda_graphs=True, max_graphs=2)
+    with torch.no_grad():
+        for h in (8, 9, 10):
+            x = torch.rand(1, 3, h, 7, device="cuda") * 255
+            model(x), model(x)
+    assert model.graphs.captures == 3 and len(model.graphs._graphs) == 2
+    model(torch.rand(1, 3, 10, 7, device="cuda") * 255)  # gradients on: the plain forward
+    assert not model.graphs.last_replayed
