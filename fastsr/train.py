@@ -17,8 +17,9 @@ the logs, checkpoint and result.json) until `nan_max_consecutive` in a row.
     python -m fastsr.train --config configs/edsr_baseline_x2.toml [--set key=value ...] [--resume]
     torchrun --nproc-per-node 2 -m fastsr.train --config ... (batch_size is the global batch)
 
-AMP: with fused=True, `amp` sets the fused ops' compute dtype (torch.autocast cannot see
-inside the custom ops); with fused=False it is torch.autocast. fp16 adds a GradScaler.
+AMP: with fused=True, `amp` sets the fused model's compute dtype (what torch.autocast
+around it would choose too, with the image kept fp32 in and out); with fused=False it is
+torch.autocast. fp16 adds a GradScaler.
 Weights, optimizer state and the loss stay float32 either way.
 
 Run folder (`out_dir`): config.toml (the resolved config), last.pt (the resumable state),
@@ -885,8 +886,8 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.ema = _EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        # With fused=True, AMP is the fused ops' compute dtype (build_model): autocast cannot
-        # see inside the custom ops, so it only wraps the eager model.
+        # With fused=True, AMP is the fused model's compute dtype (build_model), set once
+        # instead of autocast's per-call dtype checks; autocast wraps only the eager model.
         self.autocast = (torch.autocast(device.type, dtype=cfg.amp_dtype) if cfg.amp and not cfg.fused
                          else contextlib.nullcontext())
 
