@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -84,6 +86,35 @@ def _tile_arg(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
 
+# K/M/G/T and KiB/MiB/GiB/TiB are powers of 1024; kB/MB/GB/TB powers of 1000 (any case).
+_SIZE_UNITS = {"": 1, "b": 1, **{p: 1024 ** (i + 1) for i, p in enumerate("kmgt")},
+               **{p + "ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")},
+               **{p + "b": 1000 ** (i + 1) for i, p in enumerate("kmgt")}}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '1.5G', '800MB', '512m', '1073741824' -> bytes; ValueError for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 2GiB, 1.5G, 800MB or 800M "
+                         f"(K/M/G/KiB/MiB/GiB: powers of 1024; kB/MB/GB: of 1000), got {text!r}")
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"expected a positive size such as 2GiB or 800M, got {text!r}")
+    return value
+
+
+def format_size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _device_arg(text: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
@@ -146,14 +177,28 @@ class Upscaler:
 
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
         """lr (N, 3, H, W) float 0..255 (uint8 for the bicubic protocol path) -> float32 CPU output."""
+        return self.run(lr, self.tile)
+
+    def run(self, lr: torch.Tensor, tile: int | str | None) -> torch.Tensor:
+        """As __call__, with this tiling instead of self.tile (None: the whole input at once)."""
         from fastsr.inference import bicubic_upscale, upscale
 
         if self.model is None:
             return bicubic_upscale(lr.to(self.device), self.scale).float().cpu()
         x = lr.to(self.device, self.dtype)
-        y = upscale(self.model, x, self.scale, tile=self.tile, tile_overlap=self.tile_overlap,
+        y = upscale(self.model, x, self.scale, tile=tile, tile_overlap=self.tile_overlap,
                     self_ensemble=self.self_ensemble)
         return y.float().cpu()
+
+    @property
+    def context(self) -> int:
+        """LR context pixels per tile side: --tile-overlap, else what makes tiles exact (the
+        network's receptive-field radius; bicubic reads 2 pixels beyond, alpha too)."""
+        from fastsr.inference import receptive_field_radius
+
+        if self.tile_overlap is not None:
+            return self.tile_overlap
+        return max(3, receptive_field_radius(self.model, self.scale)) if self.model is not None else 3
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -239,17 +284,28 @@ def _is_cpu_oom(err: RuntimeError) -> bool:
 
 
 def _run_guarded(up: Upscaler, lr: torch.Tensor, name: str) -> torch.Tensor:
-    """Run the upscaler; out-of-memory becomes a one-line FastSRError suggesting --tile."""
+    """Run the upscaler on one tile (the caller tiles); out-of-memory becomes a one-line
+    FastSRError suggesting --tile."""
     try:
-        return up(lr)
+        return up.run(lr, None)
     except (*_OOM_ERRORS, RuntimeError) as e:
         if not isinstance(e, _OOM_ERRORS) and not _is_cpu_oom(e):
             raise
         if up.device.type == "cuda":
             torch.cuda.empty_cache()
         h, w = lr.shape[-2:]
-        hint = "try a smaller --tile" if up.tile is not None else "try --tile auto or --tile 256"
+        hint = "try a smaller --tile" if up.tile is not None else "try --max-memory SIZE, --tile auto or --tile 256"
         raise FastSRError(f"{name}: out of memory on {up.device} for a {w}x{h} input; {hint}") from None
+
+
+def _check_memory_floor(up: Upscaler, limit: int) -> None:
+    """Run a tiny input once, so that what the first call loads (the fused path imports its
+    kernels' modules: ~160 MB resident) is part of the baseline; refuse a bound below it."""
+    up.run(torch.zeros(1, 3, 8, 8), None)
+    base = _resident_now()
+    if base >= limit:
+        raise FastSRError(f"--max-memory {format_size(limit)} is below what this process holds with the model "
+                          f"loaded ({format_size(base)}) before any image; raise it")
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,6 +321,12 @@ def _add_upscale_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
     p.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse inputs with more pixels, checked before decoding (default {DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-memory", type=_size_arg, metavar="SIZE",
+                   help="keep the process's peak resident memory under SIZE (e.g. 2GiB, 1500MB): picks the tile "
+                        "size from it; an image that cannot fit is refused before it is decoded")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip inputs whose output PNG exists (outputs are written atomically, so one that "
+                        "exists is complete): resumes an interrupted run")
 
 
 def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -280,11 +342,114 @@ def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     return paths, errors
 
 
+def _header_shape(path: Path) -> tuple[tuple[int, int, int], int] | None:
+    """((H, W, channels), bit depth) from the file's header, at worst a guess; None when the
+    header is unreadable (the decode that follows says why)."""
+    from fastsr.imageio import _DECODE_ERRORS, _open_lazily
+
+    try:
+        with _open_lazily(path) as im:
+            deep = im.mode.startswith("I") or any(";16" in str(t[3]) for t in im.tile if len(t) > 3)
+            alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+            return (im.size[1], im.size[0], 4 if alpha else 3), 16 if deep else 8
+    except _DECODE_ERRORS:
+        return None
+
+
+def _crop_upscaler(up: Upscaler, bit_depth: int, name: str) -> Callable[[np.ndarray], torch.Tensor]:
+    """crop (h, w, C) samples -> (3 or 4, s*h, s*w) float32: the network on RGB, bicubic on alpha."""
+    from fastsr.imresize import imresize
+
+    def run(crop: np.ndarray) -> torch.Tensor:
+        data = torch.from_numpy(crop.astype(np.float32)).permute(2, 0, 1)
+        if bit_depth == 16:
+            data = data * (255.0 / 65535.0)  # as read_image
+        channels = data.shape[0]
+        rgb = data[:1].expand(3, -1, -1) if channels in (1, 2) else data[:3]
+        sr = _run_guarded(up, rgb.contiguous()[None], name)[0]
+        if channels in (2, 4):
+            # Alpha is not something the network was trained on: plain bicubic, clamped.
+            alpha = imresize(data[-1].contiguous(), scale=up.scale).clamp_(0, 255)
+            sr = torch.cat([sr, alpha[None]])
+        return sr
+
+    return run
+
+
+def _resident_now() -> int:
+    from fastsr.inference import resident_bytes
+
+    now = resident_bytes()
+    if now is None:  # no /proc: the peak so far (kB on Linux and BSD, bytes on macOS)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        now = peak if sys.platform == "darwin" else peak * 1024
+    return now
+
+
+def _choose_tile(up: Upscaler, name: str, shape: tuple[int, int, int], bit_depth: int,
+                 limit: int | None, base: int, announce: bool = True) -> int | None:
+    """The LR tile for one image: --tile, or from --max-memory (limit; base: what the process
+    holds before this image), or whole. FastSRError when the bound cannot be kept."""
+    from fastsr.inference import auto_tile_size, tile_for_memory, upscale_peak_bytes
+
+    h, w, channels = shape
+    if limit is None:
+        if up.tile != "auto":
+            return up.tile
+        if up.model is None:
+            return None
+        return auto_tile_size(up.model, up.device, up.dtype, lr_size=(h, w), scale=up.scale,
+                              tile_overlap=up.tile_overlap)
+
+    def peak(tile: int | None) -> int:
+        return base + upscale_peak_bytes(
+            up.model, (h, w), channels, bit_depth, up.scale, tile, up.context,
+            dtype=getattr(up.model, "compute_dtype", None) or up.dtype,
+            on_cpu=up.device.type == "cpu", self_ensemble=up.self_ensemble)
+
+    fixed = isinstance(up.tile, int)
+    tile = up.tile if fixed else tile_for_memory(limit, peak, (h, w))
+    if peak(tile) > limit:
+        how = f"with --tile {tile}" if fixed else "even in small tiles"
+        raise FastSRError(
+            f"{name}: {w}x{h} at x{up.scale} needs about {format_size(peak(tile))} {how} "
+            f"(this process already holds {format_size(base)}), over --max-memory {format_size(limit)}; "
+            f"raise --max-memory{' or lower --tile' if fixed else ''}"
+        )
+    if announce and tile is not None and tile < max(h, w):
+        _info(f"{name}: {tile}x{tile} tiles for --max-memory {format_size(limit)} (estimated peak {format_size(peak(tile))})")
+    return tile
+
+
+def _upscale_file(up: Upscaler, path: Path, target: Path, args: argparse.Namespace) -> None:
+    """Decode, upscale tile by tile and stream the PNG out; FastSRError / OSError on failure.
+
+    Peak memory: the decoded samples, one band of output rows and one tile's work (see
+    `fastsr.inference.upscale_peak_bytes`); with --max-memory the tile comes from the bound,
+    and the bound is checked from the header before decoding.
+    """
+    from fastsr.atomic import remove_stale_temps
+    from fastsr.imageio import read_pixels
+    from fastsr.inference import upscale_rows
+    from fastsr.pngstream import write_png_rows
+
+    limit = args.max_memory
+    base = _resident_now() if limit is not None else 0
+    header = _header_shape(path) if limit is not None else None
+    if header is not None:
+        _choose_tile(up, str(path), *header, limit, base, announce=False)  # refuses before decoding
+    pixels, bit_depth = read_pixels(path, args.max_pixels)
+    tile = _choose_tile(up, str(path), pixels.shape, bit_depth, limit, base)
+    h, w, channels = pixels.shape
+    rows = upscale_rows(_crop_upscaler(up, bit_depth, str(path)), pixels, up.scale, tile, up.context, bit_depth)
+    remove_stale_temps(target)  # left by a killed earlier run
+    write_png_rows(target, rows, w * up.scale, h * up.scale, 4 if channels in (2, 4) else 3, bit_depth)
+
+
 def run_upscale(args: argparse.Namespace) -> int:
     from tqdm import tqdm
-
-    from fastsr.imageio import read_image, write_png
-    from fastsr.imresize import imresize
 
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
@@ -307,24 +472,28 @@ def run_upscale(args: argparse.Namespace) -> int:
         jobs.append((path, target))
     if not jobs:
         raise FastSRError("no input images to upscale")
+    skipped = 0
+    if args.skip_existing:
+        todo = [(path, target) for path, target in jobs if not target.exists()]
+        skipped = len(jobs) - len(todo)
+        if skipped:
+            _info(f"skipping {skipped} image(s) whose output exists (--skip-existing)")
+        jobs = todo
+        if not jobs:
+            return 1 if failures else 0
 
     up = load_upscaler(args)
     _info(f"upscaling {len(jobs)} image(s) {_describe(up)} into {out_dir}")
+    if args.max_memory is not None:
+        _check_memory_floor(up, args.max_memory)
     done = 0
     for path, target in tqdm(jobs, desc=PROG, unit="img", disable=None, file=sys.stderr):
         try:
-            image = read_image(path, max_pixels=args.max_pixels)
-            sr = _run_guarded(up, image.rgb[None], str(path))[0]
+            _upscale_file(up, path, target, args)
         except FastSRError as e:
             _error(str(e))
             failures += 1
             continue
-        alpha = None
-        if image.alpha is not None:
-            # Alpha is not something the network was trained on: plain bicubic, clamped.
-            alpha = imresize(image.alpha, scale=args.scale).clamp_(0, 255)
-        try:
-            write_png(target, sr, alpha, bit_depth=image.bit_depth)
         except OSError as e:
             _error(f"{target}: cannot write ({e.strerror or e})")
             failures += 1

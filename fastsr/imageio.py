@@ -22,8 +22,9 @@ The pixel count is read from the header (Image.open is lazy) and checked against
 `max_pixels` before anything is decoded: a 100-byte PNG can claim 10^10 pixels.
 
 `write_png` writes atomically (temp file in the target folder, fsync, rename), 8- or
-16-bit. Pillow cannot write 16-bit RGB(A), so 16-bit PNGs are encoded here (zlib plus
-the Paeth filter, vectorised with numpy, in row chunks to bound memory).
+16-bit. Pillow cannot write 16-bit RGB(A), so 16-bit PNGs are encoded by
+`fastsr.pngstream` (zlib plus the Paeth filter, vectorised with numpy, in row chunks to
+bound memory), which also streams PNGs too large to hold (`write_png_rows`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from PIL import ImageOps
 
 from fastsr.atomic import atomic_write
 from fastsr.errors import ImageReadError
+from fastsr.pngstream import PngStream, quantize_png_samples
 
 # An 8192 x 8192 input is already a 32768 x 32768 output at x4 (1 G pixels, 12 GB as
 # float32 RGB): anything larger must be asked for explicitly.
@@ -294,48 +296,17 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-
 def encode_png16(pixels: np.ndarray, rows_per_chunk: int = 256) -> bytes:
-    """Encode an (H, W, C) uint16 array, C in 1..4, as a 16-bit PNG (Paeth filter on every row).
-
-    Paeth filtering uses the unfiltered neighbours only, so unlike decoding it is a
-    whole-array numpy expression; rows are processed in chunks to bound the temporaries.
-    """
+    """Encode an (H, W, C) uint16 array, C in 1..4, as a 16-bit PNG (Paeth filter on every row;
+    `fastsr.pngstream.PngStream`, filtering rows_per_chunk rows at a time)."""
     if pixels.dtype != np.uint16 or pixels.ndim != 3 or not 1 <= pixels.shape[2] <= 4:
         raise ValueError(f"expected an (H, W, 1..4) uint16 array, got {pixels.dtype} {pixels.shape}")
     height, width, channels = pixels.shape
-    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    bpp = 2 * channels
-    raw = np.ascontiguousarray(pixels.astype(">u2")).view(np.uint8).reshape(height, width * bpp)
-    comp = zlib.compressobj(6)
-    parts = []
-    for r0 in range(0, height, rows_per_chunk):
-        r1 = min(r0 + rows_per_chunk, height)
-        cur = raw[r0:r1].astype(np.int16)
-        up = np.empty_like(cur)
-        up[0] = raw[r0 - 1] if r0 > 0 else 0
-        up[1:] = cur[:-1]
-        left = np.zeros_like(cur)
-        left[:, bpp:] = cur[:, :-bpp]
-        upleft = np.zeros_like(cur)
-        upleft[:, bpp:] = up[:, :-bpp]
-        p = left + up - upleft
-        pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
-        pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-        filtered = ((cur - pred) & 0xFF).astype(np.uint8)
-        rows = np.concatenate([np.full((r1 - r0, 1), 4, np.uint8), filtered], axis=1)  # 4 = Paeth
-        parts.append(comp.compress(rows.tobytes()))
-    parts.append(comp.flush())
-    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", b"".join(parts))
-        + _png_chunk(b"IEND", b"")
-    )
+    buf = io.BytesIO()
+    png = PngStream(buf, width, height, channels, 16, chunk_bytes=rows_per_chunk * width * channels * 2)
+    png.add(pixels)
+    png.close()
+    return buf.getvalue()
 
 
 def write_png(
@@ -360,12 +331,12 @@ def write_png(
             raise ValueError(f"alpha must be (H, W) = {tuple(rgb.shape[1:])}, got {tuple(alpha.shape)}")
         planes.append(alpha[None])
     data = torch.cat([p.detach().to("cpu", torch.float32) for p in planes]).permute(1, 2, 0).numpy()
-    data = np.clip(np.nan_to_num(data, nan=0.0), 0.0, 255.0)
+    samples = quantize_png_samples(data, bit_depth)  # data is our copy: cat made it
     if bit_depth == 16:
-        encoded = encode_png16(np.rint(data * (65535.0 / 255.0)).astype(np.uint16))
+        encoded = encode_png16(samples)
     else:
         buf = io.BytesIO()
-        PILImage.fromarray(np.ascontiguousarray(np.rint(data).astype(np.uint8))).save(buf, format="PNG")
+        PILImage.fromarray(np.ascontiguousarray(samples)).save(buf, format="PNG")
         encoded = buf.getvalue()
     _atomic_write_bytes(path, encoded)
     return path

@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -74,14 +76,22 @@ def _model_feats(model: nn.Module) -> int:
     return max(widths, default=64)
 
 
-def _read_meminfo_available() -> int | None:
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a /proc file, in bytes; None when there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _read_meminfo_available() -> int | None:
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -153,11 +163,105 @@ def auto_tile_size(
     return max(_MIN_TILE, side // 8 * 8)
 
 
+# ---------------------------------------------------------------------------------------
+# A bound on the process's resident memory (fastsr upscale --max-memory)
+# ---------------------------------------------------------------------------------------
+
+# Peak bytes per pixel of decoding a file (`fastsr.imageio`), measured with Pillow 13:
+# Pillow's own image (4 bytes per RGB pixel), the EXIF-transposed copy, the numpy array
+# and the bytes it is made from: 14.3 for RGB, 16.3 RGBA, 4.3 gray; 16-bit files are
+# decoded twice (high and low bytes) and merged: 29.4 for RGB.
+DECODE_BYTES_PER_PIXEL = {8: 16, 16: 32}
+# Measured activation peaks of the fused CPU path are 0.65-1.0x `activation_bytes_per_lr_pixel`
+# (EDSR-baseline x2/x3/x4, 256-512 px tiles); per-call overheads (oneDNN scratch, primitive
+# caches, allocator rounding) are a constant, and the PNG stream's filter temporaries another.
+_ACTIVATION_MARGIN = 1.25
+_TILE_OVERHEAD_BYTES = 48 << 20
+_PNG_STREAM_BYTES = 32 << 20
+
+
+def resident_bytes() -> int | None:
+    """Resident memory of this process now (VmRSS), or None where /proc is not there."""
+    return _proc_kib("/proc/self/status", "VmRSS")
+
+
+def upscale_peak_bytes(
+    model: nn.Module | None,
+    lr_size: tuple[int, int],
+    channels: int,
+    bit_depth: int,
+    scale: int,
+    tile: int | None,
+    overlap: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    on_cpu: bool = True,
+    self_ensemble: bool = False,
+) -> int:
+    """Estimated peak memory above the process's baseline to upscale one file with `upscale_rows`.
+
+    The larger of decoding the file (`DECODE_BYTES_PER_PIXEL`) and the upscaling that
+    follows: the decoded (H, W, channels) integer image, one band of integer output rows
+    (s * tile rows, s * W, 3 or 4 with alpha), the PNG stream, and one tile's work: its
+    float input and output, the network's activations (`activation_bytes_per_lr_pixel`
+    with a margin; counted only on_cpu, elsewhere they live on the device), alpha and
+    bicubic resizing, the self-ensemble's copies. model None: bicubic.
+    """
+    h, w = lr_size
+    s2 = scale * scale
+    sample = 2 if bit_depth == 16 else 1
+    out_c = 4 if channels in (2, 4) else 3
+    th, tw = (h, w) if tile is None else (min(tile, h), min(tile, w))
+    context_px = min(th + 2 * overlap, h) * min(tw + 2 * overlap, w)
+    # Crop -> float (and its RGB copy), float output (network + alpha, concatenated), quantized.
+    per_px = 8 * channels + 12 + 8 * out_c * s2 + out_c * sample * s2
+    if out_c == 4 or model is None:  # MATLAB bicubic: a float pass per axis, per channel
+        per_px += 8 * (scale + s2) * (3 if model is None else 1)
+    if model is not None and on_cpu:
+        per_px += int(_ACTIVATION_MARGIN * activation_bytes_per_lr_pixel(model, scale, dtype))
+    if self_ensemble:  # transformed input, transformed output, the float32 accumulator
+        per_px += 24 + 36 * s2
+    work = context_px * per_px + _TILE_OVERHEAD_BYTES
+    band = scale * th * scale * w * out_c * sample + _PNG_STREAM_BYTES
+    decoded = h * w * channels * sample
+    return max(h * w * DECODE_BYTES_PER_PIXEL[bit_depth], decoded + band + work)
+
+
+def tile_for_memory(limit: int, peak: Callable[[int | None], int], lr_size: tuple[int, int]) -> int | None:
+    """Largest LR tile (None: the whole image) with peak(tile) <= limit, else _MIN_TILE.
+
+    peak: tile -> estimated bytes (e.g. baseline + `upscale_peak_bytes`), growing with the
+    tile. The caller compares peak(result) with limit to see whether any tile fits.
+    """
+    if peak(None) <= limit:
+        return None
+    lo, hi = _MIN_TILE // 8, max(lr_size) // 8  # in units of 8 pixels
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if peak(mid * 8) <= limit else (lo, mid - 1)
+    return lo * 8
+
+
 def _spans(length: int, tile: int) -> list[tuple[int, int]]:
     """Split 0..length into ceil(length / tile) near-equal spans (no thin last sliver)."""
     n = max(1, math.ceil(length / tile))
     bounds = [round(i * length / n) for i in range(n + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+def _tile_windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Row-major tiles of an h x w image: ((y0, y1, x0, x1) the tile, (cy0, cy1, cx0, cx1)
+    the tile plus `overlap` pixels of context per side, clipped at the border)."""
+    for y0, y1 in _spans(h, tile):
+        for x0, x1 in _spans(w, tile):
+            yield (y0, y1, x0, x1), (max(0, y0 - overlap), min(h, y1 + overlap), max(0, x0 - overlap), min(w, x1 + overlap))
+
+
+def _tile_part(piece: torch.Tensor, window: tuple[tuple[int, ...], tuple[int, ...]], scale: int) -> torch.Tensor:
+    """The tile's own output in `piece`, the output of its context window (..., s*ch, s*cw)."""
+    (y0, y1, x0, x1), (cy0, _, cx0, _) = window
+    oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
+    return piece[..., oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale]
 
 
 def _forward_tiled(
@@ -167,19 +271,49 @@ def _forward_tiled(
     if tile >= h and tile >= w:
         return run(x)
     out: torch.Tensor | None = None
-    for y0, y1 in _spans(h, tile):
-        for x0, x1 in _spans(w, tile):
-            cy0, cy1 = max(0, y0 - overlap), min(h, y1 + overlap)
-            cx0, cx1 = max(0, x0 - overlap), min(w, x1 + overlap)
-            piece = run(x[:, :, cy0:cy1, cx0:cx1].contiguous())
-            if out is None:
-                out = piece.new_empty(n, piece.shape[1], h * scale, w * scale)
-            oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
-            out[:, :, y0 * scale : y1 * scale, x0 * scale : x1 * scale] = piece[
-                :, :, oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale
-            ]
+    for window in _tile_windows(h, w, tile, overlap):
+        (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) = window
+        piece = run(x[:, :, cy0:cy1, cx0:cx1].contiguous())
+        if out is None:
+            out = piece.new_empty(n, piece.shape[1], h * scale, w * scale)
+        out[:, :, y0 * scale : y1 * scale, x0 * scale : x1 * scale] = _tile_part(piece, window, scale)
     assert out is not None
     return out
+
+
+def upscale_rows(
+    process: Callable[[np.ndarray], torch.Tensor],
+    image: np.ndarray,
+    scale: int,
+    tile: int | None,
+    overlap: int,
+    bit_depth: int = 8,
+) -> Iterator[np.ndarray]:
+    """Upscale `image` tile by tile and yield the output as PNG-ready rows, top to bottom.
+
+    image: (H, W, C) array of any dtype; process(crop) gets an (h, w, C) crop of it (a
+    tile plus `overlap` context pixels per side) and returns its (C', s*h, s*w) float
+    output in 0..255 on the CPU. Yields bands (s * tile_rows, s * W, C') of uint8
+    (bit_depth 8) or uint16 (16), quantized as `write_png` does, for
+    `fastsr.imageio.write_png_rows`. Only one band of output and one tile's work are
+    alive at once: the full-size output never exists, as floats or at all.
+    tile None: the whole image in one piece.
+    """
+    from fastsr.pngstream import quantize_png_samples
+
+    h, w = image.shape[:2]
+    band: np.ndarray | None = None
+    for window in _tile_windows(h, w, tile or max(h, w), overlap):
+        (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) = window
+        part = _tile_part(process(image[cy0:cy1, cx0:cx1]), window, scale)
+        samples = quantize_png_samples(part.float().permute(1, 2, 0).numpy(), bit_depth)
+        if band is None:
+            band = np.empty(((y1 - y0) * scale, w * scale, samples.shape[2]), samples.dtype)
+        band[:, x0 * scale : x1 * scale] = samples
+        del part, samples
+        if x1 == w:
+            yield band
+            band = None
 
 
 def _ensemble(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image as PILImage
 
 import fastsr.weights
-from conftest import shared_set
+from testenv import shared_set
 from fastsr import cli
 from fastsr.checkpoints import save_safetensors
 from fastsr.imageio import encode_png16, read_image
@@ -201,7 +201,7 @@ def test_keyboard_interrupt_exits_130(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fastsr.imageio.read_image", interrupted)
+    monkeypatch.setattr("fastsr.imageio.read_pixels", interrupted)
     assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "--bicubic"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
@@ -214,7 +214,7 @@ def test_bugs_keep_their_traceback(tmp_path, monkeypatch):
     def buggy(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("fastsr.imageio.read_image", buggy)
+    monkeypatch.setattr("fastsr.imageio.read_pixels", buggy)
     with pytest.raises(ZeroDivisionError):
         cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "--bicubic"])
 
@@ -294,3 +294,121 @@ def test_eval_missing_folder(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "nope"), "-s", "2", "--bicubic"]) == 1
     errors = _errors(capsys.readouterr().err)
     assert len(errors) == 1 and "nope" in errors[0]
+
+
+# ----------------------------------------------------------------------------- memory bound, resume
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2GiB", 2 << 30), ("1.5G", 3 << 29), ("800MB", 800 * 10**6), ("512m", 512 << 20),
+    ("64 KiB", 64 << 10), ("1kB", 1000), ("1073741824", 1 << 30), (".5g", 1 << 29),
+])
+def test_parse_size(text, expected):
+    assert cli.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "2 GiBs", "-1 G", "0", "1e9", "2 gigs", "1..5G", "0.0000001K"])
+def test_bad_max_memory_is_a_usage_error(tmp_path, capsys, text):
+    with pytest.raises(ValueError):
+        cli.parse_size(text)
+    assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "-s", "2", "--max-memory", text]) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory" in err and "2GiB" in err and "Traceback" not in err
+
+
+def test_max_memory_below_the_process_itself(tmp_path, weights_x2, capsys):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(8, 8)).save(src)
+    code = cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(weights_x2),
+                     "--max-memory", "10MiB"])
+    errors = _errors(capsys.readouterr().err)
+    assert code == 1 and len(errors) == 1
+    assert "10 MiB is below what this process holds" in errors[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_memory_tiles_alpha_and_16_bit_exactly(tmp_path, weights_x2, capsys, monkeypatch):
+    """Tiles chosen from the bound give the untiled output: the network's and bicubic alpha's
+    context is covered, 16-bit samples stay 16-bit."""
+    import fastsr.inference as inference
+
+    d = tmp_path / "in"
+    d.mkdir()
+    rgba = np.concatenate([_photo(70, 90), RNG.integers(0, 256, (70, 90, 1), dtype=np.uint8)], -1)
+    PILImage.fromarray(rgba).save(d / "alpha.png")
+    (d / "deep.png").write_bytes(encode_png16(RNG.integers(0, 65536, (50, 61, 3), dtype=np.uint16)))
+    base = ["-o", str(tmp_path / "whole"), "-s", "2", "-w", str(weights_x2)]
+    assert cli.main(["upscale", str(d), *base]) == 0
+    # Pretend the process holds nothing and drop the estimate's constant terms, so that a
+    # 2.3 MiB bound makes both images tile (whole: 5.6 and 2.5 MB estimated; 40 px tiles fit).
+    monkeypatch.setattr(cli, "_resident_now", lambda: 0)
+    monkeypatch.setattr(inference, "_TILE_OVERHEAD_BYTES", 0)
+    monkeypatch.setattr(inference, "_PNG_STREAM_BYTES", 0)
+    monkeypatch.setattr(inference, "DECODE_BYTES_PER_PIXEL", {8: 1, 16: 1})
+    capsys.readouterr()
+    assert cli.main(["upscale", str(d), "-o", str(tmp_path / "tiled"), "-s", "2", "-w", str(weights_x2),
+                     "--max-memory", "2.3MiB"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tiles for --max-memory") == 2, err
+    for name, step in (("alpha_x2.png", 1.0), ("deep_x2.png", 255 / 65535)):
+        whole, tiled = read_image(tmp_path / "whole" / name), read_image(tmp_path / "tiled" / name)
+        assert tiled.bit_depth == whole.bit_depth and tiled.rgb.shape == whole.rgb.shape, name
+        # Equal up to float reassociation (convs on other shapes): one quantization step, rarely.
+        diff = (tiled.rgb - whole.rgb).abs()
+        assert diff.max() <= step * 1.001 and (diff > 0).float().mean() < 0.01, (name, diff.max())
+        assert (whole.alpha is None) == (name == "deep_x2.png")
+        if whole.alpha is not None:
+            assert torch.equal(tiled.alpha, whole.alpha)
+
+
+def test_impossible_bound_is_one_line_before_decoding(tmp_path, weights_x2, capsys, monkeypatch):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(64, 64)).save(src)
+    decoded = []
+    real = fastsr.imageio.read_pixels
+    monkeypatch.setattr("fastsr.imageio.read_pixels", lambda *a, **k: decoded.append(a) or real(*a, **k))
+    monkeypatch.setattr(cli, "_check_memory_floor", lambda up, limit: None)
+    monkeypatch.setattr(cli, "_resident_now", lambda: 100 << 20)
+    code = cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(weights_x2),
+                     "--max-memory", "120MiB"])
+    errors = _errors(capsys.readouterr().err)
+    assert code == 1 and len(errors) == 1 and decoded == []
+    assert "a.png: 64x64 at x2 needs about" in errors[0] and "over --max-memory 120 MiB" in errors[0]
+
+
+def test_skip_existing_resumes(tmp_path, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a", "b", "c"):
+        PILImage.fromarray(_photo(6, 7)).save(d / f"{name}.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a_x2.png").write_bytes(b"kept as is")
+    (out / ".b_x2.png.k1llEd.tmp").write_bytes(b"half a PNG from a killed run")
+    assert cli.main(["upscale", str(d), "-o", str(out), "-s", "2", "--bicubic", "--skip-existing"]) == 0
+    assert "skipping 1 image(s)" in capsys.readouterr().err
+    assert (out / "a_x2.png").read_bytes() == b"kept as is"
+    assert sorted(p.name for p in out.iterdir()) == ["a_x2.png", "b_x2.png", "c_x2.png"]  # stale temp gone
+    assert cli.main(["upscale", str(d), "-o", str(out), "-s", "2", "--bicubic", "--skip-existing"]) == 0
+    assert "skipping 3 image(s)" in capsys.readouterr().err
+
+
+def test_png_stream_round_trips_in_bands(tmp_path):
+    from fastsr.pngstream import PngStream, write_png_rows
+
+    for channels in (1, 2, 3, 4):
+        for bit_depth, dtype in ((8, np.uint8), (16, np.uint16)):
+            a = RNG.integers(0, np.iinfo(dtype).max + 1, (37, 29, channels)).astype(dtype)
+            path = tmp_path / f"c{channels}_{bit_depth}.png"
+            write_png_rows(path, (a[i : i + 5] for i in range(0, 37, 5)), 29, 37, channels, bit_depth)
+            image = read_image(path)
+            rgb = a[..., :3] if channels >= 3 else np.repeat(a[..., :1], 3, axis=-1)
+            scale = 255.0 / 65535.0 if bit_depth == 16 else 1.0
+            assert torch.equal(image.rgb, torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1) * scale)
+            if channels in (2, 4):
+                assert torch.equal(image.alpha, torch.from_numpy(a[..., -1].astype(np.float32)) * scale)
+    with pytest.raises(ValueError, match="rows"):  # too few rows: nothing at the path
+        write_png_rows(tmp_path / "short.png", [a[:10]], 29, 37, 4, 16)
+    assert sorted(p.name for p in tmp_path.iterdir() if "short" in p.name) == []
+    with pytest.raises(ValueError):
+        PngStream(open(tmp_path / "x", "wb"), 0, 1, 3)
