@@ -4,13 +4,23 @@ Formats: the official EDSR-PyTorch `.pt` files (plain state_dicts), BasicSR's ED
 (`conv_first`, `body.i.conv1`, ..., usually wrapped in {"params": ...}), and `.safetensors`
 (fastsr's own format, with the architecture in the metadata). Pickled files are read with
 `torch.load(weights_only=True)` only: a file that needs arbitrary code to unpickle is refused.
+The format is told by the content (zip / pickle vs. the safetensors header), the extension
+only when the content is not recognized.
+
+Loading is strict and checks values, not just names and shapes: every tensor must be a
+dense floating-point tensor with finite values (a NaN or inf weight is a damaged file or a
+diverged run; it would silently turn every output black), else CheckpointError names it.
+`model_from_checkpoint` compares the file with the architecture it implies on the meta
+device first, so a small file cannot make it allocate a huge model.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +37,18 @@ StateDict = dict[str, torch.Tensor]
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 
 
+def _sniff(path: Path) -> str | None:
+    """'torch' (zip or pickle), 'safetensors' (8-byte header length, then JSON) or None."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]:
     """Read a state_dict and its metadata from `.safetensors`, `.pt` or `.pth`.
 
@@ -36,7 +58,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
+    suffix = path.suffix.lower()
+    try:
+        kind = _sniff(path) or {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch"}.get(suffix)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if kind == "safetensors":
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -46,14 +73,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         return sd, meta
-    if path.suffix not in (".pt", ".pth"):
+    if kind is None:
         raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt or .pth")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": noise, the load decides
+            warnings.simplefilter("ignore")
+            with open(path, "rb") as f:  # a file, not a name: torch.load goes by a .safetensors suffix
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The weights-only unpickler names the global it refused ("GLOBAL print was not an
-        # allowed global"); any other unpickling failure is a damaged or foreign file.
-        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        # allowed global", "GLOBAL posix.system whose module posix is blocked"); any other
+        # unpickling failure is a damaged or foreign file.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:
             raise CheckpointError(
                 f"{path}: refused: the file holds pickled code ({found.group(1)}), which could run when "
@@ -66,15 +97,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
 
 
 def _unwrap(obj, path: Path) -> StateDict:
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
+    for _ in range(3):  # e.g. {"state_dict": {"params": ...}}; an empty "params_ema" is passed over
+        inner = [obj[k] for k in _WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict) and obj[k]]
+        if not inner:
             break
+        obj = inner[0]
     if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        what = "an empty dict" if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a state_dict (a dict of tensors), got {what}")
+    bad = [repr(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
+        raise CheckpointError(f"{path}: entries that are not name -> tensor: {', '.join(bad[:5])}")
     # DataParallel / DDP prefixes
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
@@ -261,9 +294,42 @@ def load_weights(
     """
     name = str(source) if not isinstance(source, dict) else "state_dict"
     sd = read_checkpoint(source)[0] if not isinstance(source, dict) else dict(source)
+    _check_values(sd, name)
+    return _load(model, sd, name, partial_upsampler)
+
+
+def _check_values(sd: StateDict, name: str) -> None:
+    """Every tensor of the file is dense, floating point and finite; else CheckpointError
+    naming it as the file does (before any renaming; skipped upsampler tensors included)."""
+    for key, value in sd.items():
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            kind = "meta" if value.is_meta else "quantized" if value.is_quantized else str(value.layout)
+            raise CheckpointError(f"{name}: tensor {key} is a {kind} tensor; expected plain dense weights")
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"{name}: tensor {key} has dtype {str(value.dtype).replace('torch.', '')}; weights must be floating point"
+            )
+        bad = value.numel() - int(torch.isfinite(value).sum())
+        if bad:
+            raise CheckpointError(
+                f"{name}: tensor {key} holds {bad} NaN/inf value(s) of {value.numel()}; "
+                "the file is damaged or comes from a run that diverged"
+            )
+
+
+def _to_official(sd: StateDict, rgb_range: float, name: str) -> StateDict:
+    """BasicSR names -> official ones (other layouts as given), errors naming the source."""
     spec = infer_arch(sd)
-    if spec is not None and spec.kind == "basicsr-edsr":
-        sd = convert_basicsr(sd, getattr(model, "rgb_range", 255.0))
+    if spec is None or spec.kind != "basicsr-edsr":
+        return sd
+    try:
+        return convert_basicsr(sd, rgb_range)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: {e}") from None
+
+
+def _load(model: nn.Module, sd: StateDict, name: str, partial_upsampler: bool) -> LoadReport:
+    sd = _to_official(sd, getattr(model, "rgb_range", 255.0), name)
     report = LoadReport()
     if partial_upsampler:
         own = model.state_dict()
@@ -297,19 +363,46 @@ def model_from_checkpoint(
     otherwise from key names and shapes. res_scale is not stored in official files:
     it defaults to the paper's (0.1 for 256 features, else 1).
     """
+    name = str(source)
     sd, meta = read_checkpoint(source)
+    _check_values(sd, name)
     spec = infer_arch(sd)
-    if spec is None or not spec.scales:
-        raise CheckpointError(f"{source}: {describe(sd)}")
+    if spec is None:
+        raise CheckpointError(f"{name}: {describe(sd)}")
+    if not spec.scales:
+        raise CheckpointError(f"{name}: {describe(sd)}, but has no upsampler of a known scale (x2, x3, x4)")
     if res_scale is None:
-        res_scale = float(meta["res_scale"]) if "res_scale" in meta else (0.1 if spec.n_feats == 256 else 1.0)
-    rgb_range = float(meta.get("rgb_range", 255.0))
-    if spec.kind == "mdsr":
-        model = MDSR(spec.scales, spec.n_resblocks, spec.n_feats, rgb_range=rgb_range, **model_kwargs)
-    else:
-        model = EDSR(spec.scales[0], spec.n_resblocks, spec.n_feats, res_scale, rgb_range=rgb_range, **model_kwargs)
-    load_weights(model, sd if spec.kind != "basicsr-edsr" else convert_basicsr(sd, rgb_range))
+        res_scale = _meta_number(meta, "res_scale", 0.1 if spec.n_feats == 256 else 1.0, name)
+    rgb_range = _meta_number(meta, "rgb_range", 255.0, name)
+    sd = _to_official(sd, rgb_range, name)
+
+    def build(**kw) -> nn.Module:
+        if spec.kind == "mdsr":
+            return MDSR(spec.scales, spec.n_resblocks, spec.n_feats, rgb_range=rgb_range, **kw)
+        return EDSR(spec.scales[0], spec.n_resblocks, spec.n_feats, res_scale, rgb_range=rgb_range, **kw)
+
+    # Shapes first, on the meta device (no memory): the file's names and shapes only imply
+    # the architecture, and a few small tensors can claim thousands of blocks of 4096 features.
+    with torch.device("meta"):
+        msg = _mismatch_message(build(), sd, name)
+    if msg:
+        raise CheckpointError(msg)
+    model = build(**model_kwargs)
+    _load(model, sd, name, partial_upsampler=False)
     return model
+
+
+def _meta_number(meta: dict[str, str], key: str, default: float, name: str) -> float:
+    """A positive finite number from safetensors metadata (written by fastsr, read from anyone)."""
+    if key not in meta:
+        return default
+    try:
+        value = float(meta[key])
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise CheckpointError(f"{name}: metadata {key}={meta[key]!r} is not a positive finite number")
+    return value
 
 
 def save_safetensors(
