@@ -67,6 +67,7 @@ not counted):
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -329,6 +330,18 @@ def _wgrad_configs():
     ]
 
 
+# The autotuner picks a config by timing, so two processes may pick different ones, and
+# BLOCK_P sets the summation order inside a split: with torch.use_deterministic_algorithms
+# (or FASTSR_DETERMINISTIC=1) this config is used instead, so gradients are bitwise equal
+# across processes and machines with the same GPU, not only between runs of one process.
+_WGRAD_PINNED = dict(BLOCK_P=64, num_warps=4, num_stages=3)  # one of _wgrad_configs()
+
+
+def pinned_configs() -> bool:
+    """Whether the wgrad kernel runs its pinned config instead of the autotuned one."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTSR_DETERMINISTIC") == "1"
+
+
 _wgrad_tuned = triton.autotune(configs=_wgrad_configs(), key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK"])(
     _wgrad_kernel
 )
@@ -587,6 +600,10 @@ def conv2d_wgrad_nhwc(x, grad_out, kernel_size: int, *, shuffle: int = 1, res_sc
     if _INTERPRET:
         _wgrad_kernel[(tiles * splits,)](*args, BLOCK_P=_P_ALIGN, **meta)
         _wgrad_reduce_kernel[red_grid](*red_args, **red_meta)
+    elif pinned_configs():
+        with _device_ctx(x):
+            _wgrad_kernel[(tiles * splits,)](*args, **_WGRAD_PINNED, **meta)
+            _wgrad_reduce_kernel[red_grid](*red_args, **red_meta)
     else:
         with _device_ctx(x):
             _wgrad_tuned[(tiles * splits,)](*args, **meta)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import fastsr
+from testenv import TRITON_DEVICE
 from fastsr.memory import activation_bytes
 from fastsr.kernels.conv2d_backward import (
     _num_splits,
@@ -359,6 +360,32 @@ def test_triton_backward_is_bitwise_deterministic():
     assert all(torch.equal(a, c) for a, c in zip(first, second))
 
 
+_GRADS_SCRIPT = """
+import hashlib, torch
+from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
+torch.use_deterministic_algorithms(True)
+g = torch.Generator().manual_seed(7)
+x = torch.randn(4, 48, 40, 64, generator=g).cuda()
+w = (torch.randn(256, 64, 3, 3, generator=g) * 0.05).cuda()
+b = torch.randn(256, generator=g).cuda()
+go = torch.randn(4, 96, 80, 64, generator=g).cuda()
+dx, dw, db = conv2d_backward_nhwc(go, x, w, b, 3, shuffle=2)
+print(hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in (dx, dw, db))).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning runs on a GPU only")
+def test_deterministic_mode_gives_bitwise_equal_gradients_across_processes():
+    """Each process autotunes afresh and may pick another config; with deterministic
+    algorithms on, the wgrad kernel's pinned config makes the gradients' bits the same."""
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", _GRADS_SCRIPT], capture_output=True, text=True,
+                              check=True, timeout=300).stdout.strip() for _ in range(2)}
+    assert len(digests) == 1, digests
+
+
 def test_pack_weight_dgrad_layout():
     gen = _gen("pack_dgrad")
     c_out, c_in, ks, r = 8, 3, 3, 2
@@ -465,10 +492,11 @@ def test_fused_model_activation_memory_is_at_most_half_of_eager(backend):
     weights, which are parameter-sized, not activation-sized."""
     torch.manual_seed(0)
     n_blocks, feats, n, h, w = 16, 8, 2, 12, 10
-    eager = fastsr.EDSR(2, n_blocks, feats)
-    fused = fastsr.EDSR(2, n_blocks, feats, fused=True, backend=backend)
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    eager = fastsr.EDSR(2, n_blocks, feats).to(dev)
+    fused = fastsr.EDSR(2, n_blocks, feats, fused=True, backend=backend).to(dev)
     fused.load_state_dict(eager.state_dict())
-    x = (torch.rand(n, 3, h, w) * 255).contiguous(memory_format=CL)
+    x = (torch.rand(n, 3, h, w) * 255).to(dev).contiguous(memory_format=CL)
     kept_eager = activation_bytes(lambda: eager(x))
 
     def fused_forward():
@@ -476,7 +504,7 @@ def test_fused_model_activation_memory_is_at_most_half_of_eager(backend):
         if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
             # The interpreter keeps a reference to its last launch's arguments (here the
             # upsampler's output, which the GPU path frees): launch a 1-pixel conv to drop it.
-            one = torch.ones(1, 1, 1, 1)
+            one = torch.ones(1, 1, 1, 1)  # (the interpreter: CPU tensors)
             conv2d(one.contiguous(memory_format=CL), one, None, backend="triton")
         return out
 
@@ -495,11 +523,11 @@ def test_recomputed_upsampler_gives_the_same_gradients():
     """The upsampler and tail run twice in a training step (forward, then recomputed for
     backward): the gradients equal the eager model's."""
     torch.manual_seed(3)
-    eager = fastsr.EDSR(4, 1, 8)
-    fused = fastsr.EDSR(4, 1, 8, fused=True, backend="triton")
+    eager = fastsr.EDSR(4, 1, 8).to(TRITON_DEVICE)
+    fused = fastsr.EDSR(4, 1, 8, fused=True, backend="triton").to(TRITON_DEVICE)
     fused.load_state_dict(eager.state_dict())
-    x = torch.rand(1, 3, 5, 6) * 255
-    y = torch.rand(1, 3, 20, 24) * 255
+    x = (torch.rand(1, 3, 5, 6) * 255).to(TRITON_DEVICE)
+    y = (torch.rand(1, 3, 20, 24) * 255).to(TRITON_DEVICE)
     for m in (eager, fused):
         (m(x) - y).abs().mean().backward()
     for (name, a), b in zip(eager.named_parameters(), fused.parameters()):

@@ -5,7 +5,7 @@ import math
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+from testenv import REPO_ROOT
 
 NUMERIC = ["median_ms", "q25_ms", "q75_ms", "gflops", "tflops_per_s", "flop_frac_of_peak", "gbytes", "gb_per_s",
            "bw_frac_of_peak", "peak_mem_mb"]

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, shared_set
+from testenv import REPO_ROOT, shared_set
 from PIL import Image
 
 from fastsr import ext

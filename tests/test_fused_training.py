@@ -14,22 +14,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import fastsr
+from testenv import TRITON_DEVICE
 from fastsr.ops.conv import conv2d, resblock
 
 CL = torch.channels_last
 
 
+def _device(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
 def _pair(backend: str = "cpu", **kw):
     torch.manual_seed(0)
-    eager = fastsr.EDSR(2, 2, 8, res_scale=0.5, **kw)
-    fused = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend=backend, **kw)
+    eager = fastsr.EDSR(2, 2, 8, res_scale=0.5, **kw).to(_device(backend))
+    fused = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend=backend, **kw).to(_device(backend))
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
 
-def _data(n: int = 2, h: int = 6, w: int = 5):
+def _data(n: int = 2, h: int = 6, w: int = 5, device: str = "cpu"):
     gen = torch.Generator().manual_seed(1)
-    return torch.rand(n, 3, h, w, generator=gen) * 255, torch.rand(n, 3, 2 * h, 2 * w, generator=gen) * 255
+    x, y = torch.rand(n, 3, h, w, generator=gen) * 255, torch.rand(n, 3, 2 * h, 2 * w, generator=gen) * 255
+    return x.to(device), y.to(device)
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -53,10 +59,11 @@ def test_autocast_runs_the_fused_model_in_the_autocast_dtype(backend):
     """Under torch.autocast the fused ops compute in its dtype (as a model built with
     dtype=bf16 does, bit for bit), the image comes back fp32, and the gradients flow."""
     eager, fused = _pair(backend)
-    low = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend=backend, dtype=torch.bfloat16)
+    dev = _device(backend)
+    low = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend=backend, dtype=torch.bfloat16).to(dev)
     low.load_state_dict(eager.state_dict())
-    x, y = _data(1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x, y = _data(1, device=dev)
+    with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
         out = fused(x)
     assert fused.backend == backend and out.dtype == torch.float32
     with torch.no_grad():
@@ -98,7 +105,7 @@ def test_torch_compile_trains_through_the_fused_ops():
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_gradient_accumulation_over_micro_batches_equals_one_batch(backend):
     _, fused = _pair(backend)
-    x, y = _data(2, 5, 4)
+    x, y = _data(2, 5, 4, device=_device(backend))
     _l1_step(fused, x, y)
     whole = _grads(fused)
     fused.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import shared_set
+from testenv import shared_set
 from PIL import Image
 
 from fastsr.imresize import imresize, modcrop, resize_weights

@@ -23,6 +23,7 @@ from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
 from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
 from fastsr.kernels.resblock import resblock_nhwc
 from fastsr.ops.conv import conv2d, resblock
+from testenv import TRITON_DEVICE
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.int64]
@@ -96,10 +97,11 @@ def test_conv2d_is_right_or_names_the_bad_argument(call, seed):
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_empty_batch_is_empty_forward_and_backward(backend):
     """N = 0: empty outputs, an empty input gradient and all-zero weight gradients."""
-    x = torch.randn(0, 4, 5, 3).contiguous(memory_format=CL).requires_grad_()
-    w1, w2 = (torch.randn(4, 4, 3, 3, requires_grad=True) for _ in range(2))
-    b1, b2 = (torch.randn(4, requires_grad=True) for _ in range(2))
-    up = torch.randn(16, 4, 3, 3, requires_grad=True)
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = torch.randn(0, 4, 5, 3, device=dev).contiguous(memory_format=CL).requires_grad_()
+    w1, w2 = (torch.randn(4, 4, 3, 3, device=dev, requires_grad=True) for _ in range(2))
+    b1, b2 = (torch.randn(4, device=dev, requires_grad=True) for _ in range(2))
+    up = torch.randn(16, 4, 3, 3, device=dev, requires_grad=True)
     h = resblock(x, w1, b1, w2, b2, 0.1, backend=backend)
     out = conv2d(h, up, None, shuffle=2, backend=backend)
     assert h.shape == (0, 4, 5, 3) and out.shape == (0, 4, 10, 6)

@@ -1,0 +1,38 @@
+"""What the tests share besides fixtures: the Triton interpreter switch, devices, data paths.
+
+A module of its own (not conftest.py) because tests/robustness has a conftest.py too, and
+`from conftest import ...` would find whichever of the two pytest imported last.
+
+The Triton kernels run on CPU tensors under Triton's interpreter. `TRITON_INTERPRET` is
+read when a kernel is decorated, so it is set here, before anything imports the kernels
+(tests/conftest.py imports this module first).
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover - torch missing is reported by the imports below
+    HAS_CUDA = False
+
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FASTSR_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# Where the "triton" backend runs in tests: the GPU, else CPU tensors under the interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def shared_set(name: str) -> Path:
+    """Path of a benchmark set under ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (../shared/data is only beside the project on dev/CI machines)")
+    return path
