@@ -20,7 +20,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", tv)
 PY
 } > "$OUT/gpu_info.txt" 2>&1
 cat "$OUT/gpu_info.txt"
-timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x --durations=10 \
+timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -x --durations=10 \
     tests/test_kernels.py tests/test_fused_ops.py tests/test_fused_models.py tests/test_cuda_graphs.py \
     tests/test_fused_training.py tests/test_backward.py tests/robustness/test_op_inputs.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30
 bench_args=(--out "$OUT" --min-time 0.5)
