@@ -1,4 +1,5 @@
-"""fastsr.inference: tiling is exact at the default overlap, self-ensemble, auto tiles, bicubic."""
+"""fastsr.inference: tiling is exact at the default overlap, self-ensemble, auto tiles, bicubic,
+streamed output rows and the memory estimate behind --max-memory."""
 import pytest
 import torch
 import torch.nn as nn
@@ -139,3 +140,50 @@ def test_bicubic_upscale_matches_imresize():
     assert torch.equal(y8, imresize(x8, scale=3))
     yf = bicubic_upscale(x8.float(), 2)
     assert yf.dtype == torch.float32 and torch.equal(yf, imresize(x8.float(), scale=2))
+
+
+def test_upscale_rows_streams_the_quantized_output():
+    import numpy as np
+
+    from fastsr.inference import upscale_rows
+
+    model = _tiny(EDSR(3, n_resblocks=2, n_feats=8))
+    image = torch.randint(0, 256, (41, 30, 3), dtype=torch.uint8).numpy()
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None]
+    expected = upscale(model, x, 3)[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    overlap = receptive_field_radius(model, 3)
+    calls = []
+
+    def process(crop):
+        calls.append(crop.shape)
+        return upscale(model, torch.from_numpy(crop).permute(2, 0, 1).float()[None], 3)[0]
+
+    bands = list(upscale_rows(process, image, 3, 16, overlap))
+    assert [b.shape for b in bands] == [(42, 90, 3), (39, 90, 3), (42, 90, 3)]  # 41 rows: 14 + 13 + 14
+    assert len(calls) == 6 and all(b.dtype == np.uint8 for b in bands)
+    got = np.concatenate(bands)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    whole = list(upscale_rows(process, image, 3, None, overlap))
+    assert len(whole) == 1 and np.array_equal(whole[0], expected)
+    sixteen = next(upscale_rows(lambda c: torch.full((3, 3 * c.shape[0], 3 * c.shape[1]), 255.0), image, 3, None, 0, 16))
+    assert sixteen.dtype == np.uint16 and (sixteen == 65535).all()
+
+
+def test_memory_estimate_and_tile_choice():
+    from fastsr.inference import tile_for_memory, upscale_peak_bytes
+
+    model = EDSR(2, n_resblocks=2, n_feats=8)
+    peaks = [upscale_peak_bytes(model, (3000, 2000), 3, 8, 2, t, 6) for t in (32, 64, 256, 1024, None)]
+    assert peaks == sorted(peaks)
+    # Decoding (16 B/px for 8-bit files, 32 for 16-bit) is a floor no tile size goes under.
+    assert min(peaks) >= 3000 * 2000 * 16
+    assert upscale_peak_bytes(model, (6000, 6000), 3, 8, 2, 32, 6) == 6000 * 6000 * 16
+    assert upscale_peak_bytes(model, (6000, 6000), 4, 16, 2, 32, 6) == 6000 * 6000 * 32
+
+    def peak(tile):
+        return 100 + (10**6 if tile is None else tile * tile)
+
+    assert tile_for_memory(10**6 + 100, peak, (2000, 1000)) is None
+    assert tile_for_memory(200 * 200 + 100, peak, (2000, 1000)) == 200
+    assert tile_for_memory(203 * 203 + 100, peak, (2000, 1000)) == 200  # multiples of 8
+    assert tile_for_memory(10, peak, (2000, 1000)) == 32  # nothing fits: the smallest, caller refuses
