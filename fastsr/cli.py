@@ -438,7 +438,7 @@ def _upscale_file(up: Upscaler, path: Path, target: Path, args: argparse.Namespa
     limit = args.max_memory
     base = _resident_now() if limit is not None else 0
     header = _header_shape(path) if limit is not None else None
-    if header is not None:
+    if header is not None and header[0][0] * header[0][1] <= args.max_pixels:  # else: read_pixels refuses
         _choose_tile(up, str(path), *header, limit, base, announce=False)  # refuses before decoding
     pixels, bit_depth = read_pixels(path, args.max_pixels)
     tile = _choose_tile(up, str(path), pixels.shape, bit_depth, limit, base)

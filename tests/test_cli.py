@@ -412,3 +412,14 @@ def test_png_stream_round_trips_in_bands(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if "short" in p.name) == []
     with pytest.raises(ValueError):
         PngStream(open(tmp_path / "x", "wb"), 0, 1, 3)
+
+
+def test_max_pixels_is_checked_before_the_memory_bound(tmp_path, weights_x2, capsys, monkeypatch):
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(64, 64)).save(src)
+    monkeypatch.setattr(cli, "_check_memory_floor", lambda up, limit: None)
+    monkeypatch.setattr(cli, "_resident_now", lambda: 100 << 20)
+    code = cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(weights_x2),
+                     "--max-memory", "101MiB", "--max-pixels", "1000"])
+    errors = _errors(capsys.readouterr().err)
+    assert code == 1 and len(errors) == 1 and "exceeds the limit of 1,000 pixels" in errors[0]
