@@ -71,7 +71,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
                 meta = dict(f.metadata() or {})
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_brief(e)})") from None
         return sd, meta
     if kind is None:
         raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; expected .safetensors, .pt or .pth")
@@ -92,8 +92,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[StateDict, dict[str, str]]
             ) from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (unpickling failed)") from None
     except Exception as e:  # corrupt zip, truncated file, not a torch file at all
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_brief(e)})") from None
     return _unwrap(obj, path), {}
+
+
+def _brief(err: BaseException, limit: int = 200) -> str:
+    """A library's error message on one line, cut to `limit` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unwrap(obj, path: Path) -> StateDict:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import sys
 import threading
@@ -189,10 +190,30 @@ def _decode_quietly(path: Path, max_pixels: int) -> tuple[np.ndarray, int]:
         low_mode = _low_byte_rawmode(im)
         low = _decode_low_bytes(path, low_mode) if low_mode else None
         im.load()
+        if im.format == "PNG" and im.mode == "P" and isinstance(im.info.get("transparency"), int):
+            _fix_palette_alpha(im, path)
         im = ImageOps.exif_transpose(im)
         if low is not None:
             return _with_key_alpha(_merge_16bit(np.asarray(im), low, low_mode), im.info), 16
         return _pillow_to_array(im, path)
+
+
+def _fix_palette_alpha(im: PILImage.Image, path: Path) -> None:
+    r"""Pillow reads a palette PNG's tRNS as "one transparent index" when it matches
+    `^\xff*\x00\xff*$`, where `$` also matches before a final b"\n": alpha values (0, 10)
+    become (0, 255). Put the real per-entry alphas back in that case."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        while (head := f.read(8)) and len(head) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IDAT":
+                return
+            if kind == b"tRNS":
+                body = f.read(length)
+                if not re.fullmatch(rb"\xff*\x00\xff*", body):
+                    im.info["transparency"] = body
+                return
+            f.seek(length + 4, os.SEEK_CUR)
 
 
 def _decode_low_bytes(path: Path, rawmode: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
@@ -316,6 +316,7 @@ def test_wrong_names_and_shapes_are_refused(tmp_path, key_index, damage, extra, 
         del sd[key]
     else:
         sd[key] = SHAPE_DAMAGE[damage](sd[key])
+        assume(sd[key].shape != model.state_dict()[key].shape)  # "flat" of a bias is no damage
     if extra:
         sd[extra] = torch.zeros(3)
     path = save(sd, tmp_path / "bad.pt")

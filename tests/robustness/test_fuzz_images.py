@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
@@ -394,6 +394,7 @@ def test_8bit_png_modes(tmp_path, shape, mode, interlace, seed):
 
 @given(shape=shapes, colors=st.integers(1, 256), bits=st.sampled_from([1, 2, 4, 8]),
        trns=st.none() | st.lists(st.integers(0, 255), min_size=1, max_size=256), seed=st.integers(0, 2**32 - 1))
+@example(shape=(1, 2), colors=2, bits=1, trns=[0, 10], seed=0)  # tRNS b"\x00\n": Pillow reads alpha 255
 def test_palette_png(tmp_path, shape, colors, bits, trns, seed):
     colors = min(colors, 2**bits)
     rng = np.random.default_rng(seed)
@@ -414,6 +415,26 @@ def test_palette_png(tmp_path, shape, colors, bits, trns, seed):
         table = np.full(256, 255, np.uint8)
         table[:len(trns)] = trns
         np.testing.assert_array_equal(img.alpha.numpy(), table[index].astype(np.float32))
+
+
+@given(shape=shapes, colors=st.integers(2, 256), transparent=st.none() | st.integers(0, 255),
+       seed=st.integers(0, 2**32 - 1))
+def test_gif_palette_and_transparency(tmp_path, shape, colors, transparent, seed):
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, (colors, 3), dtype=np.uint8)
+    assume(len(np.unique(palette, axis=0)) == colors)  # distinct: a GIF writer may reorder them
+    index = rng.integers(0, colors, shape, dtype=np.uint8)
+    pil = PILImage.fromarray(index, "P")
+    pil.putpalette(palette.tobytes())
+    kw = {} if transparent is None else {"transparency": transparent % colors}
+    img = read_or_error(write(tmp_path, "p.gif", pil_bytes(pil, "GIF", optimize=False, **kw)))
+    assert isinstance(img, Image) and img.bit_depth == 8
+    opaque = np.ones(shape, bool) if transparent is None else index != transparent % colors
+    np.testing.assert_array_equal(hwc(img)[opaque], palette[index][opaque].astype(np.float32))
+    if transparent is None or opaque.all():
+        assert img.alpha is None or (img.alpha == 255).all()
+    else:
+        np.testing.assert_array_equal(img.alpha.numpy(), np.where(opaque, 255.0, 0.0))
 
 
 @given(shape=shapes, orientation=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
