@@ -172,6 +172,11 @@ def conv2d_op(
     shuffle: int,
     backend: str,
 ) -> torch.Tensor:
+    return _run_conv(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend)
+
+
+def _run_conv(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend) -> torch.Tensor:
+    """The body of fastsr::conv2d: checks, then the backend's implementation."""
     _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
     with _autocast_off(x.device):  # dtypes are the caller's (see _autocast)
         return _impl(_CONV_IMPLS, backend)(x, weight, bias, in_shift, relu, res_scale, skip, shuffle)
@@ -193,6 +198,11 @@ def resblock_op(
     res_scale: float,
     backend: str,
 ) -> torch.Tensor:
+    return _run_block(x, w1, b1, w2, b2, res_scale, backend)
+
+
+def _run_block(x, w1, b1, w2, b2, res_scale, backend) -> torch.Tensor:
+    """The body of fastsr::resblock: checks, then the backend's implementation."""
     _check_block_args(x, w1, b1, w2, b2)
     with _autocast_off(x.device):
         return _impl(_BLOCK_IMPLS, backend)(x, w1, b1, w2, b2, res_scale)
@@ -420,6 +430,22 @@ def _autocast(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, *tensors))
 
 
+def _bypass_dispatcher(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may run the op's body directly instead of through the registered op.
+
+    The registration is what torch.compile (tracing), autograd (recording) and tensor
+    subclasses (fake tensors) need; a plain eager call without gradients needs none of it,
+    and the dispatcher's Python layers cost ~30 us per op, which dominates small inputs.
+    The same implementation runs either way."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad)) for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not subclasses such as FakeTensor
+
+
 def conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -443,7 +469,10 @@ def conv2d(
         _check_conv_args(x, weight, bias, in_shift, skip, shuffle)
         return conv2d_ref(x, weight.to(x.dtype), bias, in_shift=in_shift, relu=relu, res_scale=res_scale,
                           skip=skip, shuffle=shuffle)
-    return conv2d_op(x, weight, bias, in_shift, skip, relu, float(res_scale), int(shuffle), backend)
+    args = (x, weight, bias, in_shift, skip, relu, float(res_scale), int(shuffle), backend)
+    if _bypass_dispatcher(x, weight, bias, in_shift, skip):
+        return _run_conv(*args)
+    return conv2d_op(*args)
 
 
 def resblock(
@@ -461,4 +490,7 @@ def resblock(
     if backend == "reference":
         _check_block_args(x, w1, b1, w2, b2)
         return resblock_ref(x, w1.to(x.dtype), b1, w2.to(x.dtype), b2, res_scale)
-    return resblock_op(x, w1, b1, w2, b2, float(res_scale), backend)
+    args = (x, w1, b1, w2, b2, float(res_scale), backend)
+    if _bypass_dispatcher(x, w1, b1, w2, b2):
+        return _run_block(*args)
+    return resblock_op(*args)
