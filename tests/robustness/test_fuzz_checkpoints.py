@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
@@ -241,6 +241,8 @@ def safetensors_file(header: dict, body: bytes) -> bytes:
     }), max_size=6),
     metadata=st.none() | st.dictionaries(st.sampled_from(["rgb_range", "res_scale", "format", "x"]), st.text(max_size=6)),
     body=st.binary(max_size=300))
+@example(entries={"add_mean.bias": {"dtype": "F8_E4M3", "shape": [0], "data_offsets": (0, 0)}},
+         metadata=None, body=b"")  # float8: torch has no isfinite for it
 def test_safetensors_header_fuzz(tmp_path, entries, metadata, body):
     header = dict(entries)
     if metadata is not None:
