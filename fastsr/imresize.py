@@ -7,7 +7,9 @@ reproduced here rather than approximated with ``torch.nn.functional.interpolate`
 
 Each spatial dimension is resized by one dense ``(out, in)`` weight matrix (mostly
 zeros, a band of ``ceil(4 / scale) + 2`` taps per row), applied with a matmul: batched,
-and on whatever device the image lives on.
+and on whatever device the image lives on. Where that matrix would be large (a long side:
+a 65,000-pixel column doubled needs 68 GB of it), the band is applied tap by tap instead,
+in memory proportional to the output; BLAS makes the matmul faster below that.
 """
 from __future__ import annotations
 
@@ -85,6 +87,27 @@ def _cached_weights(
 ) -> Tensor:
     # Built in float64 on the CPU so every device and dtype starts from the same numbers.
     return resize_weights(in_length, out_length, scale, antialias).to(device=device, dtype=dtype)
+
+
+# Dense weight matrices up to this many elements (128 MiB in float64); beyond, the band.
+DENSE_MAX_ELEMENTS = 1 << 24
+
+
+def _resize_dim(x: Tensor, dim: int, out_length: int, scale: float, antialias: bool) -> Tensor:
+    """Resize x: (B, H, W) along dim 1 (rows) or 2 (columns) to out_length."""
+    in_length = x.shape[dim]
+    if in_length * out_length <= DENSE_MAX_ELEMENTS:
+        weights = _cached_weights(in_length, out_length, scale, antialias, x.device, x.dtype)
+        # (out, in) @ (B, in, W) -> (B, out, W);  (B, H, in) @ (in, out) -> (B, H, out)
+        return torch.matmul(weights, x) if dim == 1 else torch.matmul(x, weights.T)
+    weights, indices = _contributions(in_length, out_length, scale, antialias)
+    weights, indices = weights.to(x.device, x.dtype), indices.to(x.device)
+    shape = (1, -1, 1) if dim == 1 else (1, 1, -1)
+    out = None
+    for p in range(weights.shape[1]):  # mirrored taps on one pixel add up, as in the matrix
+        term = x.index_select(dim, indices[:, p]).mul_(weights[:, p].view(shape))
+        out = term if out is None else out.add_(term)
+    return out
 
 
 def _round_uint8(x: Tensor) -> Tensor:
@@ -179,11 +202,9 @@ def imresize(
     order = ("h", "w") if scale_h <= scale_w else ("w", "h")
     for dim in order:
         if dim == "h":
-            weights = _cached_weights(in_h, out_h, scale_h, antialias, x.device, work_dtype)
-            x = torch.matmul(weights, x)  # (out_h, in_h) @ (B, in_h, W) -> (B, out_h, W)
+            x = _resize_dim(x, 1, out_h, scale_h, antialias)
         else:
-            weights = _cached_weights(in_w, out_w, scale_w, antialias, x.device, work_dtype)
-            x = torch.matmul(x, weights.T)  # (B, H, in_w) @ (in_w, out_w) -> (B, H, out_w)
+            x = _resize_dim(x, 2, out_w, scale_w, antialias)
         if is_uint8:
             # MATLAB's imresizemex returns the input's class after each pass.
             x = _round_uint8(x)
