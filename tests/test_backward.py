@@ -239,8 +239,8 @@ def test_backward_launchers_reject_bad_inputs():
 
 
 def test_backward_backend_follows_the_forward():
-    assert backward_backend("triton") == "triton" and backward_backend("cpu") == "eager"
-    assert dict(BACKWARD_BACKEND) == {"triton": "triton", "cpu": "eager"}
+    assert backward_backend("triton") == "triton" and backward_backend("cpu") == "aten"
+    assert dict(BACKWARD_BACKEND) == {"triton": "triton", "cpu": "aten"}
     with pytest.raises(ValueError, match="backend must be one of"):
         backward_backend("cudnn")
 
@@ -254,8 +254,9 @@ OP_EPILOGUES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("name,cout,epi", OP_EPILOGUES, ids=[e[0] for e in OP_EPILOGUES])
-def test_conv2d_op_triton_grads_match_eager_fp32(name, cout, epi):
+def test_conv2d_op_grads_match_eager_fp32(name, cout, epi, backend):
     """Every input's gradient (x, weight, bias, in_shift, skip) through autograd, fp32, tight."""
     gen = _gen(name)
     n, cin, h, w = 2, 8, 5, 7
@@ -267,7 +268,7 @@ def test_conv2d_op_triton_grads_match_eager_fp32(name, cout, epi):
     g = _randn(gen, n, cout // (r * r), h * r, w * r)
     kw = dict(relu=epi.get("relu", False), res_scale=epi.get("res_scale", 1.0), shuffle=r)
     ins = (x, wt, b, shift, skip)
-    got = _autograd(lambda x_, w_, b_, s_, k_: conv2d(x_, w_, b_, in_shift=s_, skip=k_, backend="triton", **kw),
+    got = _autograd(lambda x_, w_, b_, s_, k_: conv2d(x_, w_, b_, in_shift=s_, skip=k_, backend=backend, **kw),
                     ins, g, torch.float32)
     ref = _autograd(lambda x_, w_, b_, s_, k_: conv2d_ref(x_, w_, b_, in_shift=s_, skip=k_, **kw),
                     ins, g, torch.float32)
@@ -278,23 +279,25 @@ def test_conv2d_op_triton_grads_match_eager_fp32(name, cout, epi):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{what}: {m}")
 
 
-def test_op_grads_in_bf16_keep_parameter_dtypes():
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_op_grads_in_bf16_keep_parameter_dtypes(backend):
     """bf16 activations with fp32 master weights/bias: gradients come back in each input's dtype."""
     gen = _gen("bf16_params")
     x = _randn(gen, 1, 16, 5, 6).to(torch.bfloat16).requires_grad_()
     w1, b1, w2, b2 = (t.requires_grad_() for t in (_weight(gen, 16, 16, 3), _randn(gen, 16),
                                                     _weight(gen, 16, 16, 3), _randn(gen, 16)))
-    resblock(x, w1, b1, w2, b2, 0.1, backend="triton").float().square().sum().backward()
+    resblock(x, w1, b1, w2, b2, 0.1, backend=backend).float().square().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and w1.grad.dtype == torch.float32 and b2.grad.dtype == torch.float32
     assert all(torch.isfinite(t.grad).all() for t in (x, w1, b1, w2, b2))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("ks,res_scale", [(3, 1.0), (5, 0.1)])
-def test_resblock_op_triton_grads_match_eager_fp32(ks, res_scale):
+def test_resblock_op_grads_match_eager_fp32(ks, res_scale, backend):
     gen = _gen(f"block_op_{ks}")
     ins = _block_inputs(gen, 2, 5, 7, 8, ks)
     g = _randn(gen, 2, 8, 5, 7)
-    got = _autograd(lambda *t: resblock(*t, res_scale, backend="triton"), ins, g, torch.float32)
+    got = _autograd(lambda *t: resblock(*t, res_scale, backend=backend), ins, g, torch.float32)
     ref = _autograd(lambda *t: resblock_ref(*t, res_scale), ins, g, torch.float32)
     for what, a, e in zip(("x", "w1", "b1", "w2", "b2"), got, ref):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{what}: {m}")
@@ -313,6 +316,12 @@ def test_gradcheck_float64_on_the_cpu_backend():
     assert torch.autograd.gradcheck(
         lambda x, w, b, s, k: conv2d(x, w, b, in_shift=s, relu=True, res_scale=0.3, skip=k, backend="cpu"),
         (x, w, b, s, skip))
+    # Without ReLU the gradients come from aten.convolution_backward directly.
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, s, k: conv2d(x, w, b, in_shift=s, res_scale=0.3, skip=k, backend="cpu"),
+        (x, w, b, s, skip))
+    w4 = _weight(gen, 8, 3, 3).to(d).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b: conv2d(x, w, b, shuffle=2, backend="cpu"), (x, w4, b))
     c = 4
     blk = [t.to(d).requires_grad_() for t in _block_inputs(gen, 1, 3, 4, c, 3)]
     assert torch.autograd.gradcheck(lambda *t: resblock(*t, 0.1, backend="cpu"), blk)

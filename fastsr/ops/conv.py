@@ -5,7 +5,7 @@ kernels read them as (N, H, W, C) views without a copy) and returns channels-las
 output. The `backend` argument picks the implementation ("triton" or "cpu"); the eager
 specification is fastsr.ops.reference. Autograd: every op saves only its inputs (the fused
 block recomputes its intermediate in backward); the gradients run on the forward's backend
--- Triton backward kernels for "triton", eager autograd through the reference for "cpu"
+-- Triton backward kernels for "triton", aten's (oneDNN's) convolution backward for "cpu"
 (see `backward_backend`).
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from fastsr.ops.reference import conv2d_ref, resblock_ref
 CL = torch.channels_last
 # What computes the gradients of an op, keyed by the backend its forward ran with (see
 # `backward_backend` in the autograd section): "triton" -> the Triton backward kernels
-# (kernels/conv2d_backward.py); "cpu" -> "eager", autograd through fastsr.ops.reference
-# recomputed from the saved inputs (aten/oneDNN: the CPU's fast path already).
-BACKWARD_BACKEND = MappingProxyType({"triton": "triton", "cpu": "eager"})
+# (kernels/conv2d_backward.py); "cpu" -> "aten", aten.convolution_backward (oneDNN, the
+# CPU's fast path already) called directly on the saved inputs.
+BACKWARD_BACKEND = MappingProxyType({"triton": "triton", "cpu": "aten"})
 
 
 def _check_conv_args(x, weight, bias, in_shift, skip, shuffle) -> None:
@@ -230,14 +230,16 @@ def _(x, w1, b1, w2, b2, res_scale, backend):
 #   "triton" -> the Triton backward kernels, through the ops fastsr::conv2d_backward and
 #               fastsr::resblock_backward (registered with fake implementations, so AOT autograd
 #               and torch.compile trace the backward without running it);
-#   "cpu"    -> eager autograd through fastsr.ops.reference over a recomputed forward: aten's
-#               oneDNN convolution backward is already the fast CPU path, so there is no
-#               separate CPU backward kernel to write.
+#   "cpu"    -> aten.convolution_backward (oneDNN's fast CPU path) called directly, with the
+#               epilogues' backward (pixel unshuffle, res_scale, the block's ReLU mask and skip)
+#               around it. Nothing but the block's conv1 + ReLU is recomputed, except for a
+#               conv with a ReLU epilogue (the two-kernel block path of the triton backend),
+#               whose mask needs its output: that one is recomputed through the reference.
 
 
 def backward_backend(forward_backend: str) -> str:
     """What computes the gradients of an op whose forward ran on `forward_backend`:
-    "triton" (fused Triton backward kernels) or "eager" (autograd through the reference)."""
+    "triton" (fused Triton backward kernels) or "aten" (aten.convolution_backward)."""
     try:
         return BACKWARD_BACKEND[forward_backend]
     except KeyError:
@@ -259,6 +261,66 @@ def _grads(fn, inputs: tuple, grad_out: torch.Tensor, needs) -> tuple:
         wrt = [t for t, n in zip(detached, needs) if n]
         got = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
     return tuple(next(got) if n else None for n in needs)
+
+
+def _conv_grads_cpu(g, x, weight, need_x: bool, need_w: bool, need_b: bool) -> tuple:
+    """(dx, dW, db) of a stride-1 "same" conv with output gradient g, by aten's convolution
+    backward (oneDNN on the CPU): no forward is recomputed. x, weight: the conv's input and
+    weight, in x's dtype; results in x's dtype (None where not needed)."""
+    k = weight.shape[-1]
+    bias_sizes = [weight.shape[0]] if need_b else None
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        g, x, weight, bias_sizes, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, need_b])
+    return dx, dw, db
+
+
+def _cast(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or like is None else t.to(like.dtype)
+
+
+def _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, needs) -> tuple:
+    """Gradients of fastsr::conv2d on the "cpu" backend: (dx, dW, db, d_in_shift)."""
+    need_x, need_w, need_b, need_s = (bool(n) and t is not None for n, t in zip(needs, (x, weight, bias, in_shift)))
+    if opts["relu"]:  # the ReLU mask needs the output: recompute it through the reference
+        f = lambda x, weight, bias, in_shift: conv2d_ref(x, weight, bias, in_shift=in_shift, **opts)
+        return _grads(f, (x, weight, bias, in_shift), grad, (need_x, need_w, need_b, need_s))
+    if not (need_x or need_w or need_b or need_s):
+        return None, None, None, None
+    if grad.shape[0] == 0:
+        return _grads(None, (x, weight, bias, in_shift), grad, (need_x, need_w, need_b, need_s))
+    g = grad if opts["shuffle"] == 1 else F.pixel_unshuffle(grad, opts["shuffle"])
+    if opts["res_scale"] != 1.0:
+        g = g * opts["res_scale"]
+    xs = x if in_shift is None else x - in_shift.to(x.dtype).view(1, -1, 1, 1)
+    g = g.to(x.dtype).contiguous(memory_format=CL)
+    dx, dw, db = _conv_grads_cpu(g, xs.contiguous(memory_format=CL), weight.to(x.dtype),
+                                 need_x or need_s, need_w, need_b)
+    ds = dx.sum(dim=(0, 2, 3), dtype=torch.float32).neg() if need_s else None
+    return (dx if need_x else None), _cast(dw, weight), _cast(db, bias), _cast(ds, in_shift)
+
+
+def _block_backward_cpu(grad, x, w1, b1, w2, b2, res_scale: float, needs) -> tuple:
+    """Gradients of fastsr::resblock on the "cpu" backend from its input alone: conv1 + ReLU
+    is recomputed (one conv), then both convs' backward run directly (conv2's forward is
+    not needed: its gradients depend only on its input and the output gradient)."""
+    saved = (x, w1, b1, w2, b2)
+    need_x, need_w1, need_b1, need_w2, need_b2 = (bool(n) and t is not None for n, t in zip(needs, saved))
+    if not any((need_x, need_w1, need_b1, need_w2, need_b2)):
+        return (None,) * 5
+    if grad.shape[0] == 0:
+        return _grads(None, saved, grad, (need_x, need_w1, need_b1, need_w2, need_b2))
+    xc = x.contiguous(memory_format=CL)
+    w1c, w2c = w1.to(x.dtype), w2.to(x.dtype)
+    h = _conv_cpu(xc, w1c, b1, relu=True)
+    g2 = (grad * res_scale if res_scale != 1.0 else grad).to(x.dtype).contiguous(memory_format=CL)
+    need_h = need_x or need_w1 or need_b1
+    dh, dw2, db2 = _conv_grads_cpu(g2, h, w2c, need_h, need_w2, need_b2)
+    dx = dw1 = db1 = None
+    if need_h:
+        dh = dh.mul_(h > 0).contiguous(memory_format=CL)  # ReLU: h > 0 exactly where conv1 + b1 > 0
+        dx1, dw1, db1 = _conv_grads_cpu(dh, xc, w1c, need_x, need_w1, need_b1)
+        dx = grad.to(x.dtype) + dx1 if need_x else None  # the skip path adds the output gradient
+    return dx, _cast(dw1, w1), _cast(db1, b1), _cast(dw2, w2), _cast(db2, b2)
 
 
 def _take(outs, needs, like) -> list:
@@ -381,11 +443,8 @@ def _conv_backward(ctx, grad):
         if need_s and in_shift is not None:
             ds = dx.sum(dim=(0, 2, 3), dtype=torch.float32).neg().to(in_shift.dtype)
         grads = (dx if need_x else None, dw, db, ds)
-    else:
-        def f(x, weight, bias, in_shift):  # skip is additive: it does not change these gradients
-            return conv2d_ref(x, weight, bias, in_shift=in_shift, **opts)
-
-        grads = _grads(f, (x, weight, bias, in_shift), grad, (need_x, need_w, need_b, need_s))
+    else:  # skip is additive: it does not change these gradients
+        grads = _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, (need_x, need_w, need_b, need_s))
     return (*grads, grad if need_skip else None, None, None, None, None)
 
 
@@ -408,8 +467,7 @@ def _block_backward(ctx, grad):
         outs = resblock_backward_op(grad, x, w1, b1, w2, ctx.res_scale, *needs)
         grads = _take(outs, needs, saved)
     else:
-        fn = lambda x, w1, b1, w2, b2: resblock_ref(x, w1, b1, w2, b2, ctx.res_scale)
-        grads = _grads(fn, saved, grad, needs)
+        grads = _block_backward_cpu(grad, *saved, ctx.res_scale, needs)
     return (*grads, None, None)
 
 
