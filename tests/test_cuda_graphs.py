@@ -1,4 +1,5 @@
-"""CUDA-graph replay of the fused inference forward (fastsr.cuda_graphs).
+"""CUDA-graph replay of the fused inference forward (fastsr.cuda_graphs), and the plan's
+weight layout for the Triton kernels.
 
 The replay tests need a CUDA device (they run in bench/gpu_check.sh); on the CPU the tests
 check that graphs are never used and that nothing else changes.
@@ -10,7 +11,9 @@ import torch
 
 import fastsr
 from fastsr.kernels.conv2d import pack_weight
-from fastsr.models.fused import get_plan
+from fastsr.models.fused import get_plan, kernel_layout
+from fastsr.ops.conv import conv2d, resblock
+from testenv import TRITON_DEVICE
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -33,6 +36,31 @@ def test_cpu_inputs_never_use_graphs():
     assert model.backend == "cpu" and not model.graphs.last_replayed
     assert model.graphs.captures == model.graphs.replays == 0
     torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
+
+
+def test_ops_take_weights_in_the_kernels_layout_forward_and_backward():
+    """The plan stores weights (k, k, Cin, Cout) in memory on CUDA: the Triton ops must give
+    the same outputs and gradients as with contiguous weights (here under the interpreter
+    when there is no GPU), and packing them is a view."""
+    dev = TRITON_DEVICE
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 8, 5, 7, generator=gen)).to(dev).contiguous(memory_format=torch.channels_last)
+    w1, w2 = ((torch.randn(8, 8, 3, 3, generator=gen) * 0.2).to(dev) for _ in range(2))
+    up = (torch.randn(32, 8, 3, 3, generator=gen) * 0.2).to(dev)
+    b1 = torch.randn(8, generator=gen).to(dev)
+    laid_out = kernel_layout(w1)
+    assert pack_weight(laid_out).data_ptr() == laid_out.data_ptr()
+
+    def run(layout):
+        ws = [layout(t).requires_grad_() for t in (w1, w2, up)]
+        xi = x.clone().requires_grad_()
+        h = resblock(xi, ws[0], b1, ws[1], None, 0.1, backend="triton")
+        out = conv2d(h, ws[2], None, shuffle=2, backend="triton")
+        out.square().sum().backward()
+        return [out.detach(), xi.grad] + [w.grad for w in ws]
+
+    for got, want in zip(run(kernel_layout), run(lambda t: t.clone())):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @needs_cuda

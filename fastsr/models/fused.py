@@ -45,14 +45,17 @@ def kernel_layout(w: torch.Tensor) -> torch.Tensor:
 
     That is the Triton kernels' packed layout (fastsr.kernels.conv2d.pack_weight), so
     packing the plan's weights inside each op call becomes a free view instead of a copy
-    kernel per conv per forward. Only on CUDA: on the CPU, oneDNN wants the usual layout."""
-    if not w.is_cuda:
-        return w
+    kernel per conv per forward."""
     return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
+def _plan_weight(w: torch.Tensor) -> torch.Tensor:
+    # On CUDA (the Triton backend) the kernels' layout; on the CPU oneDNN wants the usual one.
+    return kernel_layout(w) if w.is_cuda else w
+
+
 def _conv(m: nn.Conv2d, dtype: torch.dtype) -> Conv:
-    return kernel_layout(m.weight.to(dtype)), m.bias
+    return _plan_weight(m.weight.to(dtype)), m.bias
 
 
 def build_plan(model: nn.Module, dtype: torch.dtype | None = None, io_dtype: torch.dtype | None = None) -> FusedPlan:
@@ -91,13 +94,13 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None = None, io_dtype: tor
         shuffle = 3 if stages.scale == 3 else 2
         ups.append([(_conv(c, dtype), shuffle) for c in convs])
     return FusedPlan(
-        head=(kernel_layout(head_w.to(io_dtype)), model.head[0].bias),
+        head=(_plan_weight(head_w.to(io_dtype)), model.head[0].bias),
         in_shift=in_shift,
         pre=[blocks(model.pre_blocks(s)) for s in range(n_scales)],
         body=blocks(list(model.body)[:-1]),
         body_last=_conv(model.body[-1], dtype),
         up=ups,
-        tail=(kernel_layout(tail_w.to(dtype)), tail_b),
+        tail=(_plan_weight(tail_w.to(dtype)), tail_b),
         out_shift=out_shift,
         res_scale=model.res_scale,
     )

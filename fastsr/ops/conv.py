@@ -134,15 +134,11 @@ def _resblock_triton(x, w1, b1, w2, b2, res_scale):
     if not resblock_supported(x.shape[1], k):  # two-kernel path: conv+ReLU, conv+scale+add
         h = _conv_triton(x, w1, b1, relu=True)
         return _conv_triton(h, w2, b2, res_scale=res_scale, skip=x)
-    out = resblock_nhwc(
-        _nhwc(x),
-        pack_weight(w1.to(x.dtype)),
-        None if b1 is None else b1.float().contiguous(),
-        pack_weight(w2.to(x.dtype)),
-        None if b2 is None else b2.float().contiguous(),
-        k,
-        res_scale,
-    )
+    def bias(b):  # the one-launch kernel always adds a bias: a missing one is zeros
+        return x.new_zeros(x.shape[1], dtype=torch.float32) if b is None else b.float().contiguous()
+
+    out = resblock_nhwc(_nhwc(x), pack_weight(w1.to(x.dtype)), bias(b1), pack_weight(w2.to(x.dtype)), bias(b2),
+                        k, res_scale)
     return out.permute(0, 3, 1, 2)
 
 

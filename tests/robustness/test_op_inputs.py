@@ -158,3 +158,21 @@ LAUNCHER_FAULTS = [
 def test_triton_launchers_name_the_bad_argument(name, call, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         call()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_resblock_without_biases_forward_and_backward(backend):
+    """Biases are optional in the op's schema: the one-launch kernel adds zeros for them."""
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(1, 4, 6, 5, generator=gen).to(dev).contiguous(memory_format=CL)
+    w0 = [(torch.randn(4, 4, 3, 3, generator=gen) * 0.3).to(dev) for _ in range(2)]
+    grads = []
+    for be in (backend, "reference"):
+        x = x0.clone().requires_grad_()
+        w1, w2 = (w.clone().requires_grad_() for w in w0)
+        out = resblock(x, w1, None, w2, None, 0.5, backend=be)
+        out.square().sum().backward()
+        grads.append((out.detach(), x.grad, w1.grad, w2.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
