@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 import sys
 import time
@@ -444,6 +445,11 @@ def _upscale_file(up: Upscaler, path: Path, target: Path, args: argparse.Namespa
     tile = _choose_tile(up, str(path), pixels.shape, bit_depth, limit, base)
     h, w, channels = pixels.shape
     rows = upscale_rows(_crop_upscaler(up, bit_depth, str(path)), pixels, up.scale, tile, up.context, bit_depth)
+    bands = math.ceil(h / tile) if tile else 1
+    if bands > 1:  # a tiled image takes a while on its own: a bar over its bands of tiles
+        from tqdm import tqdm
+
+        rows = tqdm(rows, total=bands, desc=path.name, unit="band", leave=False, disable=None, file=sys.stderr)
     remove_stale_temps(target)  # left by a killed earlier run
     write_png_rows(target, rows, w * up.scale, h * up.scale, 4 if channels in (2, 4) else 3, bit_depth)
 

@@ -97,6 +97,25 @@ def test_upscale_all_good_exit_zero_and_matches_library(tmp_path, weights_x2, ca
     assert (got - expected.clamp(0, 255).round()).abs().max() <= 1
 
 
+def test_a_tiled_image_gets_a_progress_bar_over_its_bands(tmp_path, weights_x2, monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *a, **kw):
+            bars.append(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(11, 13)).save(src)
+    assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(weights_x2),
+                     "--tile", "4"]) == 0
+    band_bars = [kw for kw in bars if kw.get("unit") == "band"]
+    assert band_bars == [dict(total=3, desc="a.png", unit="band", leave=False, disable=None, file=sys.stderr)]
+
+
 def test_upscale_without_weights_is_loud_bicubic(tmp_path, no_shipped_weights, capsys):
     src = tmp_path / "a.png"
     PILImage.fromarray(_photo(8, 8)).save(src)
