@@ -1115,6 +1115,12 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
             stop.restore()
         torch.set_num_threads(threads_before)
         if dist.active and torch.distributed.is_initialized():
+            if sys.exc_info()[0] is None:
+                # Every rank done before any tears gloo's connections down: a rank that
+                # destroyed its group while a peer still finished its last collective could
+                # abort the peer ("terminate called without an active exception"), seen once
+                # in CI on a loaded machine. After an error, no barrier: the peers may be gone.
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
