@@ -2,6 +2,7 @@
 drives the real launchers with the GPU code path, records the launches and compiles them ahead
 of time. The full sweep (every shape, dtype and autotune config) is run by hand; here one
 config per launch of the quick set."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,10 +14,9 @@ from testenv import REPO_ROOT
 
 def _has_cuda_compiler() -> bool:
     try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
+        return importlib.util.find_spec("triton.backends.nvidia.compiler") is not None
+    except ImportError:  # no triton at all
         return False
-    return True
 
 
 @pytest.mark.skipif(not _has_cuda_compiler(), reason="this Triton build has no CUDA backend to compile with")
