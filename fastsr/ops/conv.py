@@ -250,7 +250,7 @@ def _grads(fn, inputs: tuple, grad_out: torch.Tensor, needs) -> tuple:
     if not any(needs):
         return tuple(None for _ in inputs)
     if grad_out.shape[0] == 0:  # an empty batch: zero gradients, without running aten on it
-        return tuple(torch.zeros_like(t) if n else None for t, n in zip(inputs, needs))
+        return _zero_grads(inputs, needs)
     with torch.enable_grad(), _autocast_off(grad_out.device):
         detached = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(inputs, needs)]
         out = fn(*detached)
@@ -259,15 +259,24 @@ def _grads(fn, inputs: tuple, grad_out: torch.Tensor, needs) -> tuple:
     return tuple(next(got) if n else None for n in needs)
 
 
+def _zero_grads(inputs: tuple, needs) -> tuple:
+    """The gradients of an empty batch: zeros for the inputs flagged in `needs`."""
+    return tuple(torch.zeros_like(t) if t is not None and n else None for t, n in zip(inputs, needs))
+
+
+def _in_shift_grad(dx: torch.Tensor, in_shift: torch.Tensor) -> torch.Tensor:
+    """d in_shift = -(sum of dx over N, H, W): the shift is subtracted from every input pixel."""
+    return dx.sum(dim=(0, 2, 3), dtype=torch.float32).neg().to(in_shift.dtype)
+
+
 def _conv_grads_cpu(g, x, weight, need_x: bool, need_w: bool, need_b: bool) -> tuple:
     """(dx, dW, db) of a stride-1 "same" conv with output gradient g, by aten's convolution
     backward (oneDNN on the CPU): no forward is recomputed. x, weight: the conv's input and
     weight, in x's dtype; results in x's dtype (None where not needed)."""
     k = weight.shape[-1]
     bias_sizes = [weight.shape[0]] if need_b else None
-    dx, dw, db = torch.ops.aten.convolution_backward(
+    return torch.ops.aten.convolution_backward(
         g, x, weight, bias_sizes, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, need_b])
-    return dx, dw, db
 
 
 def _cast(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -283,7 +292,7 @@ def _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, needs) -> tuple:
     if not (need_x or need_w or need_b or need_s):
         return None, None, None, None
     if grad.shape[0] == 0:
-        return _grads(None, (x, weight, bias, in_shift), grad, (need_x, need_w, need_b, need_s))
+        return _zero_grads((x, weight, bias, in_shift), (need_x, need_w, need_b, need_s))
     g = grad if opts["shuffle"] == 1 else F.pixel_unshuffle(grad, opts["shuffle"])
     if opts["res_scale"] != 1.0:
         g = g * opts["res_scale"]
@@ -291,8 +300,8 @@ def _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, needs) -> tuple:
     g = g.to(x.dtype).contiguous(memory_format=CL)
     dx, dw, db = _conv_grads_cpu(g, xs.contiguous(memory_format=CL), weight.to(x.dtype),
                                  need_x or need_s, need_w, need_b)
-    ds = dx.sum(dim=(0, 2, 3), dtype=torch.float32).neg() if need_s else None
-    return (dx if need_x else None), _cast(dw, weight), _cast(db, bias), _cast(ds, in_shift)
+    ds = _in_shift_grad(dx, in_shift) if need_s else None
+    return (dx if need_x else None), _cast(dw, weight), _cast(db, bias), ds
 
 
 def _block_backward_cpu(grad, x, w1, b1, w2, b2, res_scale: float, needs) -> tuple:
@@ -304,7 +313,7 @@ def _block_backward_cpu(grad, x, w1, b1, w2, b2, res_scale: float, needs) -> tup
     if not any((need_x, need_w1, need_b1, need_w2, need_b2)):
         return (None,) * 5
     if grad.shape[0] == 0:
-        return _grads(None, saved, grad, (need_x, need_w1, need_b1, need_w2, need_b2))
+        return _zero_grads(saved, (need_x, need_w1, need_b1, need_w2, need_b2))
     xc = x.contiguous(memory_format=CL)
     w1c, w2c = w1.to(x.dtype), w2.to(x.dtype)
     h = _conv_cpu(xc, w1c, b1, relu=True)
@@ -435,9 +444,7 @@ def _conv_backward(ctx, grad):
         outs = conv2d_backward_op(grad, x, weight, bias, in_shift, opts["relu"], opts["res_scale"],
                                   opts["shuffle"], need_dx, need_w, need_b)
         dx, dw, db = _take(outs, (need_dx, need_w, need_b), (x, weight, bias))
-        ds = None
-        if need_s and in_shift is not None:
-            ds = dx.sum(dim=(0, 2, 3), dtype=torch.float32).neg().to(in_shift.dtype)
+        ds = _in_shift_grad(dx, in_shift) if need_s and in_shift is not None else None
         grads = (dx if need_x else None, dw, db, ds)
     else:  # skip is additive: it does not change these gradients
         grads = _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, (need_x, need_w, need_b, need_s))
