@@ -63,8 +63,10 @@ class GraphedForward:
         return x.is_cuda and not torch.is_grad_enabled()
 
     def _current_weights_key(self) -> tuple:
+        from fastsr.models.fused import weights_key
+
         m = self.model
-        return (m.compute_dtype, m.backend_request) + tuple((p.data_ptr(), p._version) for p in m.parameters())
+        return (m.compute_dtype, m.backend_request) + weights_key(m)
 
     def reset(self) -> None:
         """Drop every graph (and the memory they hold)."""

@@ -106,6 +106,12 @@ def build_plan(model: nn.Module, dtype: torch.dtype | None = None, io_dtype: tor
     )
 
 
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter does: each one's storage and version counter (bumped by
+    in-place updates: optimizer steps, load_state_dict, .add_ under no_grad)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
 def get_plan(model: nn.Module, dtype: torch.dtype, io_dtype: torch.dtype) -> FusedPlan:
     """The plan for this forward: rebuilt while gradients flow, cached otherwise."""
     params = list(model.parameters())
@@ -113,7 +119,7 @@ def get_plan(model: nn.Module, dtype: torch.dtype, io_dtype: torch.dtype) -> Fus
     # to key a cache on, so their plan is rebuilt each call, like a training step's.
     if any(p.is_inference() for p in params) or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return build_plan(model, dtype, io_dtype)
-    key = (dtype, io_dtype) + tuple((p.data_ptr(), p._version) for p in params)
+    key = (dtype, io_dtype) + weights_key(model)
     cached = getattr(model, "_plan_cache", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -169,4 +175,4 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     return out, backend
 
 
-__all__ = ["BACKWARD_BACKEND", "FusedPlan", "autocast_dtype", "kernel_layout", "build_plan", "fused_forward", "get_plan"]
+__all__ = ["BACKWARD_BACKEND", "FusedPlan", "autocast_dtype", "kernel_layout", "build_plan", "fused_forward", "get_plan", "weights_key"]
