@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import sys
 import time
@@ -95,7 +96,7 @@ def compile_launch(launch: Launch, config: dict, arch: int):
     signature, constexprs = {}, {}
     for p in fn.params:
         if p.name not in values:
-            if p.default is p.default.__class__.__mro__[-1] or p.default is None:
+            if p.default is inspect.Parameter.empty:
                 raise ValueError(f"{fn.__name__}: no value for argument {p.name}")
             values[p.name] = p.default
         if p.is_constexpr:
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     seen, failures, total, t0 = set(), 0, 0, time.perf_counter()
     for launch in launches:
         for config in launch.configs[:1] if args.first_config else launch.configs:
-            consts = {k: v for k, v in {**launch.kwargs, **config}.items()}
+            consts = {**launch.kwargs, **config}
             types = tuple(_arg_type(a) for a in launch.args if isinstance(a, torch.Tensor))
             key = (launch.fn.__name__, types, tuple(sorted(consts.items(), key=lambda kv: kv[0])))
             if key in seen:
