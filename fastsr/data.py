@@ -30,7 +30,7 @@ import hashlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -42,7 +42,7 @@ from fastsr.errors import FastSRError
 __all__ = [
     "Batch", "DatasetError", "DeviceSampler", "ImagePair", "ImageStore", "LoaderSource", "PatchDataset",
     "PatchBatchSampler", "PatchParams", "SRData", "augment", "crop_pair", "derive_seed", "draw_patch_params",
-    "find_pairs", "gather_patches",
+    "find_pairs", "gather_patches", "select_images", "split_folders",
 ]
 
 Tensor = torch.Tensor
@@ -69,14 +69,41 @@ class ImagePair:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    from fastsr.imageio import IMAGE_EXTENSIONS, list_images
+    """Every image file in `folder` and its subfolders, sorted by path (T91/ and BSD200/
+    under one training root is how SR training sets come)."""
+    from fastsr.imageio import IMAGE_EXTENSIONS, is_image_name
 
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a folder")
-    found = [p for p in list_images([folder]) if p.is_file()]
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p))
     if not found:
-        raise DatasetError(f"{folder}: no image files in this folder ({' '.join(IMAGE_EXTENSIONS)})")
+        raise DatasetError(f"{folder}: no image files in this folder or its subfolders ({' '.join(IMAGE_EXTENSIONS)})")
     return found
+
+
+def split_folders(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Folder list of a config value: one path, a comma-separated string, or a sequence."""
+    if isinstance(spec, (str, os.PathLike)):
+        parts = [p.strip() for p in str(spec).split(",")]
+    else:
+        parts = [str(p).strip() for p in spec]
+    return [Path(p) for p in parts if p]
+
+
+def select_images(folder: str | os.PathLike, names: str | Sequence[str]) -> list[Path]:
+    """The images of `folder` (searched recursively) named in `names` (file names or stems;
+    a sequence or a comma-separated string), in the order given. Raises DatasetError naming
+    a name that matches no file, or several."""
+    wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    files = _images_in(Path(folder))
+    out = []
+    for name in wanted:
+        hits = [p for p in files if name in (p.name, p.stem)]
+        if len(hits) != 1:
+            raise DatasetError(f"{folder}: {'no image' if not hits else 'several images'} named {name!r}"
+                               + (f" ({', '.join(map(str, hits))})" if hits else ""))
+        out.append(hits[0])
+    return out
 
 
 def _div2k_dirs(root: Path) -> tuple[Path, Path | None] | None:
@@ -123,16 +150,38 @@ def _pair_by_stem(hr_files: list[Path], lr_dir: Path, scale: int) -> dict[Path, 
     return out
 
 
-def find_pairs(train_dir: str | os.PathLike, scales: Sequence[int],
-               lr_dir: str | os.PathLike | None = None) -> tuple[list[ImagePair], str]:
+def find_pairs(train_dir: str | os.PathLike | Sequence[str | os.PathLike], scales: Sequence[int],
+               lr_dir: str | os.PathLike | None = None,
+               exclude: Sequence[str | os.PathLike] = ()) -> tuple[list[ImagePair], str]:
     """Pair the HR images of `train_dir` with their LR images for every scale.
 
-    Returns (pairs sorted by HR name, a one-line description of the layout found).
+    train_dir: a folder (searched recursively), or several (a sequence or a comma-separated
+    string; HR only, LR made on the fly). exclude: image files left out (a validation split
+    held out of the same folders).
+    Returns (pairs sorted by HR path, a one-line description of the layout found).
     Raises DatasetError for a missing or empty folder, or an HR image without its LR partner.
     """
-    root = Path(train_dir)
-    if not root.exists():
-        raise DatasetError(f"{root}: training folder does not exist")
+    folders = split_folders(train_dir)
+    if not folders:
+        raise DatasetError("no training folder given")
+    for folder in folders:
+        if not folder.exists():
+            raise DatasetError(f"{folder}: training folder does not exist")
+    held_out = {Path(p).resolve() for p in exclude}
+    if len(folders) > 1:
+        if lr_dir:
+            raise DatasetError("several training folders take no LR folder (their LR is made on the fly)")
+        all_hr = [p for f in folders for p in _images_in(f)]
+        hr_files = [p for p in all_hr if p.resolve() not in held_out]
+        if not hr_files:
+            raise DatasetError(f"{', '.join(map(str, folders))}: every image is held out for validation")
+        pairs = [ImagePair(hr, {int(s): None for s in scales}) for hr in hr_files]
+        scale_text = "/".join(f"x{int(s)}" for s in scales)
+        n_out = len(all_hr) - len(hr_files)
+        return pairs, (f"generic layout: {len(pairs)} HR images in {', '.join(map(str, folders))}"
+                       + (f" ({n_out} held out for validation)" if n_out else "")
+                       + f", LR {scale_text} made on the fly (MATLAB bicubic)")
+    root = folders[0]
     scales = tuple(int(s) for s in scales)
     layout = "generic"
     hr_dir, lr_root = root, (Path(lr_dir) if lr_dir else None)
@@ -142,7 +191,11 @@ def find_pairs(train_dir: str | os.PathLike, scales: Sequence[int],
         layout = "DIV2K"
     if lr_root is not None and not lr_root.is_dir():
         raise DatasetError(f"{lr_root}: LR folder does not exist")
-    hr_files = _images_in(hr_dir)
+    all_hr = _images_in(hr_dir)
+    hr_files = [p for p in all_hr if p.resolve() not in held_out]
+    if not hr_files:
+        raise DatasetError(f"{hr_dir}: every image is held out for validation")
+    held = f" ({len(all_hr) - len(hr_files)} held out for validation)" if len(hr_files) < len(all_hr) else ""
     lr_maps: dict[int, dict[Path, Path]] = {}
     if lr_root is not None:
         for s in scales:
@@ -150,9 +203,9 @@ def find_pairs(train_dir: str | os.PathLike, scales: Sequence[int],
     pairs = [ImagePair(hr, {s: (lr_maps[s][hr] if s in lr_maps else None) for s in scales}) for hr in hr_files]
     scale_text = "/".join(f"x{s}" for s in scales)
     if lr_root is None:
-        desc = f"{layout} layout: {len(pairs)} HR images in {hr_dir}, LR {scale_text} made on the fly (MATLAB bicubic)"
+        desc = f"{layout} layout: {len(pairs)} HR images in {hr_dir}{held}, LR {scale_text} made on the fly (MATLAB bicubic)"
     else:
-        desc = f"{layout} layout: {len(pairs)} HR images in {hr_dir}, LR {scale_text} from {lr_root}"
+        desc = f"{layout} layout: {len(pairs)} HR images in {hr_dir}{held}, LR {scale_text} from {lr_root}"
     return pairs, desc
 
 
@@ -288,6 +341,7 @@ class SRData:
     crop_w: dict[int, Tensor]
     names: list[str]
     description: str
+    skipped: list[str] = field(default_factory=list)  # "name (x2 LR 39x39)": left out, too small
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -297,15 +351,18 @@ class SRData:
         return len(self.hr)
 
     @classmethod
-    def load(cls, train_dir: str | os.PathLike, scales: Sequence[int], *, lr_dir: str | os.PathLike | None = None,
-             cache_dir: str | os.PathLike | None = None, patch_size: int = 48, threads: int = 4,
-             progress: bool = False) -> "SRData":
+    def load(cls, train_dir: str | os.PathLike | Sequence[str | os.PathLike], scales: Sequence[int], *,
+             lr_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+             patch_size: int = 48, threads: int = 4, progress: bool = False,
+             exclude: Sequence[str | os.PathLike] = ()) -> "SRData":
         """Find, decode (or read from the cache), check and pack the training images.
 
-        Raises DatasetError / ImageReadError naming the offending file: unreadable image, LR
-        size not HR size / s, or an image whose LR is smaller than `patch_size`.
+        Images whose LR is smaller than `patch_size` at some scale are left out and named in
+        `skipped` (T91 holds a few: t20's x2 LR is 39x39); `exclude` leaves files out (a
+        held-out validation split). Raises DatasetError / ImageReadError naming the offending
+        file: unreadable image, LR size not HR size / s, or every image too small.
         """
-        pairs, description = find_pairs(train_dir, scales, lr_dir)
+        pairs, description = find_pairs(train_dir, scales, lr_dir, exclude)
         cache = Path(cache_dir) if cache_dir else None
         scales = tuple(int(s) for s in scales)
 
@@ -327,28 +384,35 @@ class SRData:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             results = list(tqdm(pool.map(load_one, pairs), total=len(pairs), desc="decoding training images",
                                 unit="img", disable=not progress, leave=False))
-        hr_imgs = [r[0] for r in results]
-        lr_imgs = {s: [r[1][s] for r in results] for s in scales}
+        # The usable crop per scale: the LR size, capped by HR // s (a DIV2K LR may be larger).
+        crops = [{s: (min(int(lrs[s].shape[1]), int(hr.shape[1]) // s), min(int(lrs[s].shape[2]), int(hr.shape[2]) // s))
+                  for s in scales} for hr, lrs in zip((r[0] for r in results), (r[1] for r in results))]
+        keep = [i for i, c in enumerate(crops) if all(min(hw) >= patch_size for hw in c.values())]
+        skipped = []
+        for i in sorted(set(range(len(pairs))) - set(keep)):
+            s, (h, w) = min(crops[i].items(), key=lambda kv: min(kv[1]))
+            skipped.append(f"{pairs[i].hr.name} (x{s} LR {w}x{h})")
+        if not keep:
+            raise DatasetError(
+                f"every training image is too small for the {patch_size}x{patch_size} LR patch "
+                f"(e.g. {skipped[0]}): lower patch_size"
+            )
+        if skipped:
+            description += f"; {len(skipped)} left out, smaller than the {patch_size}x{patch_size} LR patch"
+        hr_imgs = [results[i][0] for i in keep]
+        lr_imgs = {s: [results[i][1][s] for i in keep] for s in scales}
+        crop_h = {s: torch.tensor([crops[i][s][0] for i in keep], dtype=torch.int64) for s in scales}
+        crop_w = {s: torch.tensor([crops[i][s][1] for i in keep], dtype=torch.int64) for s in scales}
         del results
-        crop_h, crop_w = {}, {}
-        for s in scales:
-            ch = [min(int(lr.shape[1]), int(hr.shape[1]) // s) for lr, hr in zip(lr_imgs[s], hr_imgs)]
-            cw = [min(int(lr.shape[2]), int(hr.shape[2]) // s) for lr, hr in zip(lr_imgs[s], hr_imgs)]
-            for pair, h, w in zip(pairs, ch, cw):
-                if h < patch_size or w < patch_size:
-                    raise DatasetError(
-                        f"{pair.hr}: too small for x{s} training: its LR is {w}x{h}, smaller than the "
-                        f"{patch_size}x{patch_size} LR patch (remove it or lower patch_size)"
-                    )
-            crop_h[s], crop_w[s] = torch.tensor(ch, dtype=torch.int64), torch.tensor(cw, dtype=torch.int64)
         lr_stores = {s: ImageStore.from_images(lr_imgs[s]) for s in scales}
-        return cls(ImageStore.from_images(hr_imgs), lr_stores, crop_h, crop_w, [p.hr.name for p in pairs],
-                   description)
+        return cls(ImageStore.from_images(hr_imgs), lr_stores, crop_h, crop_w, [pairs[i].hr.name for i in keep],
+                   description, skipped)
 
     def to(self, device: torch.device | str) -> "SRData":
         return SRData(self.hr.to(device), {s: st.to(device) for s, st in self.lr.items()},
                       {s: t.to(device) for s, t in self.crop_h.items()},
-                      {s: t.to(device) for s, t in self.crop_w.items()}, self.names, self.description)
+                      {s: t.to(device) for s, t in self.crop_w.items()}, self.names, self.description,
+                      self.skipped)
 
 
 def _check_lr_size(hr_path: Path, hr: Tensor, lr_path: Path, lr: Tensor, scale: int) -> None:

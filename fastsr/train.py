@@ -96,7 +96,8 @@ class TrainConfig:
     fused: bool = _key(True, "run the fused ops (they have autograd)")
     backend: str = _key("", "fused backend by name: triton, cpu, reference ('' : auto)")
     amp: str = _key("", "bf16, fp16 or '' (fp32); fused: the ops' compute dtype, eager: torch.autocast")
-    train_dir: str = _key("data/train_photos", "HR folder, or a DIV2K root (DIV2K_train_HR + DIV2K_train_LR_bicubic)")
+    train_dir: str = _key("data/train_photos", "HR folder(s), searched recursively (a list, or comma-separated), "
+                                               "or a DIV2K root (DIV2K_train_HR + DIV2K_train_LR_bicubic)")
     train_lr_dir: str = _key("", "LR folder paired by name (X<s> subfolders for several scales); '': made on the fly")
     cache_dir: str = _key("", "folder for decoded-image .npy files ('': decode every run)")
     loader: str = _key("device", "device (whole dataset on the device, batched gather) or dataloader (workers)")
@@ -118,6 +119,8 @@ class TrainConfig:
     ema_decay: float = _key(0.0, "EMA of the weights with this decay, used for validation and saved weights (0: off)")
     init_from: str = _key("", "weights to start from; x2 weights into an x3/x4 model keep all but the upsampler")
     val_dir: str = _key("../shared/data/Set5", "validation HR folder ('': no validation)")
+    val_images: str = _key("", "validate on only these images of val_dir (names or stems, a list or "
+                               "comma-separated), held out of the training data ('': all of val_dir)")
     val_every: int = _key(1000, "validate every N steps (0: only at the end)")
     log_every: int = _key(100, "log loss / lr / speed every N steps")
     ckpt_every: int = _key(1000, "write last.pt every N steps (and at the end, and on Ctrl-C)")
@@ -281,7 +284,12 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"config key {key!r} in {where}: expected a number, got {got}")
     if isinstance(value, str):
         return value
+    if isinstance(value, list) and key in _LIST_KEYS and all(isinstance(v, str) and "," not in v for v in value):
+        return ", ".join(value)  # a TOML array of names or folders: kept in the comma form
     raise ConfigError(f"config key {key!r} in {where}: expected a string, got {got}")
+
+
+_LIST_KEYS = ("train_dir", "val_images")  # string keys that also take a TOML array of strings
 
 
 def _toml_module():
@@ -518,7 +526,9 @@ class Validator:
     0..255; PSNR and SSIM on BT.601 Y with `scale` pixels shaved. Means over the images.
     """
 
-    def __init__(self, folder: str | os.PathLike, scales: Sequence[int], device: torch.device):
+    def __init__(self, folder: str | os.PathLike, scales: Sequence[int], device: torch.device,
+                 paths: Sequence[Path] | None = None):
+        """folder: the validation HR folder; paths: only these images of it (None: all)."""
         from fastsr.data import DatasetError
         from fastsr.imageio import list_images, read_image
         from fastsr.imresize import imresize, modcrop
@@ -526,7 +536,7 @@ class Validator:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DatasetError(f"{self.folder}: validation folder does not exist")
-        paths = list_images([self.folder])
+        paths = list(paths) if paths is not None else list_images([self.folder])
         if not paths:
             raise DatasetError(f"{self.folder}: no image files in the validation folder")
         self.items: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {s: [] for s in scales}
@@ -845,7 +855,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, dist: _Dist, device: torch.device, resume: bool | str | os.PathLike):
         from fastsr.checkpoints import load_weights, model_arch_tag
-        from fastsr.data import DeviceSampler, LoaderSource, SRData
+        from fastsr.data import DeviceSampler, LoaderSource, SRData, select_images
         from fastsr.models.edsr import MDSR, count_parameters
 
         self.cfg, self.dist, self.device = cfg, dist, device
@@ -891,9 +901,14 @@ class _Run:
         self.autocast = (torch.autocast(device.type, dtype=cfg.amp_dtype) if cfg.amp and not cfg.fused
                          else contextlib.nullcontext())
 
+        # A named validation split is held out of the training images (same folders).
+        val_paths = select_images(cfg.val_dir, cfg.val_images) if (cfg.val_dir and cfg.val_images) else None
         data = SRData.load(cfg.train_dir, self.scales, lr_dir=cfg.train_lr_dir or None,
-                           cache_dir=cfg.cache_dir or None, patch_size=cfg.patch_size, progress=dist.main)
+                           cache_dir=cfg.cache_dir or None, patch_size=cfg.patch_size, progress=dist.main,
+                           exclude=val_paths or ())
         self.say(f"data: {data.description}; {data.hr.nbytes / 2**20:.0f} MiB HR in memory")
+        if data.skipped:
+            self.say(f"warning: left out of training, smaller than the LR patch: {', '.join(data.skipped)}")
         per_rank = cfg.batch_size // dist.world
         kw = dict(seed=cfg.seed, rank=dist.rank, device=device)
         if cfg.loader == "device":
@@ -915,7 +930,8 @@ class _Run:
                 # MDSR: the other scales' branches get no gradient in a step.
                 find_unused_parameters=isinstance(model, MDSR),
             )
-        self.validator = Validator(cfg.val_dir, self.scales, device) if (cfg.val_dir and dist.main) else None
+        self.validator = (Validator(cfg.val_dir, self.scales, device, val_paths) if (cfg.val_dir and dist.main)
+                          else None)
         with self.noting_checkpoint():
             self.log = (_RunLog(self.run_dir, self.step_no if checkpoint is not None else None, cfg.plot,
                                 cfg.tensorboard) if dist.main else None)

@@ -18,6 +18,7 @@ from fastsr.data import (
     crop_pair,
     find_pairs,
     gather_patches,
+    select_images,
 )
 from fastsr.errors import ImageReadError
 from fastsr.imresize import imresize
@@ -140,8 +141,31 @@ def test_unreadable_and_too_small_images_are_named(tmp_path):
         SRData.load(tmp_path / "hr", (2,), patch_size=8)
     (tmp_path / "hr" / "broken.png").unlink()
     write_png(tmp_path / "hr" / "tiny.png", random_image(12, 40, 0))
-    with pytest.raises(DatasetError, match=r"tiny\.png: too small for x2 training: its LR is 20x6"):
+    data = SRData.load(tmp_path / "hr", (2,), patch_size=8)  # too small: left out, named
+    assert data.names == ["good.png"] and data.skipped == ["tiny.png (x2 LR 20x6)"]
+    assert "1 left out, smaller than the 8x8 LR patch" in data.description
+    (tmp_path / "hr" / "good.png").unlink()
+    with pytest.raises(DatasetError, match=r"every training image is too small .* tiny\.png \(x2 LR 20x6\)"):
         SRData.load(tmp_path / "hr", (2,), patch_size=8)
+
+
+def test_several_folders_subfolders_and_a_held_out_split(tmp_path):
+    # The 291-image set's shape: one root with T91/ and BSD200/, validation held out of one.
+    for i in range(3):
+        write_png(tmp_path / "root" / "A" / f"a{i}.png", random_image(20, 20, i))
+        write_png(tmp_path / "root" / "B" / "deep" / f"b{i}.png", random_image(20, 22, 10 + i))
+    pairs, desc = find_pairs(tmp_path / "root", (2,))
+    assert [p.hr.name for p in pairs] == ["a0.png", "a1.png", "a2.png", "b0.png", "b1.png", "b2.png"]
+    val = select_images(tmp_path / "root" / "B", "b1, b2.png")
+    assert [p.name for p in val] == ["b1.png", "b2.png"]
+    data = SRData.load(f"{tmp_path / 'root' / 'A'}, {tmp_path / 'root' / 'B'}", (2,), patch_size=8, exclude=val)
+    assert data.names == ["a0.png", "a1.png", "a2.png", "b0.png"] and "2 held out for validation" in data.description
+    data = SRData.load(tmp_path / "root", (2,), patch_size=8, exclude=val)  # one root, recursive
+    assert data.names == ["a0.png", "a1.png", "a2.png", "b0.png"]
+    with pytest.raises(DatasetError, match=r"no image named 'b7'"):
+        select_images(tmp_path / "root", ["b7"])
+    with pytest.raises(DatasetError, match=r"nope: training folder does not exist"):
+        find_pairs([tmp_path / "root" / "A", tmp_path / "nope"], (2,))
 
 
 # ---------------------------------------------------------------------------------------
