@@ -96,6 +96,8 @@ class TrainConfig:
     fused: bool = _key(True, "run the fused ops (they have autograd)")
     backend: str = _key("", "fused backend by name: triton, cpu, reference ('' : auto)")
     amp: str = _key("", "bf16, fp16 or '' (fp32); fused: the ops' compute dtype, eager: torch.autocast")
+    recompute: str = _key("auto", "fused: recompute block conv1 and the upsampler in backward (less memory, "
+                                  "more work): true, false, auto (false on CPU, true on GPUs)")
     train_dir: str = _key("data/train_photos", "HR folder(s), searched recursively (a list, or comma-separated), "
                                                "or a DIV2K root (DIV2K_train_HR + DIV2K_train_LR_bicubic)")
     train_lr_dir: str = _key("", "LR folder paired by name (X<s> subfolders for several scales); '': made on the fly")
@@ -138,6 +140,7 @@ class TrainConfig:
     FREE_KEYS: typing.ClassVar[tuple[str, ...]] = (
         "name", "steps", "val_dir", "val_every", "log_every", "ckpt_every", "out_dir", "device", "threads",
         "tensorboard", "plot", "cache_dir", "num_workers", "init_from", "nan_policy", "nan_max_consecutive",
+        "recompute",
     )
 
     @property
@@ -184,6 +187,9 @@ class TrainConfig:
             raise bad("amp", "expected bf16, fp16 or '' (fp32)")
         if self.backend not in ("", "triton", "cpu", "reference"):
             raise bad("backend", "expected triton, cpu, reference or '' (auto)")
+        self.recompute = self.recompute.lower()
+        if self.recompute not in ("auto", "true", "false"):
+            raise bad("recompute", "expected auto, true or false")
         if self.loader not in ("device", "dataloader"):
             raise bad("loader", "expected device or dataloader")
         for key in ("patch_size", "batch_size", "steps", "lr_step", "log_every", "ckpt_every"):
@@ -485,7 +491,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     factory = PRESETS[cfg.model]
     takes_scale = "scale" in inspect.signature(factory).parameters
     fused_kw = dict(fused=cfg.fused, backend=cfg.backend or None,
-                    dtype=cfg.amp_dtype if (cfg.fused or cfg.backend) else None)
+                    dtype=cfg.amp_dtype if (cfg.fused or cfg.backend) else None,
+                    recompute={"auto": None, "true": True, "false": False}[cfg.recompute])
     overrides = (cfg.n_resblocks, cfg.n_feats, cfg.res_scale if takes_scale else 1.0)
     if not any(overrides):
         return factory(cfg.scale, **fused_kw) if takes_scale else factory(**fused_kw)

@@ -141,3 +141,55 @@ def test_ddp_wraps_the_fused_model(tmp_path):
         dist.destroy_process_group()
     _l1_step(eager, x, y)
     _assert_same_grads(_grads(fused), _grads(eager))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recompute_on_or_off_gives_the_eager_gradients(recompute):
+    """recompute=False (the CPU default) saves conv1's output instead of recomputing it;
+    both choices train the same network: the eager model's gradients, fp32."""
+    eager, fused = _pair(recompute=recompute)
+    x, y = _data(3, 7, 5)
+    torch.testing.assert_close(_l1_step(fused, x, y), _l1_step(eager, x, y), rtol=1e-5, atol=1e-4)
+    _assert_same_grads(_grads(fused), _grads(eager))
+
+
+def test_cpu_default_does_not_recompute_and_runs_no_reference_in_backward(monkeypatch):
+    from fastsr.models import fused as fused_mod
+    from fastsr.ops import conv as conv_mod
+
+    _, auto = _pair()
+    assert auto.recompute is None and not fused_mod.recomputes(auto, torch.device("cpu"))
+    assert fused_mod.recomputes(auto, torch.device("cuda")) and fused_mod.recomputes(_pair(recompute=True)[1],
+                                                                                    torch.device("cpu"))
+    calls = {"ref": 0, "checkpoint": 0}
+    real_ref, real_ckpt = conv_mod.conv2d_ref, fused_mod.checkpoint
+    monkeypatch.setattr(conv_mod, "conv2d_ref", lambda *a, **k: (calls.__setitem__("ref", calls["ref"] + 1),
+                                                                 real_ref(*a, **k))[1])
+    monkeypatch.setattr(fused_mod, "checkpoint", lambda *a, **k: (calls.__setitem__("checkpoint", 1),
+                                                                  real_ckpt(*a, **k))[1])
+    x, y = _data()
+    _l1_step(auto, x, y)
+    assert calls == {"ref": 0, "checkpoint": 0}  # nothing recomputed: not the block, not the tail
+    _, lean = _pair(recompute=True)
+    _l1_step(lean, x, y)
+    assert calls["checkpoint"] == 1
+
+
+def test_relu_conv_backward_from_its_saved_output_matches_the_reference():
+    """The cpu conv with a ReLU epilogue and no skip keeps its output for the mask; with a
+    skip it cannot (out > 0 no longer says where conv + b > 0) and must still be right."""
+    from fastsr.ops.reference import conv2d_ref
+
+    torch.manual_seed(5)
+    for skip in (False, True):
+        x = torch.randn(2, 6, 7, 9).contiguous(memory_format=CL).requires_grad_()
+        w = (torch.randn(6, 6, 3, 3) * 0.2).requires_grad_()
+        b = torch.randn(6).requires_grad_()
+        s = torch.randn(2, 6, 7, 9).contiguous(memory_format=CL) if skip else None
+        g = torch.randn(2, 6, 7, 9)
+        out = conv2d(x, w, b, relu=True, res_scale=0.7, skip=s, backend="cpu")
+        got = torch.autograd.grad(out, (x, w, b), g)
+        ref = conv2d_ref(x, w, b, relu=True, res_scale=0.7, skip=s)
+        want = torch.autograd.grad(ref, (x, w, b), g)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

@@ -134,6 +134,22 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
+def recomputes(model: nn.Module, device: torch.device) -> bool:
+    """Whether a training forward of `model` on `device` recomputes in backward (see
+    fused_forward): model.recompute, or when that is None, everywhere but on the CPU."""
+    choice = getattr(model, "recompute", None)
+    return device.type != "cpu" if choice is None else bool(choice)
+
+
+def _block(x: torch.Tensor, c1: Conv, c2: Conv, res_scale: float, backend: str, saving: bool) -> torch.Tensor:
+    """One residual block: the one-op block, or (saving) its two fused convs, whose autograd
+    keeps conv1's output instead of recomputing it."""
+    if saving:
+        t = conv2d(x, *c1, relu=True, backend=backend)
+        return conv2d(t, *c2, res_scale=res_scale, skip=x, backend=backend)
+    return resblock(x, *c1, *c2, res_scale, backend=backend)
+
+
 def _upsample_tail(plan: FusedPlan, r: torch.Tensor, scale_idx: int, backend: str) -> torch.Tensor:
     for conv, shuffle in plan.up[scale_idx]:
         r = conv2d(r, *conv, shuffle=shuffle, backend=backend)
@@ -149,9 +165,13 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     mean is not exact in bf16; it is ~1% of the FLOPs), and the mean is added back in x's
     dtype. The output has x's dtype and is channels-last.
 
-    With gradients, the upsampler and tail are recomputed in backward from their input
-    (torch.utils.checkpoint): their outputs are F-maps at 2x-4x resolution, as large as 4-16
-    body activations, so keeping them would cost more memory than the whole fused body.
+    With gradients and recomputation on (`model.recompute`, by default everywhere but the
+    CPU), each block saves only its input (conv1 + ReLU is recomputed in backward) and the
+    upsampler and tail are recomputed from their input (torch.utils.checkpoint): their outputs
+    are F-maps at 2x-4x resolution, as large as 4-16 body activations, so keeping them would
+    cost more memory than the whole fused body. With it off, a block runs as its two fused
+    convs (conv1 + ReLU, then conv2 + res_scale + skip), which save conv1's output for
+    backward, and nothing is checkpointed: eager autograd's memory, and no recomputed work.
     """
     backend = choose_backend(x, model.backend_request)
     compute = model.compute_dtype or autocast_dtype(x.device) or x.dtype
@@ -160,13 +180,14 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
         plan = get_plan(model, compute, x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         h = conv2d(x, *plan.head, in_shift=plan.in_shift.to(x.device), backend=backend).to(compute)
+        saving = torch.is_grad_enabled() and not recomputes(model, x.device)
         for (c1, c2) in plan.pre[scale_idx]:
-            h = resblock(h, *c1, *c2, 1.0, backend=backend)
+            h = _block(h, c1, c2, 1.0, backend, saving)
         r = h
         for (c1, c2) in plan.body:
-            r = resblock(r, *c1, *c2, plan.res_scale, backend=backend)
+            r = _block(r, c1, c2, plan.res_scale, backend, saving)
         r = conv2d(r, *plan.body_last, skip=h, backend=backend)
-        if r.requires_grad:
+        if r.requires_grad and not saving:
             out = checkpoint(_upsample_tail, plan, r, scale_idx, backend, use_reentrant=False)
         else:
             out = _upsample_tail(plan, r, scale_idx, backend)
@@ -175,4 +196,4 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     return out, backend
 
 
-__all__ = ["BACKWARD_BACKEND", "FusedPlan", "autocast_dtype", "kernel_layout", "build_plan", "fused_forward", "get_plan", "weights_key"]
+__all__ = ["BACKWARD_BACKEND", "FusedPlan", "autocast_dtype", "kernel_layout", "build_plan", "fused_forward", "get_plan", "recomputes", "weights_key"]

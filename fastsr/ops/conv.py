@@ -228,9 +228,9 @@ def _(x, w1, b1, w2, b2, res_scale, backend):
 #               and torch.compile trace the backward without running it);
 #   "cpu"    -> aten.convolution_backward (oneDNN's fast CPU path) called directly, with the
 #               epilogues' backward (pixel unshuffle, res_scale, the block's ReLU mask and skip)
-#               around it. Nothing but the block's conv1 + ReLU is recomputed, except for a
-#               conv with a ReLU epilogue (the two-kernel block path of the triton backend),
-#               whose mask needs its output: that one is recomputed through the reference.
+#               around it. Nothing but the block's conv1 + ReLU is recomputed; a conv with a
+#               ReLU epilogue saves its output for the mask (when the output shows it: no skip,
+#               no shuffle), else it is recomputed through the reference.
 
 
 def backward_backend(forward_backend: str) -> str:
@@ -283,10 +283,15 @@ def _cast(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | N
     return None if t is None or like is None else t.to(like.dtype)
 
 
-def _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, needs) -> tuple:
-    """Gradients of fastsr::conv2d on the "cpu" backend: (dx, dW, db, d_in_shift)."""
+def _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, needs, out=None) -> tuple:
+    """Gradients of fastsr::conv2d on the "cpu" backend: (dx, dW, db, d_in_shift).
+
+    out: the forward's output when it was saved for the ReLU mask (_relu_mask_from_output);
+    a ReLU conv without it is recomputed through the reference."""
     need_x, need_w, need_b, need_s = (bool(n) and t is not None for n, t in zip(needs, (x, weight, bias, in_shift)))
-    if opts["relu"]:  # the ReLU mask needs the output: recompute it through the reference
+    if opts["relu"] and out is not None:
+        grad = grad * (out > 0)  # ReLU's backward; then the conv's as without an activation
+    elif opts["relu"]:  # the ReLU mask needs the output: recompute it through the reference
         f = lambda x, weight, bias, in_shift: conv2d_ref(x, weight, bias, in_shift=in_shift, **opts)
         return _grads(f, (x, weight, bias, in_shift), grad, (need_x, need_w, need_b, need_s))
     if not (need_x or need_w or need_b or need_s):
@@ -427,15 +432,24 @@ def _(grad, x, w1, b1, w2, res_scale, need_dx, need_dw1, need_db1, need_dw2, nee
     return outs
 
 
+def _relu_mask_from_output(relu: bool, res_scale: float, skip, shuffle: int, backend: str) -> bool:
+    """Whether the cpu backward reads the ReLU mask off the saved output (out > 0 exactly
+    where conv + bias > 0): a ReLU conv with no skip, no shuffle and res_scale > 0. Saving the
+    output is what eager autograd saves for its ReLU; the alternative recomputes the conv."""
+    return backend == "cpu" and relu and skip is None and shuffle == 1 and res_scale > 0
+
+
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend = inputs
-    ctx.save_for_backward(x, weight, bias, in_shift)  # not skip: its gradient is the output's
+    # Not skip: its gradient is the output's.
+    ctx.mask_from_output = _relu_mask_from_output(relu, res_scale, skip, shuffle, backend)
+    ctx.save_for_backward(x, weight, bias, in_shift, output if ctx.mask_from_output else None)
     ctx.opts = dict(relu=relu, res_scale=res_scale, shuffle=shuffle)
     ctx.backend = backend
 
 
 def _conv_backward(ctx, grad):
-    x, weight, bias, in_shift = ctx.saved_tensors
+    x, weight, bias, in_shift, out = ctx.saved_tensors
     need_x, need_w, need_b, need_s, need_skip = ctx.needs_input_grad[:5]
     opts = ctx.opts
     if backward_backend(ctx.backend) == "triton":
@@ -447,7 +461,8 @@ def _conv_backward(ctx, grad):
         ds = _in_shift_grad(dx, in_shift) if need_s and in_shift is not None else None
         grads = (dx if need_x else None, dw, db, ds)
     else:  # skip is additive: it does not change these gradients
-        grads = _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, (need_x, need_w, need_b, need_s))
+        grads = _conv_backward_cpu(grad, x, weight, bias, in_shift, opts, (need_x, need_w, need_b, need_s),
+                                   out if ctx.mask_from_output else None)
     return (*grads, grad if need_skip else None, None, None, None, None)
 
 
