@@ -517,92 +517,134 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", metavar="DATASET_DIR", help="folder of HR images (e.g. Set5)")
+    from fastsr.evaluation import PROTOCOLS
+
+    p.add_argument("datasets", nargs="+", metavar="DATASET_DIR", help="folders of HR images (e.g. Set5 Set14)")
     _add_model_arguments(p)
-    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    # eval takes several scales (--scale 2 3 4): one table, datasets by scales.
+    for action in p._actions:
+        if action.dest == "scale":
+            action.nargs, action.help = "+", "upscaling factor(s), e.g. --scale 2 3 4"
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="paper",
+                   help="paper (default: Y, shave = scale, gray images on their own channel, as the published "
+                        "tables), official (the EDSR-PyTorch code: gray copied to RGB), div2k (RGB, shave = scale + 6)")
+    p.add_argument("--per-image", action="store_true", help="also print one table per dataset and scale")
+    p.add_argument("--save-images", metavar="DIR",
+                   help="write each SR image as DIR/<dataset>/x<scale>/<name>.png")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
 
 
-def evaluate_image(up: Upscaler, rgb: torch.Tensor, scale: int) -> tuple[float, float, float]:
-    """The papers' protocol on one HR image rgb (3, H, W) float 0..255.
+def _sr_function(up: Upscaler):
+    """uint8 LR (1, 3, h, w) -> quantized SR float 0..255, as the protocol wants."""
+    from fastsr.metrics import quantize
 
-    HR -> uint8, modcrop to `scale`; LR = MATLAB bicubic of the uint8 HR (uint8, rounded);
-    SR = network(LR) quantized to 0..255 (bicubic: MATLAB's uint8 path); PSNR and SSIM on
-    BT.601 Y with `scale` pixels shaved. Returns (psnr, ssim, seconds spent upscaling).
-    """
-    from fastsr.imresize import imresize, modcrop
-    from fastsr.metrics import psnr_y, quantize, ssim_y
-
-    hr = modcrop(rgb.round().clamp(0, 255).to(torch.uint8), scale)
-    h, w = hr.shape[-2:]
-    if min(h, w) - 2 * scale < 11:
-        raise FastSRError(f"{h}x{w} is too small for the protocol (SSIM needs 11 pixels after shaving {scale})")
-    # size= rather than scale=1/s: ceil(H * (1/3)) can land one pixel above H/3.
-    lr = imresize(hr, size=(h // scale, w // scale))
-    up.synchronize()
-    start = time.perf_counter()
     if up.model is None:
-        sr = up(lr[None]).float()
-    else:
-        sr = quantize(up(lr[None].float()))
-    up.synchronize()
-    seconds = time.perf_counter() - start
-    target = hr[None].float()
-    return float(psnr_y(sr, target, shave=scale)[0]), float(ssim_y(sr, target, shave=scale)[0]), seconds
+        return lambda lr: up(lr).float()  # MATLAB's uint8 bicubic: already on the 256 levels
+    return lambda lr: quantize(up(lr.float()))
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fastsr.imageio import list_images, read_image
+    from fastsr.evaluation import evaluate_image, get_protocol, summarize
+    from fastsr.imageio import list_images, read_image, write_png
 
-    dataset = Path(args.dataset)
-    if not dataset.is_dir():
-        raise FastSRError(f"{dataset}: not a folder of images")
-    paths = list_images([dataset])
-    if not paths:
-        raise FastSRError(f"{dataset}: no image files in this folder")
-    up = load_upscaler(args)
-    _info(f"evaluating {len(paths)} image(s) of {dataset} {_describe(up)}")
-    rows: list[dict] = []
-    failed: list[str] = []
+    protocol = get_protocol(args.protocol)
+    scales = list(dict.fromkeys(args.scale))  # in the order given, once each
+    datasets = []
+    for d in args.datasets:
+        folder = Path(d)
+        if not folder.is_dir():
+            raise FastSRError(f"{folder}: not a folder of images")
+        paths = list_images([folder])
+        if not paths:
+            raise FastSRError(f"{folder}: no image files in this folder")
+        datasets.append((folder, paths))
+    upscalers = {s: load_upscaler(argparse.Namespace(**{**vars(args), "scale": s})) for s in scales}
+    images = {}  # decoded once, reused for every scale
+    results = []
     start = time.perf_counter()
-    for path in tqdm(paths, desc=PROG, unit="img", disable=None, file=sys.stderr, leave=False):
-        try:
-            image = read_image(path)
-            psnr, ssim, seconds = evaluate_image(up, image.rgb, args.scale)
-        except FastSRError as e:
-            message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
-            _error(message)
-            failed.append(message)
-            continue
-        rows.append({"image": path.name, "height": image.height, "width": image.width,
-                     "psnr": psnr, "ssim": ssim, "seconds": seconds})
+    n_total = sum(len(p) for _, p in datasets) * len(scales)
+    bar = tqdm(total=n_total, desc=PROG, unit="img", disable=None, file=sys.stderr, leave=False)
+    for s in scales:
+        up = upscalers[s]
+        _info(f"evaluating {', '.join(str(f) for f, _ in datasets)} {_describe(up)}, protocol {protocol.name}")
+        sr_fn = _sr_function(up)
+        for folder, paths in datasets:
+            rows, failed = [], []
+            for path in paths:
+                bar.update(1)
+                try:
+                    if path not in images:
+                        images[path] = read_image(path)
+                    image = images[path]
+                    row = evaluate_image(sr_fn, image.rgb, s, protocol, gray=image.gray, name=path.name,
+                                         keep_sr=bool(args.save_images), synchronize=up.synchronize)
+                except FastSRError as e:
+                    message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+                    message = message.replace(f"{path}: {path.name}: ", f"{path}: ")
+                    _error(message)
+                    failed.append(message)
+                    continue
+                if args.save_images:
+                    target = Path(args.save_images) / folder.name / f"x{s}" / f"{path.stem}.png"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    write_png(target, row.sr)
+                    row.sr = None
+                rows.append(row)
+            results.append(summarize(folder.name, s, rows, failed))
+    bar.close()
     total = time.perf_counter() - start
-    mean_psnr = sum(r["psnr"] for r in rows) / len(rows) if rows else float("nan")
-    mean_ssim = sum(r["ssim"] for r in rows) / len(rows) if rows else float("nan")
+    first = upscalers[scales[0]]
+    mode = {"weights": first.label, "self_ensemble": first.self_ensemble,
+            "dtype": str(getattr(first.model, "compute_dtype", None) or first.dtype).replace("torch.", ""),
+            "device": str(first.device)}
     if args.json:
-        print(json.dumps({
-            "dataset": str(dataset), "scale": args.scale, "model": up.label, "device": str(up.device),
-            "dtype": str(up.dtype).replace("torch.", ""), "self_ensemble": up.self_ensemble,
-            "protocol": f"Y (BT.601), shave {args.scale}, MATLAB bicubic LR",
-            "images": rows, "mean_psnr": mean_psnr, "mean_ssim": mean_ssim,
-            "n_images": len(rows), "failed": failed, "seconds": total,
-        }, indent=2))
+        print(json.dumps({"protocol": protocol.name, "protocol_description": protocol.description, **mode,
+                          "scales": scales, "results": [r.as_dict() for r in results], "seconds": total}, indent=2))
     else:
-        _print_table(rows, mean_psnr, mean_ssim, args.scale, up, total)
-    if up.model is None and up.label != "bicubic":
+        if args.per_image:
+            for r in results:
+                _print_image_table(r)
+        _print_summary(results, scales, protocol, mode, total)
+    if any(up.model is None and up.label != "bicubic" for up in upscalers.values()):
         _info(BICUBIC_WARNING)
-    return 1 if failed or not rows else 0
+    return 1 if any(r.failed or not r.images for r in results) else 0
 
 
-def _print_table(rows: list[dict], mean_psnr: float, mean_ssim: float, scale: int, up: Upscaler, total: float) -> None:
-    width = max([len("image")] + [len(r["image"]) for r in rows])
+def _print_image_table(r) -> None:
+    width = max([len("image")] + [len(im.name) for im in r.images])
+    print(f"{r.dataset} x{r.scale}")
     print(f"{'image':<{width}}  {'size':>9}  {'PSNR (dB)':>9}  {'SSIM':>6}  {'time (s)':>8}")
-    for r in rows:
-        size = f"{r['width']}x{r['height']}"
-        print(f"{r['image']:<{width}}  {size:>9}  {r['psnr']:>9.4f}  {r['ssim']:>6.4f}  {r['seconds']:>8.3f}")
-    print(f"{'mean':<{width}}  {len(rows):>8}   {mean_psnr:>9.4f}  {mean_ssim:>6.4f}")
-    print(f"x{scale}, {up.label}; PSNR/SSIM on Y (BT.601), shave {scale}; total {total:.2f} s")
+    for im in r.images:
+        size = f"{im.width}x{im.height}"
+        print(f"{im.name:<{width}}  {size:>9}  {im.psnr:>9.4f}  {im.ssim:>6.4f}  {im.seconds:>8.3f}")
+    print()
+
+
+def _print_summary(results, scales: list[int], protocol, mode: dict, total: float) -> None:
+    """One paper-style table: a row per dataset, PSNR / SSIM per scale; the mode below it."""
+    by = {(r.dataset, r.scale): r for r in results}
+    names = list(dict.fromkeys(r.dataset for r in results))
+    width = max([len("dataset")] + [len(n) for n in names])
+    print(f"{'dataset':<{width}}  " + "  ".join(f"{'x' + str(s) + ' PSNR / SSIM':>18}" for s in scales))
+    notes = []
+    for n in names:
+        cells = []
+        for s in scales:
+            r = by[(n, s)]
+            cells.append(f"{r.psnr:>8.2f} / {r.ssim:.4f}" if r.images else f"{'-':>18}")
+            if r.infinite:
+                notes.append(f"{n} x{s}: {', '.join(r.infinite)} identical to HR (infinite PSNR), "
+                             "left out of the PSNR mean")
+            if r.failed:
+                notes.append(f"{n} x{s}: {len(r.failed)} image(s) not scored (see above)")
+        print(f"{n:<{width}}  " + "  ".join(f"{c:>18}" for c in cells))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"protocol {protocol.name}: {protocol.description}; {mode['weights']}"
+          f"{', self-ensemble (EDSR+)' if mode['self_ensemble'] else ''}; {mode['dtype']} on {mode['device']}; "
+          f"total {total:.2f} s")
 
 
 # ---------------------------------------------------------------------------------------

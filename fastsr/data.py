@@ -271,13 +271,10 @@ def _decode_uint8(path: Path) -> Tensor:
 
 
 def _make_lr(hr: Tensor, scale: int) -> Tensor:
-    """The evaluation degradation: MATLAB bicubic of the modcropped uint8 HR, uint8 out."""
-    from fastsr.imresize import imresize, modcrop
+    """The evaluation degradation (fastsr.evaluation.make_lr) of the modcropped uint8 HR."""
+    from fastsr.evaluation import make_lr
 
-    hr = modcrop(hr, scale)
-    h, w = hr.shape[-2:]
-    # size= rather than scale=1/s: ceil(H * (1/3)) can land one pixel above H/3.
-    return imresize(hr, size=(h // scale, w // scale)).contiguous()
+    return make_lr(hr, scale)
 
 
 # ---------------------------------------------------------------------------------------

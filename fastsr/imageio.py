@@ -75,12 +75,14 @@ class Image:
     rgb: (3, H, W) float32 in 0..255 (16-bit sources: value / 65535 * 255, not rounded).
     alpha: (H, W) float32 in 0..255, or None when the file has no transparency.
     bit_depth: 8 or 16, the precision of the source samples.
+    gray: the file holds one color channel (gray or gray + alpha); rgb repeats it 3 times.
     """
 
     rgb: torch.Tensor
     alpha: torch.Tensor | None
     bit_depth: int
     path: Path
+    gray: bool = False
 
     @property
     def height(self) -> int:
@@ -304,7 +306,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     channels = data.shape[0]
     color = data[:1].expand(3, -1, -1) if channels in (1, 2) else data[:3]
     alpha = data[-1].clone() if channels in (2, 4) else None
-    return Image(rgb=color.contiguous(), alpha=alpha, bit_depth=bit_depth, path=path)
+    return Image(rgb=color.contiguous(), alpha=alpha, bit_depth=bit_depth, path=path, gray=channels in (1, 2))
 
 
 # ---------------------------------------------------------------------------------------

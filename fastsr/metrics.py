@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["psnr_y", "quantize", "rgb_to_y", "ssim_y"]
+__all__ = ["full_range_luma", "psnr_y", "quantize", "rgb_to_y", "ssim_y"]
 
 Tensor = torch.Tensor
 
@@ -63,6 +63,16 @@ def rgb_to_y(img: Tensor) -> Tensor:
     x = img.to(dtype)
     r, g, b = x.narrow(-3, 0, 1), x.narrow(-3, 1, 1), x.narrow(-3, 2, 1)
     return _Y_OFFSET + (_Y_COEFFS[0] * r + _Y_COEFFS[1] * g + _Y_COEFFS[2] * b) / 255.0
+
+
+def full_range_luma(img: Tensor) -> Tensor:
+    """BT.601 luma in 0..255 (not 16..235): 0.299 R + 0.587 G + 0.114 B, float64.
+
+    img: ``(N, 3, H, W)`` or ``(3, H, W)`` RGB in 0..255. Gray copied into RGB (R = G = B)
+    gives the gray back exactly; it is how a one-channel image's SR output (three channels
+    from the network) is compared with its one-channel HR. Returns ``(N, 1, H, W)`` /
+    ``(1, H, W)``."""
+    return (rgb_to_y(img).to(torch.float64) - _Y_OFFSET) * (255.0 / 219.0)
 
 
 def _y_pair(sr: Tensor, hr: Tensor, shave: int, name: str) -> tuple[Tensor, Tensor, bool]:

@@ -123,6 +123,8 @@ class TrainConfig:
     val_dir: str = _key("../shared/data/Set5", "validation HR folder ('': no validation)")
     val_images: str = _key("", "validate on only these images of val_dir (names or stems, a list or "
                                "comma-separated), held out of the training data ('': all of val_dir)")
+    val_protocol: str = _key("paper", "validation scoring (fastsr.evaluation): paper (Y, shave = scale), official, "
+                                      "div2k (RGB, shave = scale + 6, as the official DIV2K training logs)")
     val_every: int = _key(1000, "validate every N steps (0: only at the end)")
     log_every: int = _key(100, "log loss / lr / speed every N steps")
     ckpt_every: int = _key(1000, "write last.pt every N steps (and at the end, and on Ctrl-C)")
@@ -138,7 +140,7 @@ class TrainConfig:
     ARCH_KEYS: typing.ClassVar[tuple[str, ...]] = ("model", "scale", "n_resblocks", "n_feats", "res_scale")
     # Keys that may change on resume without touching the training trajectory.
     FREE_KEYS: typing.ClassVar[tuple[str, ...]] = (
-        "name", "steps", "val_dir", "val_every", "log_every", "ckpt_every", "out_dir", "device", "threads",
+        "name", "steps", "val_dir", "val_protocol", "val_every", "log_every", "ckpt_every", "out_dir", "device", "threads",
         "tensorboard", "plot", "cache_dir", "num_workers", "init_from", "nan_policy", "nan_max_consecutive",
         "recompute",
     )
@@ -187,6 +189,10 @@ class TrainConfig:
             raise bad("amp", "expected bf16, fp16 or '' (fp32)")
         if self.backend not in ("", "triton", "cpu", "reference"):
             raise bad("backend", "expected triton, cpu, reference or '' (auto)")
+        from fastsr.evaluation import PROTOCOLS
+
+        if self.val_protocol not in PROTOCOLS:
+            raise bad("val_protocol", f"expected one of {', '.join(PROTOCOLS)}")
         self.recompute = self.recompute.lower()
         if self.recompute not in ("auto", "true", "false"):
             raise bad("recompute", "expected auto, true or false")
@@ -527,40 +533,38 @@ class _EMA:
 
 
 class Validator:
-    """The papers' protocol on a folder of HR images, with the LR made once per scale.
-
-    HR -> uint8, modcrop(scale); LR = MATLAB bicubic of that (uint8); SR quantized to
-    0..255; PSNR and SSIM on BT.601 Y with `scale` pixels shaved. Means over the images.
-    """
+    """The evaluation protocol (fastsr.evaluation, `protocol`) on validation HR images, with
+    the HR cropped and the LR made once per scale. Means over the images."""
 
     def __init__(self, folder: str | os.PathLike, scales: Sequence[int], device: torch.device,
-                 paths: Sequence[Path] | None = None):
+                 paths: Sequence[Path] | None = None, protocol: str = "paper"):
         """folder: the validation HR folder; paths: only these images of it (None: all)."""
         from fastsr.data import DatasetError
+        from fastsr.evaluation import get_protocol, make_lr, prepare_hr
         from fastsr.imageio import list_images, read_image
-        from fastsr.imresize import imresize, modcrop
 
         self.folder = Path(folder)
+        self.protocol = get_protocol(protocol)
         if not self.folder.is_dir():
             raise DatasetError(f"{self.folder}: validation folder does not exist")
         paths = list(paths) if paths is not None else list_images([self.folder])
         if not paths:
             raise DatasetError(f"{self.folder}: no image files in the validation folder")
-        self.items: dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]] = {s: [] for s in scales}
+        self.items: dict[int, list[tuple[str, bool, torch.Tensor, torch.Tensor]]] = {s: [] for s in scales}
         for path in paths:
-            rgb = read_image(path).rgb.round().clamp_(0, 255).to(torch.uint8)
+            image = read_image(path)
             for s in scales:
-                hr = modcrop(rgb, s)
-                h, w = hr.shape[-2:]
-                if min(h, w) - 2 * s < 11:
-                    raise DatasetError(f"{path}: {w}x{h} is too small to validate at x{s} (SSIM needs 11 px)")
-                lr = imresize(hr, size=(h // s, w // s))
-                self.items[s].append((path.name, lr[None].float().to(device), hr[None].float().to(device)))
+                try:
+                    hr = prepare_hr(image.rgb, s, self.protocol, str(path))
+                except FastSRError as e:
+                    raise DatasetError(str(e)) from None
+                self.items[s].append((path.name, image.gray, make_lr(hr, s)[None].float().to(device), hr))
 
     @torch.no_grad()
     def run(self, model: nn.Module) -> dict[str, float]:
         """{'psnr_x2': .., 'ssim_x2': .., ..., 'psnr': mean over scales, 'ssim': ...}."""
-        from fastsr.metrics import psnr_y, quantize, ssim_y
+        from fastsr.evaluation import score
+        from fastsr.metrics import quantize
 
         was_training = model.training
         model.eval()
@@ -568,10 +572,11 @@ class Validator:
         try:
             for s, items in self.items.items():
                 ps, ss = [], []
-                for _, lr, hr in items:
-                    sr = quantize(model(lr, scale=s).float())
-                    ps.append(float(psnr_y(sr, hr, shave=s)[0]))
-                    ss.append(float(ssim_y(sr, hr, shave=s)[0]))
+                for _, gray, lr, hr in items:
+                    sr = quantize(model(lr, scale=s).float())[0].cpu()
+                    p, q = score(sr, hr, s, self.protocol, gray)
+                    ps.append(p)
+                    ss.append(q)
                 out[f"psnr_x{s}"], out[f"ssim_x{s}"] = sum(ps) / len(ps), sum(ss) / len(ss)
         finally:
             model.train(was_training)
@@ -937,8 +942,8 @@ class _Run:
                 # MDSR: the other scales' branches get no gradient in a step.
                 find_unused_parameters=isinstance(model, MDSR),
             )
-        self.validator = (Validator(cfg.val_dir, self.scales, device, val_paths) if (cfg.val_dir and dist.main)
-                          else None)
+        self.validator = (Validator(cfg.val_dir, self.scales, device, val_paths, cfg.val_protocol)
+                          if (cfg.val_dir and dist.main) else None)
         with self.noting_checkpoint():
             self.log = (_RunLog(self.run_dir, self.step_no if checkpoint is not None else None, cfg.plot,
                                 cfg.tensorboard) if dist.main else None)

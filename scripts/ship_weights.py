@@ -65,7 +65,8 @@ def main() -> int:
         scores = {}
         for name in SETS:
             ours, bic = evaluate(args.data / name, scale, tmp), evaluate(args.data / name, scale, None)
-            scores[name] = (ours["mean_psnr"], bic["mean_psnr"], ours["mean_ssim"], bic["mean_ssim"])
+            o, b = ours["results"][0], bic["results"][0]
+            scores[name] = (o["psnr"], b["psnr"], o["ssim"], b["ssim"])
         gain = scores["Set5"][0] - scores["Set5"][1]
         if gain <= 0:
             print(f"x{scale}: {gain:+.3f} dB against bicubic on Set5: not shipped", file=sys.stderr)

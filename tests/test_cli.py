@@ -259,9 +259,26 @@ def test_eval_bicubic_set5_x2_matches_published(capsys):
     data = shared_set("Set5")
     assert cli.main(["eval", str(data), "--scale", "2", "--bicubic", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n_images"] == 5 and result["failed"] == []
-    assert result["mean_psnr"] == pytest.approx(33.66, abs=0.03)
-    assert result["mean_ssim"] == pytest.approx(0.9299, abs=0.002)
+    assert result["protocol"] == "paper" and len(result["results"]) == 1
+    r = result["results"][0]
+    assert r["dataset"] == "Set5" and r["scale"] == 2 and r["n_images"] == 5 and r["failed"] == []
+    assert r["psnr"] == pytest.approx(33.66, abs=0.03)
+    assert r["ssim"] == pytest.approx(0.9299, abs=0.002)
+
+
+def test_eval_bicubic_set5_set14_all_scales_match_the_published_table(capsys):
+    """The published bicubic table (Set5 33.66/30.39/28.42, Set14 30.24/27.55/26.00) within
+    0.03 dB under `paper`: Set14's one-channel bridge.png scored on its own channel."""
+    sets = [shared_set("Set5"), shared_set("Set14")]
+    assert cli.main(["eval", *map(str, sets), "--scale", "2", "3", "4", "--bicubic", "--json"]) == 0
+    got = {(r["dataset"], r["scale"]): r["psnr"] for r in json.loads(capsys.readouterr().out)["results"]}
+    published = {("Set5", 2): 33.66, ("Set5", 3): 30.39, ("Set5", 4): 28.42,
+                 ("Set14", 2): 30.24, ("Set14", 3): 27.55, ("Set14", 4): 26.00}
+    for key, want in published.items():
+        assert got[key] == pytest.approx(want, abs=0.03), key
+    assert cli.main(["eval", str(sets[1]), "--scale", "2", "--bicubic", "--json", "--protocol", "official"]) == 0
+    official = json.loads(capsys.readouterr().out)["results"][0]["psnr"]
+    assert official - got[("Set14", 2)] == pytest.approx(20 * np.log10(255 / 219) / 14, abs=1e-3)
 
 
 @pytest.fixture
@@ -276,37 +293,74 @@ def hr_set(tmp_path):
 def test_eval_with_weights_json_and_table(hr_set, weights_x2, capsys):
     assert cli.main(["eval", str(hr_set), "-s", "2", "-w", str(weights_x2), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n_images"] == 2 and "r1f8x2" in result["model"]
-    names = [r["image"] for r in result["images"]]
-    assert names == ["gray.png", "one.png"]
-    for row in result["images"]:
+    r = result["results"][0]
+    assert r["n_images"] == 2 and "r1f8x2" in result["weights"]
+    assert [im["name"] for im in r["images"]] == ["gray.png", "one.png"]
+    assert [(im["width"], im["height"]) for im in r["images"]] == [(30, 30), (40, 32)]  # after modcrop
+    for row in r["images"]:
         assert np.isfinite(row["psnr"]) and 0 < row["ssim"] <= 1 and row["seconds"] >= 0
-    # One image by hand: the protocol through the library functions.
+    # Both images by hand: the protocol through the library functions.
     from fastsr.checkpoints import model_from_checkpoint
     from fastsr.imresize import imresize, modcrop
     from fastsr.inference import upscale
-    from fastsr.metrics import psnr_y, quantize
+    from fastsr.metrics import full_range_luma, psnr_y, quantize
 
-    hr = modcrop(read_image(hr_set / "one.png").rgb.to(torch.uint8), 2)
-    lr = imresize(hr, scale=0.5)
-    sr = quantize(upscale(model_from_checkpoint(weights_x2).eval(), lr[None].float(), 2))
-    expected = float(psnr_y(sr, hr[None].float(), shave=2)[0])
-    assert result["images"][1]["psnr"] == pytest.approx(expected, abs=1e-6)
+    model = model_from_checkpoint(weights_x2).eval()
+    for name, row in (("one.png", r["images"][1]), ("gray.png", r["images"][0])):
+        hr = modcrop(read_image(hr_set / name).rgb.to(torch.uint8), 2)
+        lr = imresize(hr, scale=0.5)
+        sr = quantize(upscale(model, lr[None].float(), 2))
+        if name == "gray.png":  # its own channel: the gray HR against the SR's luma
+            expected = float(psnr_y(full_range_luma(sr), hr[None, :1].float(), shave=2)[0])
+        else:
+            expected = float(psnr_y(sr, hr[None].float(), shave=2)[0])
+        assert row["psnr"] == pytest.approx(expected, abs=1e-6), name
 
-    assert cli.main(["eval", str(hr_set), "-s", "2", "-w", str(weights_x2)]) == 0
+    assert cli.main(["eval", str(hr_set), "-s", "2", "-w", str(weights_x2), "--per-image"]) == 0
     table = capsys.readouterr().out
-    assert "one.png" in table and "mean" in table and "PSNR" in table and "total" in table
+    assert "one.png" in table and "40x32" in table and "x2 PSNR / SSIM" in table and "protocol paper" in table
+
+
+def test_eval_several_sets_and_scales_one_table_and_saved_images(hr_set, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    PILImage.fromarray(_photo(45, 39)).save(other / "a.png")
+    out = tmp_path / "sr"
+    assert cli.main(["eval", str(hr_set), str(other), "-s", "2", "3", "--bicubic", "--save-images", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "x2 PSNR / SSIM" in lines[0] and "x3 PSNR / SSIM" in lines[0]
+    assert lines[1].startswith("hr ") and lines[2].startswith("other ")
+    assert "protocol paper" in lines[-1] and "bicubic" in lines[-1]
+    saved = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert saved == ["hr/x2/gray.png", "hr/x2/one.png", "hr/x3/gray.png", "hr/x3/one.png",
+                     "other/x2/a.png", "other/x3/a.png"]
+    assert read_image(out / "other" / "x3" / "a.png").rgb.shape == (3, 45, 39)
 
 
 def test_eval_reports_bad_images_and_continues(hr_set, capsys):
     (hr_set / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     PILImage.fromarray(_photo(8, 8)).save(hr_set / "tiny.png")
+    PILImage.fromarray(_photo(1, 1)).save(hr_set / "dot.png")
     assert cli.main(["eval", str(hr_set), "-s", "2", "--bicubic", "--json"]) == 1
     captured = capsys.readouterr()
-    result = json.loads(captured.out)
-    assert result["n_images"] == 2 and len(result["failed"]) == 2
+    r = json.loads(captured.out)["results"][0]
+    assert r["n_images"] == 2 and len(r["failed"]) == 3
     errors = _errors(captured.err)
-    assert any("bad.png" in e for e in errors) and any("tiny.png" in e and "too small" in e for e in errors)
+    assert any("bad.png" in e for e in errors) and any("tiny.png" in e and "8x8 is too small" in e for e in errors)
+    assert any("dot.png: 1x1 is too small for x2" in e for e in errors)
+
+
+def test_eval_an_image_identical_to_its_hr_is_reported_not_averaged(tmp_path, capsys):
+    d = tmp_path / "flat"
+    d.mkdir()
+    PILImage.fromarray(np.full((24, 24, 3), 77, np.uint8)).save(d / "flat.png")  # bicubic is exact on it
+    PILImage.fromarray(_photo(24, 24)).save(d / "photo.png")
+    assert cli.main(["eval", str(d), "-s", "2", "--bicubic", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["results"][0]
+    assert r["infinite_psnr"] == ["flat.png"] and r["images"][0]["psnr"] == "inf"
+    assert r["psnr"] == pytest.approx(r["images"][1]["psnr"])
+    assert cli.main(["eval", str(d), "-s", "2", "--bicubic"]) == 0
+    assert "flat.png identical to HR (infinite PSNR), left out of the PSNR mean" in capsys.readouterr().out
 
 
 def test_eval_missing_folder(tmp_path, capsys):
