@@ -1109,6 +1109,31 @@ class _Run:
         return metrics
 
 
+def _missing_folder_hint(folder: Path) -> str:
+    parts = folder.as_posix()
+    if "shared/data" in parts:
+        return ("the shipped configs read the 291-image set (T91 + BSD200) from ../shared/data beside this "
+                "repository; point train_dir / val_dir at your own HR images, "
+                "e.g. --set train_dir=DIR --set val_dir=DIR --set val_images=''")
+    if folder.name == "train_photos":
+        return "python scripts/make_train_photos.py makes it (public-domain photos scikit-image ships)"
+    return "give train_dir a folder of HR images (--set train_dir=DIR)"
+
+
+def check_data_folders(cfg: TrainConfig) -> None:
+    """Fail before anything is written when a data folder of `cfg` is missing, saying how
+    to make it or point elsewhere (DatasetError)."""
+    from fastsr.data import DatasetError, split_folders
+
+    folders = [("training", f) for f in split_folders(cfg.train_dir)]
+    folders += [("LR", Path(cfg.train_lr_dir))] if cfg.train_lr_dir else []
+    folders += [("validation", Path(cfg.val_dir))] if cfg.val_dir else []
+    for what, folder in folders:
+        if not folder.is_dir():
+            why = "does not exist" if not folder.exists() else "is not a folder"
+            raise DatasetError(f"{folder}: {what} folder {why}; {_missing_folder_hint(folder)}")
+
+
 def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
           on_step: Callable[[StepInfo], None] | None = None, handle_signals: bool = True) -> TrainResult:
     """Train with `config`; returns a TrainResult (also written to <out_dir>/result.json).
@@ -1119,6 +1144,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     `interrupted=True`. Under torchrun (WORLD_SIZE > 1) this is one rank of a DDP run.
     """
     cfg = dataclasses.replace(config).validate()
+    check_data_folders(cfg)
     wall_start = time.perf_counter()
     dist, device = _init_dist(cfg)
     threads_before = torch.get_num_threads()

@@ -269,6 +269,35 @@ def test_validation_logs_plot_and_x2_to_x3_init(photos, tmp_path, capsys):
     assert not torch.equal(best["body.0.body.0.weight"], torch.zeros_like(best["body.0.body.0.weight"]))
 
 
+def test_held_out_validation_split_from_the_training_folders(photos, tmp_path, capsys):
+    """The shipped configs' shape: train on T91/ + BSD200/, validate on named images of one
+    of them, which leave the training data."""
+    root = tmp_path / "data"
+    for sub, names in (("A", ["p0.png", "p1.png"]), ("B", ["p2.png"])):
+        (root / sub).mkdir(parents=True)
+        for n in names:
+            shutil.copy(photos / n, root / sub / n)
+    shutil.copy(photos / "p0.png", root / "B" / "held.png")
+    cfg = config(photos, tmp_path / "run", steps=1, train_dir=[str(root / "A"), str(root / "B")],
+                 val_dir=str(root / "B"), val_images=["held"])
+    assert cfg.train_dir == f"{root / 'A'}, {root / 'B'}" and cfg.val_images == "held"
+    result = train(cfg)
+    out = capsys.readouterr().out
+    assert "3 HR images" in out and "1 held out for validation" in out and result.best_psnr is not None
+
+
+def test_a_missing_data_folder_is_named_with_a_hint_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FastSRError, match=r"shared/data/train/T91: training folder does not exist; "
+                                          r"the shipped configs read the 291-image set"):
+        train(load_config(REPO / "configs" / "ship_edsr_baseline_x2.toml",
+                          values={"train_dir": str(tmp_path / "shared/data/train/T91"), "out_dir": str(out)}))
+    with pytest.raises(FastSRError, match=r"train_photos: training folder does not exist; "
+                                          r"python scripts/make_train_photos.py makes it"):
+        train(load_config(values={"train_dir": str(tmp_path / "train_photos"), "out_dir": str(out)}))
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------
