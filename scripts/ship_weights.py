@@ -121,8 +121,8 @@ images of the Berkeley Segmentation Dataset BSDS300, Martin et al., ICCV 2001: *
 non-commercial research and educational use**). These weights are derived from them and
 carry those terms. Ten BSD200 images (named in each config's `val_images`) are held out
 of training and picked the checkpoint; Set5 and Set14 are test sets only, never seen in
-training or selection. T91's `t20` (78x78) is left out at x3/x4-sized patches where it is
-too small (the training log names it). LR made on the fly with fastsr's MATLAB-compatible
+training or selection. T91 images whose LR is smaller than the 32x32 patch are left out
+(the training log names them): none at x2, t20 at x3, seven small T91 images at x4. LR made on the fly with fastsr's MATLAB-compatible
 bicubic, the evaluation's own degradation.
 
 ## Recipe

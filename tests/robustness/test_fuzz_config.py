@@ -36,6 +36,7 @@ TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 CHOICES = {
     "model": list(PRESETS), "scale": [2, 3, 4], "amp": ["", "bf16", "fp16"], "backend": ["", "triton", "cpu", "reference"],
     "loader": ["device", "dataloader"], "nan_policy": ["stop", "skip"],
+    "val_protocol": ["paper", "official", "div2k"], "recompute": ["auto", "true", "false"],
 }
 POSITIVE = ("patch_size", "batch_size", "steps", "lr_step", "log_every", "ckpt_every", "nan_max_consecutive")
 UNIT = ("beta1", "beta2", "ema_decay")            # [0, 1)
@@ -210,7 +211,10 @@ def test_random_set_overrides(overrides):
 def _bad_values(key: str) -> st.SearchStrategy:
     """Values of the wrong type or out of range for `key`."""
     kind = TYPES[key]
-    wrong_type = st.one_of(st.lists(st.integers(), max_size=2), st.dictionaries(TEXT, st.integers(), max_size=1))
+    # train_dir / val_images also take a TOML array of strings (an empty one is an empty list).
+    list_key = key in ("train_dir", "val_images")
+    wrong_type = st.one_of(st.lists(st.integers(), min_size=int(list_key), max_size=2),
+                           st.dictionaries(TEXT, st.integers(), max_size=1))
     if kind is bool:
         return st.one_of(wrong_type, st.integers(2, 10), st.floats(), TEXT.filter(
             lambda s: s.lower() not in ("true", "false", "1", "0", "yes", "no")))
