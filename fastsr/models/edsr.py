@@ -99,8 +99,8 @@ class _FusedMixin:
             raise TypeError(f"recompute must be True, False or None (auto), got {recompute!r}")
         # Training memory vs speed: True recomputes each block's conv1 + ReLU and the upsampler
         # and tail in backward (about half the activation memory); False saves them as eager
-        # autograd does (no recompute, ~15% less work per step); None: False on CPU (memory
-        # is plentiful there, compute is not), True elsewhere.
+        # autograd does (no recomputed work); None: False on the cpu backend (memory is
+        # plentiful there, compute is not), True on the others (the GPU path).
         self.recompute = recompute
 
         if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -134,11 +134,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
-def recomputes(model: nn.Module, device: torch.device) -> bool:
-    """Whether a training forward of `model` on `device` recomputes in backward (see
-    fused_forward): model.recompute, or when that is None, everywhere but on the CPU."""
+def recomputes(model: nn.Module, backend: str) -> bool:
+    """Whether a training forward of `model` on `backend` recomputes in backward (see
+    fused_forward): model.recompute, or when that is None, on every backend but "cpu"
+    (the GPU path, and the Triton interpreter standing in for it, keep the lean default)."""
     choice = getattr(model, "recompute", None)
-    return device.type != "cpu" if choice is None else bool(choice)
+    return backend != "cpu" if choice is None else bool(choice)
 
 
 def _block(x: torch.Tensor, c1: Conv, c2: Conv, res_scale: float, backend: str, saving: bool) -> torch.Tensor:
@@ -180,7 +181,7 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
         plan = get_plan(model, compute, x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         h = conv2d(x, *plan.head, in_shift=plan.in_shift.to(x.device), backend=backend).to(compute)
-        saving = torch.is_grad_enabled() and not recomputes(model, x.device)
+        saving = torch.is_grad_enabled() and not recomputes(model, backend)
         for (c1, c2) in plan.pre[scale_idx]:
             h = _block(h, c1, c2, 1.0, backend, saving)
         r = h
