@@ -363,6 +363,26 @@ def test_eval_an_image_identical_to_its_hr_is_reported_not_averaged(tmp_path, ca
     assert "flat.png identical to HR (infinite PSNR), left out of the PSNR mean" in capsys.readouterr().out
 
 
+def test_eval_tables_are_identical_on_the_cpp_and_pytorch_imresize(hr_set, weights_x2, monkeypatch, capsys):
+    """The LR images come from the C++ imresize when the extension is built, else from the
+    PyTorch one: the same uint8 pixels, so the same table to the last digit."""
+    import fastsr.ext as ext
+
+    if ext.load_extension() is None:
+        pytest.skip(f"the C++ extension is not available here: {ext.extension_status()}")
+    tables = {}
+    for backend in ("cpp", "torch"):
+        real = ext.imresize_fast
+        monkeypatch.setattr(ext, "imresize_fast", lambda *a, _b=backend, _r=real, **k: _r(*a, **{**k, "backend": _b}))
+        assert cli.main(["eval", str(hr_set), "-s", "2", "-w", str(weights_x2), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert ext.backend_used("imresize") == backend
+        tables[backend] = [(r["dataset"], r["scale"], [(i["name"], i["psnr"], i["ssim"]) for i in r["images"]])
+                           for r in result["results"]]
+        monkeypatch.undo()
+    assert tables["cpp"] == tables["torch"]
+
+
 def test_eval_missing_folder(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "nope"), "-s", "2", "--bicubic"]) == 1
     errors = _errors(capsys.readouterr().err)
