@@ -581,8 +581,9 @@ def run_eval(args: argparse.Namespace) -> int:
                     row = evaluate_image(sr_fn, image.rgb, s, protocol, gray=image.gray, name=path.name,
                                          keep_sr=bool(args.save_images), synchronize=up.synchronize)
                 except FastSRError as e:
-                    message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
-                    message = message.replace(f"{path}: {path.name}: ", f"{path}: ")
+                    # evaluate_image names the image by path.name; the report names the file.
+                    text = str(e)
+                    message = text if text.startswith(str(path)) else f"{path}: {text.removeprefix(path.name + ': ')}"
                     _error(message)
                     failed.append(message)
                     continue

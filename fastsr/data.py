@@ -5,7 +5,7 @@ Sources (`find_pairs`), tried in this order:
     (ROOT given, or the HR folder itself with the LR folder beside it);
   - a generic HR folder plus an LR folder (with `X{s}` subfolders, or flat for one scale),
     paired by file stem, the LR stem optionally ending in `x{s}` / `_x{s}`;
-  - HR only: LR made here with fastsr.imresize (MATLAB bicubic of the modcropped uint8 HR,
+  - HR only: LR made here by fastsr.evaluation.make_lr (MATLAB bicubic of the modcropped uint8 HR,
     uint8 out), the same code evaluation uses, so training sees the test-time degradation.
 
 `SRData.load` decodes everything once into uint8 (3, H, W) images held in one flat buffer per
@@ -168,33 +168,22 @@ def find_pairs(train_dir: str | os.PathLike | Sequence[str | os.PathLike], scale
         if not folder.exists():
             raise DatasetError(f"{folder}: training folder does not exist")
     held_out = {Path(p).resolve() for p in exclude}
-    if len(folders) > 1:
-        if lr_dir:
-            raise DatasetError("several training folders take no LR folder (their LR is made on the fly)")
-        all_hr = [p for f in folders for p in _images_in(f)]
-        hr_files = [p for p in all_hr if p.resolve() not in held_out]
-        if not hr_files:
-            raise DatasetError(f"{', '.join(map(str, folders))}: every image is held out for validation")
-        pairs = [ImagePair(hr, {int(s): None for s in scales}) for hr in hr_files]
-        scale_text = "/".join(f"x{int(s)}" for s in scales)
-        n_out = len(all_hr) - len(hr_files)
-        return pairs, (f"generic layout: {len(pairs)} HR images in {', '.join(map(str, folders))}"
-                       + (f" ({n_out} held out for validation)" if n_out else "")
-                       + f", LR {scale_text} made on the fly (MATLAB bicubic)")
-    root = folders[0]
     scales = tuple(int(s) for s in scales)
     layout = "generic"
-    hr_dir, lr_root = root, (Path(lr_dir) if lr_dir else None)
-    div2k = _div2k_dirs(root)
+    hr_dirs, lr_root = folders, (Path(lr_dir) if lr_dir else None)
+    if len(folders) > 1 and lr_root is not None:
+        raise DatasetError("several training folders take no LR folder (their LR is made on the fly)")
+    div2k = _div2k_dirs(folders[0]) if len(folders) == 1 else None
     if div2k is not None and lr_root is None:
-        hr_dir, lr_root = div2k
-        layout = "DIV2K"
+        (hr_dir, lr_root), layout = div2k, "DIV2K"
+        hr_dirs = [hr_dir]
     if lr_root is not None and not lr_root.is_dir():
         raise DatasetError(f"{lr_root}: LR folder does not exist")
-    all_hr = _images_in(hr_dir)
+    where = ", ".join(map(str, hr_dirs))
+    all_hr = [p for d in hr_dirs for p in _images_in(d)]
     hr_files = [p for p in all_hr if p.resolve() not in held_out]
     if not hr_files:
-        raise DatasetError(f"{hr_dir}: every image is held out for validation")
+        raise DatasetError(f"{where}: every image is held out for validation")
     held = f" ({len(all_hr) - len(hr_files)} held out for validation)" if len(hr_files) < len(all_hr) else ""
     lr_maps: dict[int, dict[Path, Path]] = {}
     if lr_root is not None:
@@ -202,10 +191,8 @@ def find_pairs(train_dir: str | os.PathLike | Sequence[str | os.PathLike], scale
             lr_maps[s] = _pair_by_stem(hr_files, _lr_folder(lr_root, s, len(scales)), s)
     pairs = [ImagePair(hr, {s: (lr_maps[s][hr] if s in lr_maps else None) for s in scales}) for hr in hr_files]
     scale_text = "/".join(f"x{s}" for s in scales)
-    if lr_root is None:
-        desc = f"{layout} layout: {len(pairs)} HR images in {hr_dir}{held}, LR {scale_text} made on the fly (MATLAB bicubic)"
-    else:
-        desc = f"{layout} layout: {len(pairs)} HR images in {hr_dir}{held}, LR {scale_text} from {lr_root}"
+    source = "made on the fly (MATLAB bicubic)" if lr_root is None else f"from {lr_root}"
+    desc = f"{layout} layout: {len(pairs)} HR images in {where}{held}, LR {scale_text} {source}"
     return pairs, desc
 
 
@@ -268,13 +255,6 @@ def _decode_uint8(path: Path) -> Tensor:
 
     rgb = read_image(path).rgb  # raises ImageReadError naming the file
     return rgb.round().clamp_(0, 255).to(torch.uint8).contiguous()
-
-
-def _make_lr(hr: Tensor, scale: int) -> Tensor:
-    """The evaluation degradation (fastsr.evaluation.make_lr) of the modcropped uint8 HR."""
-    from fastsr.evaluation import make_lr
-
-    return make_lr(hr, scale)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,6 +340,8 @@ class SRData:
         file: unreadable image, LR size not HR size / s, or every image too small.
         """
         pairs, description = find_pairs(train_dir, scales, lr_dir, exclude)
+        from fastsr.evaluation import make_lr  # the evaluation's own degradation
+
         cache = Path(cache_dir) if cache_dir else None
         scales = tuple(int(s) for s in scales)
 
@@ -369,7 +351,7 @@ class SRData:
             for s in scales:
                 src = pair.lr[s]
                 if src is None:
-                    lrs[s] = _cached(cache, pair.hr, f"lr-x{s}-{_LR_RECIPE}", lambda s=s: _make_lr(hr, s))
+                    lrs[s] = _cached(cache, pair.hr, f"lr-x{s}-{_LR_RECIPE}", lambda s=s: make_lr(hr, s))
                 else:
                     lrs[s] = _cached(cache, src, "rgb8", lambda src=src: _decode_uint8(src))
                     _check_lr_size(pair.hr, hr, src, lrs[s], s)
@@ -383,7 +365,7 @@ class SRData:
                                 unit="img", disable=not progress, leave=False))
         # The usable crop per scale: the LR size, capped by HR // s (a DIV2K LR may be larger).
         crops = [{s: (min(int(lrs[s].shape[1]), int(hr.shape[1]) // s), min(int(lrs[s].shape[2]), int(hr.shape[2]) // s))
-                  for s in scales} for hr, lrs in zip((r[0] for r in results), (r[1] for r in results))]
+                  for s in scales} for hr, lrs in results]
         keep = [i for i, c in enumerate(crops) if all(min(hw) >= patch_size for hw in c.values())]
         skipped = []
         for i in sorted(set(range(len(pairs))) - set(keep)):

@@ -1109,7 +1109,7 @@ class _Run:
         return metrics
 
 
-def _missing_folder_hint(folder: Path) -> str:
+def _missing_folder_hint(folder: Path, key: str) -> str:
     parts = folder.as_posix()
     if "shared/data" in parts:
         return ("the shipped configs read the 291-image set (T91 + BSD200) from ../shared/data beside this "
@@ -1117,7 +1117,7 @@ def _missing_folder_hint(folder: Path) -> str:
                 "e.g. --set train_dir=DIR --set val_dir=DIR --set val_images=''")
     if folder.name == "train_photos":
         return "python scripts/make_train_photos.py makes it (public-domain photos scikit-image ships)"
-    return "give train_dir a folder of HR images (--set train_dir=DIR)"
+    return f"point {key} at a folder of images (--set {key}=DIR)"
 
 
 def check_data_folders(cfg: TrainConfig) -> None:
@@ -1125,13 +1125,13 @@ def check_data_folders(cfg: TrainConfig) -> None:
     to make it or point elsewhere (DatasetError)."""
     from fastsr.data import DatasetError, split_folders
 
-    folders = [("training", f) for f in split_folders(cfg.train_dir)]
-    folders += [("LR", Path(cfg.train_lr_dir))] if cfg.train_lr_dir else []
-    folders += [("validation", Path(cfg.val_dir))] if cfg.val_dir else []
-    for what, folder in folders:
+    folders = [("training", "train_dir", f) for f in split_folders(cfg.train_dir)]
+    folders += [("LR", "train_lr_dir", Path(cfg.train_lr_dir))] if cfg.train_lr_dir else []
+    folders += [("validation", "val_dir", Path(cfg.val_dir))] if cfg.val_dir else []
+    for what, key, folder in folders:
         if not folder.is_dir():
             why = "does not exist" if not folder.exists() else "is not a folder"
-            raise DatasetError(f"{folder}: {what} folder {why}; {_missing_folder_hint(folder)}")
+            raise DatasetError(f"{folder}: {what} folder {why}; {_missing_folder_hint(folder, key)}")
 
 
 def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
