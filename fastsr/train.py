@@ -35,6 +35,7 @@ import csv
 import dataclasses
 import difflib
 import errno
+import gc
 import hashlib
 import importlib
 import io
@@ -478,6 +479,14 @@ def _init_dist(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
         if not torch.distributed.is_available():
             raise FastSRError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         if not torch.distributed.is_initialized():
+            # torch.distributed.nn.functional binds `group.WORLD` as a default argument
+            # when first imported, and torch._dynamo imports it (Adam and DDP import
+            # dynamo). Imported after the group exists, it holds the group forever:
+            # destroy_process_group can then not join gloo's worker threads, and one
+            # still releasing a collective's tensors during interpreter shutdown aborts
+            # the process (SIGABRT after a successful run). Imported first, it holds None.
+            importlib.import_module("torch.distributed.nn.functional")
+
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         d.active = True
     return d, device
@@ -1148,7 +1157,7 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
     wall_start = time.perf_counter()
     dist, device = _init_dist(cfg)
     threads_before = torch.get_num_threads()
-    stop = None
+    stop = run = None
     try:
         if cfg.batch_size % dist.world:
             raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly across {dist.world} ranks")
@@ -1170,11 +1179,15 @@ def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
         torch.set_num_threads(threads_before)
         if dist.active and torch.distributed.is_initialized():
             if sys.exc_info()[0] is None:
-                # Every rank done before any tears gloo's connections down: a rank that
-                # destroyed its group while a peer still finished its last collective could
-                # abort the peer ("terminate called without an active exception"), seen once
-                # in CI on a loaded machine. After an error, no barrier: the peers may be gone.
+                # Every rank done before any tears gloo's connections down. After an
+                # error, no barrier: the peers may be gone.
                 torch.distributed.barrier()
+            # The group's C++ object, and with it gloo's worker threads, goes with its
+            # last reference; DDP's reducer holds one, inside reference cycles only the
+            # garbage collector frees. Freed here, destroy_process_group joins the
+            # threads now instead of leaving them to interpreter shutdown (see _init_dist).
+            run = None
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
