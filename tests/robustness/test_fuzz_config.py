@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from fastsr.cli import main as cli_main
 from fastsr.models.edsr import PRESETS
-from fastsr.train import ConfigError, TrainConfig, _field_types, _toml_value, load_config
+from fastsr.train import ConfigError, TrainConfig, load_config
+from fastsr.train.config import _field_types, _toml_value
 
 REPO = Path(__file__).resolve().parents[2]
 TYPES = _field_types()

@@ -111,8 +111,8 @@ def install(spec):
 
         os.replace = replace
     elif phase == "cut_line":  # the n-th log append cut short, as a kill mid-write leaves it
-        import fastsr.train
-        real_write = fastsr.train._RunLog.write
+        import fastsr.train.runfiles
+        real_write = fastsr.train.runfiles.RunLog.write
 
         def write(self, row):
             real_write(self, row)
@@ -121,7 +121,7 @@ def install(spec):
                 os.truncate(path, path.stat().st_size - 7)
                 die()
 
-        fastsr.train._RunLog.write = write
+        fastsr.train.runfiles.RunLog.write = write
     elif phase == "enospc":  # the temp file is /dev/full: the kernel answers the writes ENOSPC
         import tempfile
         real_mkstemp = tempfile.mkstemp
@@ -498,10 +498,10 @@ def test_nan_on_one_ddp_rank_skips_the_step_on_every_rank(photos, driver, tmp_pa
 
 def test_full_disk_errors_are_recognized_by_errno():
     # EDQUOT (quota) reads as a full disk too; other write errors say what they are.
-    from fastsr.train import _writing
+    from fastsr.train.runfiles import writing
 
     for code, words in ((errno.ENOSPC, "the disk is full"), (errno.EDQUOT, "the disk is full"),
                         (errno.EACCES, "cannot write")):
         with pytest.raises(FastSRError, match=f"^{words}: writing the log x failed"):
-            with _writing(Path("x"), "the log"):
+            with writing(Path("x"), "the log"):
                 raise OSError(code, os.strerror(code))

@@ -1,0 +1,534 @@
+"""The training loop: `train(config)` builds a `_Run` (model, optimizer, data, DDP, logs),
+steps it, validates and checkpoints on the way, and finishes with the weights and result.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastsr.errors import FastSRError
+from fastsr.train.config import ConfigError, TrainConfig, check_data_folders
+from fastsr.train.distributed import Dist, init_dist
+from fastsr.train.results import StepInfo, TrainResult
+from fastsr.train.runfiles import (
+    CHECKPOINT_FORMAT, RUN_FILES, RunLog, WriteError, check_resume_config, load_train_checkpoint, save_last,
+    write_run_text, writing,
+)
+from fastsr.train.state import EMA, build_model, model_scales, rng_state, set_rng_state, weights_checksum
+from fastsr.train.validation import Validator
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM set a flag checked between steps; a second Ctrl-C aborts at once."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nfastsr train: {signal.Signals(signum).name} received: saving a checkpoint after this step "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Run:
+    """One training run: built by __init__, advanced by `step()`, closed by `finish()`.
+
+    Holds the model, optimizer, scheduler, scaler, EMA, batch source and counters, and
+    turns them into (and back from) the checkpoint dictionary.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device, resume: bool | str | os.PathLike):
+        from fastsr.checkpoints import load_weights, model_arch_tag
+        from fastsr.data import DeviceSampler, LoaderSource, SRData, select_images
+        from fastsr.models.edsr import MDSR, count_parameters
+
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.run_dir = cfg.run_dir
+        self.last_path = self.run_dir / "last.pt"
+        checkpoint, ckpt_path = None, None
+        if resume:
+            ckpt_path = self.last_path if resume is True else Path(resume)
+            checkpoint = load_train_checkpoint(ckpt_path)
+            check_resume_config(checkpoint["config"], cfg, ckpt_path, self.say)
+        elif dist.main and self.last_path.exists():
+            raise ConfigError(f"{self.run_dir} already holds a run (last.pt): pass --resume to continue it, "
+                              "or choose another out_dir")
+        # The step last.pt holds (None: nothing saved yet), for the messages of a failed run.
+        self.saved_step: int | None = int(checkpoint["step"]) if checkpoint is not None else None
+        self.skipped_steps = 0  # updates dropped by nan_policy = skip
+        self.nan_streak = 0     # ... of them in a row up to the current step
+        if dist.main:
+            with self.noting_checkpoint():
+                self._prepare_folder()
+        # Initialization: the same seed on every rank (DDP also broadcasts rank 0's weights).
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg)
+        self.scales = model_scales(model)
+        if cfg.init_from and checkpoint is None:
+            self.say(f"init_from {cfg.init_from}: {load_weights(model, cfg.init_from, partial_upsampler=True)}")
+        model.to(device)
+        if not cfg.fused:
+            # oneDNN (CPU) and cuDNN's tensor-core kernels both prefer channels-last; the
+            # fused path converts its input itself.
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                          weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # With fused=True, AMP is the fused model's compute dtype (build_model), set once
+        # instead of autocast's per-call dtype checks; autocast wraps only the eager model.
+        self.autocast = (torch.autocast(device.type, dtype=cfg.amp_dtype) if cfg.amp and not cfg.fused
+                         else contextlib.nullcontext())
+
+        # A named validation split is held out of the training images (same folders).
+        val_paths = select_images(cfg.val_dir, cfg.val_images) if (cfg.val_dir and cfg.val_images) else None
+        data = SRData.load(cfg.train_dir, self.scales, lr_dir=cfg.train_lr_dir or None,
+                           cache_dir=cfg.cache_dir or None, patch_size=cfg.patch_size, progress=dist.main,
+                           exclude=val_paths or ())
+        self.say(f"data: {data.description}; {data.hr.nbytes / 2**20:.0f} MiB HR in memory")
+        if data.skipped:
+            self.say(f"warning: left out of training, smaller than the LR patch: {', '.join(data.skipped)}")
+        per_rank = cfg.batch_size // dist.world
+        kw = dict(seed=cfg.seed, rank=dist.rank, device=device)
+        if cfg.loader == "device":
+            self.source = DeviceSampler(data, per_rank, cfg.patch_size, **kw)
+        else:
+            self.source = LoaderSource(data, per_rank, cfg.patch_size, num_workers=cfg.num_workers, **kw)
+
+        self.step_no = 0
+        self.best_psnr: float | None = None
+        self.best_step: int | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            self.say(f"resumed {model_arch_tag(model)} at step {self.step_no} from {ckpt_path}")
+
+        self.net: nn.Module = model
+        if dist.active:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                # MDSR: the other scales' branches get no gradient in a step.
+                find_unused_parameters=isinstance(model, MDSR),
+            )
+        self.validator = (Validator(cfg.val_dir, self.scales, device, val_paths, cfg.val_protocol)
+                          if (cfg.val_dir and dist.main) else None)
+        with self.noting_checkpoint():
+            self.log = (RunLog(self.run_dir, self.step_no if checkpoint is not None else None, cfg.plot,
+                                cfg.tensorboard) if dist.main else None)
+        if self.log is not None and self.log.plot_note:
+            self.say(self.log.plot_note)
+        compute = (f"fused ({cfg.backend or 'auto backend'}, {cfg.amp or 'fp32'} compute)" if cfg.fused
+                   else f"eager ({'autocast ' + cfg.amp if cfg.amp else 'fp32'})")
+        self.say(f"model {model_arch_tag(model)}: {count_parameters(model):,} parameters, {compute}, on {device}"
+                 + (f", DDP over {dist.world} ranks ({per_rank} patches each)" if dist.active else "")
+                 + f"; loader {cfg.loader}")
+
+    def _prepare_folder(self) -> None:
+        """Rank 0: the run folder, without the temp files of killed writes, with config.toml."""
+        from fastsr.atomic import remove_stale_temps
+
+        with writing(self.run_dir, "the run folder"):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Temp files of writes a kill (SIGKILL, power cut) interrupted; never a checkpoint.
+        # safetensors (>= 0.7) writes through its own .tmpXXXXXX beside the target.
+        stale = [t for name in RUN_FILES for t in remove_stale_temps(self.run_dir / name)]
+        for t in self.run_dir.glob(".tmp??????"):
+            if t.is_file():
+                t.unlink()
+                stale.append(t)
+        if stale:
+            self.say(f"removed {len(stale)} temp file(s) of an interrupted write: " + ", ".join(t.name for t in stale))
+        toml = self.cfg.to_toml()
+        write_run_text(self.run_dir / "config.toml", toml, "the config")
+        self.say(f"resolved config (saved in {self.run_dir / 'config.toml'}):\n" + toml.rstrip())
+
+    def saved_note(self) -> str:
+        """Where the run can continue from, for the message of a run that stops on an error."""
+        if self.saved_step is None:
+            return f"no checkpoint was saved yet ({self.last_path})"
+        return f"{self.last_path} holds step {self.saved_step} (continue with --resume)"
+
+    @contextlib.contextmanager
+    def noting_checkpoint(self, stopped: bool = False):
+        """Add where the run can continue from (and the step it stopped at) to a WriteError."""
+        try:
+            yield
+        except WriteError as e:
+            at = f"stopped at step {self.step_no}; " if stopped else ""
+            raise WriteError(f"{e}; {at}{self.saved_note()}") from None
+
+    def say(self, msg: str) -> None:
+        if self.dist.main:
+            from tqdm import tqdm
+
+            tqdm.write(f"fastsr train: {msg}", file=sys.stdout)  # keeps a live progress bar intact
+            sys.stdout.flush()
+
+    # -- checkpoint state --------------------------------------------------------------
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else self.model.state_dict())
+        self.step_no = int(ckpt["step"])
+        self.best_psnr, self.best_step = ckpt.get("best_psnr"), ckpt.get("best_step")
+        self.skipped_steps, self.nan_streak = int(ckpt.get("skipped_steps", 0)), int(ckpt.get("nan_streak", 0))
+        set_rng_state(ckpt["rng"])
+        samplers = ckpt["sampler"]
+        kind = self.source.state_dict()["kind"]
+        if len(samplers) == self.dist.world and samplers[self.dist.rank].get("kind") == kind:
+            self.source.load_state_dict(samplers[self.dist.rank])
+        else:
+            self.say(f"the checkpoint's sampler state ({len(samplers)} rank(s), {samplers[0].get('kind')}) does not "
+                     f"fit this run ({self.dist.world} rank(s), {kind}): patch sampling restarts from the seed")
+
+    def save(self) -> None:
+        """Write last.pt atomically (rank 0; every rank contributes its sampler state).
+
+        A failed write (full disk) raises on every rank: the ranks agree on it instead of
+        leaving the others waiting at the next collective.
+        """
+        samplers = self.dist.gather(self.source.state_dict())
+        error: WriteError | None = None
+        if self.dist.main:
+            try:
+                save_last(self.last_path, {
+                    "format": CHECKPOINT_FORMAT, "step": self.step_no, "config": self.cfg.to_dict(),
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    "ema": self.ema.model.state_dict() if self.ema is not None else None,
+                    "rng": rng_state(), "sampler": samplers, "world_size": self.dist.world,
+                    "best_psnr": self.best_psnr, "best_step": self.best_step,
+                    "skipped_steps": self.skipped_steps, "nan_streak": self.nan_streak,
+                })
+            except WriteError as e:
+                error = e
+        if self.dist.any(error is not None, self.device):  # also the barrier
+            raise error or WriteError(f"rank 0 failed to write {self.last_path}")
+        self.saved_step = self.step_no
+
+    # -- one optimizer step ------------------------------------------------------------
+
+    def step(self) -> tuple[torch.Tensor, int, bool]:
+        """Draw a batch, update the weights once; returns (detached loss, scale drawn, skipped).
+
+        A loss that is not finite on any rank skips the update on every rank (no backward,
+        no optimizer step, no EMA update); the step still counts, for the counter, the lr
+        schedule and the data stream, so a resumed run stays exact. `_loop` applies nan_policy.
+        """
+        batch = self.source.next()
+        self.optimizer.zero_grad(set_to_none=True)  # None, not 0: Adam skips unused MDSR branches
+        with self.autocast:
+            sr = self.net(batch.lr, scale=batch.scale)
+        loss = F.l1_loss(sr.float(), batch.hr)
+        # One host sync per step (fp16's GradScaler makes one anyway); under DDP one tiny
+        # all-reduce, so the ranks agree before any of them starts the backward's collectives.
+        skipped = self.dist.any(not bool(torch.isfinite(loss)), self.device)
+        self.nan_streak = self.nan_streak + 1 if skipped else 0
+        if skipped:
+            self.skipped_steps += 1
+            self._advance_schedule()
+            return loss.detach(), batch.scale, True
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self._advance_schedule()
+        return loss.detach(), batch.scale, False
+
+    def _advance_schedule(self) -> None:
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips steps whose gradients overflowed; the schedule still counts them.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
+        self.step_no += 1
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- validation --------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Rank 0: the papers' protocol on val_dir; keeps best.safetensors."""
+        from fastsr.checkpoints import save_safetensors
+
+        target = self.ema.model if self.ema is not None else self.model
+        metrics = self.validator.run(target)
+        if self.best_psnr is None or metrics["psnr"] > self.best_psnr:
+            self.best_psnr, self.best_step = metrics["psnr"], self.step_no
+            best = self.run_dir / "best.safetensors"
+            with writing(best, "the best weights"):
+                save_safetensors(target, best, extra_metadata={
+                    "step": str(self.step_no), "val_psnr": f"{metrics['psnr']:.4f}",
+                    "val_set": str(self.cfg.val_dir), "ema": str(self.ema is not None)})
+        per_scale = ", ".join(f"x{s} {metrics[f'psnr_x{s}']:.3f} dB / {metrics[f'ssim_x{s}']:.4f}" for s in self.scales)
+        self.say(f"step {self.step_no}: validation on {self.cfg.val_dir}: {per_scale} "
+                 f"(best {self.best_psnr:.3f} dB at step {self.best_step})")
+        return metrics
+
+
+def train(config: TrainConfig, *, resume: bool | str | os.PathLike = False,
+          on_step: Callable[[StepInfo], None] | None = None, handle_signals: bool = True) -> TrainResult:
+    """Train with `config`; returns a TrainResult (also written to <out_dir>/result.json).
+
+    resume: False (fresh run; refuses an out_dir that already holds last.pt), True (continue
+    <out_dir>/last.pt) or a path to a last.pt. on_step(StepInfo) runs after every step; a
+    KeyboardInterrupt from it (or Ctrl-C / SIGTERM) saves last.pt and returns with
+    `interrupted=True`. Under torchrun (WORLD_SIZE > 1) this is one rank of a DDP run.
+    """
+    cfg = dataclasses.replace(config).validate()
+    check_data_folders(cfg)
+    wall_start = time.perf_counter()
+    dist, device = init_dist(cfg)
+    threads_before = torch.get_num_threads()
+    stop = run = None
+    try:
+        if cfg.batch_size % dist.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly across {dist.world} ranks")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch sizes: autotuning pays off
+        run = _Run(cfg, dist, device, resume)
+        stop = _StopRequest(handle_signals)
+        with run.noting_checkpoint(stopped=True):
+            return _loop(run, stop, on_step, wall_start)
+    finally:
+        if stop is not None:
+            stop.restore()
+        torch.set_num_threads(threads_before)
+        if dist.active and torch.distributed.is_initialized():
+            if sys.exc_info()[0] is None:
+                # Every rank done before any tears gloo's connections down. After an
+                # error, no barrier: the peers may be gone.
+                torch.distributed.barrier()
+            # The group's C++ object, and with it gloo's worker threads, goes with its
+            # last reference; DDP's reducer holds one, inside reference cycles only the
+            # garbage collector frees. Freed here, destroy_process_group joins the
+            # threads now instead of leaving them to interpreter shutdown (see init_dist).
+            run = None
+            gc.collect()
+            torch.distributed.destroy_process_group()
+
+
+def _loop(run: _Run, stop: _StopRequest, on_step: Callable[[StepInfo], None] | None,
+          wall_start: float) -> TrainResult:
+    """Step until cfg.steps or a stop request; log, validate and checkpoint on the way."""
+    from tqdm import tqdm
+
+    cfg, dist, device = run.cfg, run.dist, run.device
+    start_step = run.step_no
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step",
+               disable=None if dist.main else True, dynamic_ncols=True, file=sys.stderr)
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses not yet copied to the host (one sync per log interval)
+    interrupted = in_update = False
+    excluded = 0.0                    # seconds spent validating / logging / checkpointing
+    t_first: float | None = None
+    t_log, step_log, excl_log = time.perf_counter(), start_step, 0.0
+    last_val: dict[str, float] = {}
+    mean_loss = float("nan")
+    check_every = 10 if dist.active else 1  # agreeing on a stop is a collective under DDP
+
+    def flush() -> float:
+        """Mean loss of the steps since the last flush, skipped (non-finite) ones left out."""
+        nonlocal losses
+        values = torch.stack(pending).float().cpu().tolist()
+        pending.clear()
+        losses += values
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else float("nan")
+
+    try:
+        while run.step_no < cfg.steps:
+            if (run.step_no - start_step) % check_every == 0 and dist.any(stop.requested, device):
+                interrupted = True
+                break
+            in_update = True
+            loss, scale, skipped = run.step()
+            in_update = False
+            step = run.step_no
+            pending.append(loss)
+            if skipped:
+                _apply_nan_policy(run, float(loss))
+            if t_first is None:
+                _sync(device)
+                t_first = time.perf_counter()
+            bar.update(1)
+            if on_step is not None:
+                on_step(StepInfo(step, loss, run.lr, scale, run.model, run.optimizer, skipped))
+
+            row: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = flush()  # NaN only when every step of the interval was skipped
+                now = time.perf_counter()
+                sps = (step - step_log) / max(now - t_log - excl_log, 1e-9)
+                t_log, step_log, excl_log = now, step, 0.0
+                row.update(step=step, loss=mean_loss, lr=run.lr, steps_per_s=sps, elapsed_s=now - wall_start,
+                           skipped_steps=run.skipped_steps)
+                if not math.isfinite(mean_loss):
+                    del row["loss"]
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{run.lr:.1e}", refresh=False)
+                if bar.disable:  # no live bar (not a terminal, or not rank 0): a log line instead
+                    run.say(f"step {step}/{cfg.steps} loss {mean_loss:.4f} lr {run.lr:.2e} {sps:.2f} steps/s "
+                            f"eta {_format_eta((cfg.steps - step) / sps if sps > 0 else math.inf)}")
+            # Decided identically on every rank: rank 0 validates, all meet at the barrier.
+            do_val = bool(cfg.val_dir) and ((cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps)
+            do_ckpt = step % cfg.ckpt_every == 0 and step != cfg.steps
+            if do_val or do_ckpt or row:
+                _sync(device)
+                t0 = time.perf_counter()
+                if do_val and run.validator is not None:
+                    last_val = run.validate()
+                    row.update(step=step, val_psnr=last_val["psnr"], val_ssim=last_val["ssim"],
+                               **{f"val_{k}": v for k, v in last_val.items() if "_x" in k})
+                if row and run.log is not None:
+                    run.log.write(row)
+                    if do_val:
+                        run.log.draw()
+                if do_val:
+                    dist.barrier()
+                if do_ckpt:
+                    run.save()
+                spent = time.perf_counter() - t0
+                excluded += spent
+                excl_log += spent
+    except KeyboardInterrupt:
+        if in_update:
+            # Stopped inside an update: the weights may be half-updated, so the previous
+            # checkpoint stays the latest good state.
+            bar.close()
+            run.say(f"interrupted during step {run.step_no + 1}; kept the previous checkpoint {run.last_path}")
+            raise
+        interrupted = True
+    bar.close()
+    _sync(device)
+    t_end = time.perf_counter()
+    if pending:
+        mean_loss = flush()
+    if hasattr(run.source, "close"):
+        run.source.close()
+    run.save()
+    return _finish(run, interrupted, losses, mean_loss, last_val, start_step, t_first, t_end, excluded, wall_start)
+
+
+def _apply_nan_policy(run: _Run, loss: float) -> None:
+    """After a skipped step (non-finite loss on some rank; every rank gets here together)."""
+    cfg, step = run.cfg, run.step_no
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "the loss is not finite on another rank"
+    if cfg.nan_policy == "stop":
+        raise FastSRError(f"{what} at step {step} (nan_policy = 'stop'); the update was not applied; "
+                          f"{run.saved_note()}; lower lr, check the data, or set nan_policy = 'skip'")
+    if run.nan_streak >= cfg.nan_max_consecutive:
+        raise FastSRError(f"the loss was not finite for {run.nan_streak} steps in a row (steps "
+                          f"{step - run.nan_streak + 1}-{step}, nan_max_consecutive = {cfg.nan_max_consecutive}); "
+                          f"their updates were skipped; {run.saved_note()}; lower lr or check the data")
+    run.say(f"step {step}: {what}: update skipped ({run.skipped_steps} skipped so far, "
+            f"{run.nan_streak} in a row)")
+
+
+def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float, last_val: dict[str, float],
+            start_step: int, t_first: float | None, t_end: float, excluded: float, wall_start: float) -> TrainResult:
+    """Speed, final weights, rank agreement, result.json and the closing line."""
+    from fastsr.checkpoints import save_safetensors
+
+    n_run = run.step_no - start_step
+    if t_first is not None and n_run > 1:
+        # The first step (allocation, oneDNN/cuDNN setup) is left out of the rate.
+        train_seconds = t_end - t_first - excluded
+        steps_per_s = (n_run - 1) / max(train_seconds, 1e-9)
+    else:
+        train_seconds = t_end - wall_start
+        steps_per_s = n_run / max(train_seconds, 1e-9)
+    checksum = weights_checksum(run.model)
+    rank_sums = run.dist.gather(checksum)
+    final_weights = None
+    if run.dist.main:
+        if not interrupted:
+            target = run.ema.model if run.ema is not None else run.model
+            with writing(run.run_dir / "final.safetensors", "the final weights"):
+                final_weights = save_safetensors(target, run.run_dir / "final.safetensors", extra_metadata={
+                    "step": str(run.step_no), "ema": str(run.ema is not None)})
+        if run.log is not None:
+            run.log.draw()
+            run.log.close()
+    result = TrainResult(
+        step=run.step_no, steps_run=n_run, interrupted=interrupted, out_dir=run.run_dir,
+        last_checkpoint=run.last_path,
+        best_weights=(run.run_dir / "best.safetensors") if run.best_step is not None else None,
+        final_weights=final_weights, final_loss=mean_loss, best_psnr=run.best_psnr, best_step=run.best_step,
+        val=last_val, steps_per_s=steps_per_s, train_seconds=train_seconds,
+        wall_seconds=time.perf_counter() - wall_start, losses=losses, weights_checksum=checksum,
+        rank_checksums=rank_sums, world_size=run.dist.world, skipped_steps=run.skipped_steps,
+    )
+    if run.dist.main:
+        write_run_text(run.run_dir / "result.json", json.dumps(result.to_json(), indent=2) + "\n", "the result")
+        if len(set(rank_sums)) > 1:
+            run.say(f"WARNING: the ranks ended with different weights: {rank_sums}")
+        if interrupted:
+            run.say(f"interrupted at step {run.step_no}; checkpoint saved to {run.last_path} (continue with --resume)")
+        else:
+            best = (f", best validation {run.best_psnr:.3f} dB at step {run.best_step}"
+                    if run.best_step is not None else "")
+            skips = f", {run.skipped_steps} update(s) skipped (non-finite loss)" if run.skipped_steps else ""
+            run.say(f"done: {run.step_no} steps, {steps_per_s:.3f} steps/s{best}{skips}; weights in {final_weights}")
+    return result
