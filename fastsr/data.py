@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,7 +363,9 @@ class SRData:
         # Pillow and the imresize matmuls release the GIL: threads decode in parallel.
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             results = list(tqdm(pool.map(load_one, pairs), total=len(pairs), desc="decoding training images",
-                                unit="img", disable=not progress, leave=False))
+                                unit="img", leave=False, file=sys.stderr,
+                                # None: only on a terminal (a piped log gets no bar to glue lines to)
+                                disable=None if progress else True))
         # The usable crop per scale: the LR size, capped by HR // s (a DIV2K LR may be larger).
         crops = [{s: (min(int(lrs[s].shape[1]), int(hr.shape[1]) // s), min(int(lrs[s].shape[2]), int(hr.shape[2]) // s))
                   for s in scales} for hr, lrs in results]

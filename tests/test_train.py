@@ -148,11 +148,11 @@ def test_keyboard_interrupt_from_a_callback_saves_and_returns(photos, tmp_path):
     assert result.final_weights is None
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(photos, tmp_path):
-    run = tmp_path / "run"
+def interrupt_after_first_step(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """`python -m fastsr.train ARGS` in `cwd`, SIGINT once it reports step 1: (code, stdout, stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fastsr.train", *cli_args(photos, run, steps=100000)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fastsr.train", *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         for line in proc.stdout:
@@ -163,7 +163,13 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(photos, tmp_path):
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    return proc.returncode, out, err
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(photos, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = interrupt_after_first_step(cli_args(photos, run, steps=100000), REPO)
+    assert code == 130, err
     lines = [line for line in out.splitlines() if "interrupted at step" in line]
     assert len(lines) == 1 and "checkpoint saved to" in lines[0] and "--resume" in lines[0]
     assert "Traceback" not in err
@@ -346,3 +352,128 @@ def test_config_precedence_and_types(tmp_path):
     assert (cfg.steps, cfg.lr, cfg.train_dir, cfg.fused) == (7, 3e-4, "b/c", False)
     assert load_config(toml).steps == 200000
     assert cfg.run_dir == Path("out/edsr_baseline_x2")
+
+
+# ---------------------------------------------------------------------------------------
+# Resume in place, packaged configs, a clean clone's defaults
+# ---------------------------------------------------------------------------------------
+
+
+def cli_main(args: list[str], capsys) -> tuple[int, str, str]:
+    """`fastsr train ARGS` in this process: (exit code, stdout, stderr)."""
+    from fastsr.train import main
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sigint_then_resume_run_dir_finishes_in_place(photos, tmp_path):
+    run, cwd = tmp_path / "run", tmp_path / "cwd"
+    cwd.mkdir()
+    code, out, err = interrupt_after_first_step(cli_args(photos, run, steps=100000), cwd)
+    assert code == 130, err
+    assert f"continue with: fastsr train --resume {run}" in out
+    assert "decoding training images" not in err  # piped: no progress bar glued to the log
+    stopped = load_train_checkpoint(run / "last.pt")["step"]
+    # Exactly the printed command, plus more steps than it had done (steps is free to change).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "fastsr.train", "--resume", str(run), "--steps", str(stopped + 2)],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {stopped} from {run / 'last.pt'}" in r.stdout and "changed settings" not in r.stdout
+    result = json.loads((run / "result.json").read_text())
+    assert result["step"] == stopped + 2 and result["out_dir"] == str(run)
+    assert list(cwd.iterdir()) == []  # no new run folder (out/<name>) where it was launched
+    saved = load_train_checkpoint(run / "last.pt")["config"]
+    assert saved["batch_size"] == TINY["batch_size"] and saved["patch_size"] == TINY["patch_size"]
+
+
+def test_resume_takes_last_pt_and_refuses_conflicts_unless_override(photos, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(config(photos, run, steps=2))
+    code, _, err = cli_main(["--resume", str(run / "last.pt"), "--set", "batch_size=4", "--lr", "0.001",
+                             "--steps", "3"], capsys)
+    assert code == 1
+    assert "differ from the run's saved config" in err and "batch_size = 4 (the run has 2)" in err
+    assert "lr = 0.001 (the run has 0.0001)" in err and "--override" in err
+    assert load_train_checkpoint(run / "last.pt")["step"] == 2  # nothing ran
+    code, out, err = cli_main(["--resume", str(run), "--set", "batch_size=4", "--steps", "3", "--override"], capsys)
+    assert code == 0, err
+    assert "resuming with changed settings" in out and "batch_size 2 -> 4" in out
+    assert load_train_checkpoint(run / "last.pt")["step"] == 3
+    # A different run folder is a conflict too; the same one, spelled another way, is not.
+    code, _, err = cli_main(["--resume", str(run), "--out-dir", str(tmp_path / "elsewhere")], capsys)
+    assert code == 1 and "out_dir" in err
+    code, _, err = cli_main(["--resume", str(run), "--out-dir", f"{run}/.", "--steps", "4"], capsys)
+    assert code == 0, err
+
+
+def test_resume_auto_starts_fresh_then_continues(photos, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = cli_args(photos, run, steps=2)
+    code, out, err = cli_main([*args, "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert "--resume auto: no" in out and "starting the run fresh" in out
+    code, out, err = cli_main([*args, "--resume", "auto", "--steps", "3"], capsys)
+    assert code == 0, err
+    assert "at step 2 from" in out and load_train_checkpoint(run / "last.pt")["step"] == 3
+    code, _, err = cli_main(["--resume", str(tmp_path / "nothing")], capsys)
+    assert code == 1 and "no training checkpoint to resume from" in err
+    code, _, err = cli_main([*args, "--override"], capsys)
+    assert code == 1 and "--override only applies with --resume" in err
+
+
+def test_packaged_configs_are_found_by_name(tmp_path, monkeypatch):
+    from fastsr.train.config import resolve_config_path
+
+    monkeypatch.chdir(tmp_path)  # not the repository: the name must not resolve as a relative path
+    for name in ("edsr_baseline_x2", "edsr_baseline_x2.toml"):
+        path = resolve_config_path(name)
+        assert path.name == "edsr_baseline_x2.toml" and path.is_file()
+        assert load_config(name).scale == 2
+    with pytest.raises(ConfigError, match=r"no packaged config of that name \(packaged: edsr_baseline_x2, "):
+        resolve_config_path("edsr_baseline_x9")
+
+
+def test_the_wheel_ships_the_configs(tmp_path):
+    """Build the wheel, unpack it alone on sys.path, and find the packaged config from there."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "wheel"), "-q"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = (tmp_path / "wheel").glob("fastsr-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import fastsr.train.config as c; p = c.resolve_config_path('edsr_baseline_x2'); "
+            "print(p); print(c.load_config('ship_edsr_baseline_x4').init_from)")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = Path(r.stdout.splitlines()[0])
+    assert path.is_relative_to(site) and path == site / "fastsr" / "configs" / "edsr_baseline_x2.toml"
+
+
+def test_defaults_and_example_configs_hold_no_development_paths():
+    assert "shared" not in TrainConfig().val_dir and "shared" not in TrainConfig().train_dir
+    for scale in (2, 3, 4):
+        cfg = load_config(REPO / "configs" / f"edsr_baseline_x{scale}.toml")
+        assert "shared" not in cfg.train_dir + cfg.val_dir, scale
+        assert cfg.val_dir == cfg.train_dir and cfg.val_images  # held out of the training photos
+
+
+def test_a_missing_training_folder_says_how_to_make_it_before_writing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_main(["-c", "edsr_baseline_x2", "--set", "steps=1500"], capsys)
+    assert code == 1 and "data/train_photos: training folder does not exist" in err
+    assert "scripts/make_train_photos.py" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_summary_gives_the_training_rate_and_the_wall_clock_rate(photos, tmp_path):
+    result = train(config(photos, tmp_path / "run", steps=6, val_dir=str(photos), val_every=2))
+    assert 0 < result.steps_per_s_overall <= result.steps_per_s
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["steps_per_s_overall"] == result.steps_per_s_overall

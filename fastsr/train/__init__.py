@@ -14,8 +14,9 @@ is checked every step (agreed across DDP ranks) and handled by `nan_policy`: "st
 default) fails naming the step, "skip" drops that update and counts it (`skipped_steps` in
 the logs, checkpoint and result.json) until `nan_max_consecutive` in a row.
 
-    python -m fastsr.train --config configs/edsr_baseline_x2.toml [--set key=value ...] [--resume]
-    torchrun --nproc-per-node 2 -m fastsr.train --config ... (batch_size is the global batch)
+    fastsr train -c edsr_baseline_x2 [--set key=value ...]     (a packaged config, or -c FILE)
+    fastsr train --resume out/edsr_baseline_x2 [--steps N]    (continue in place, saved config)
+    torchrun --nproc-per-node 2 -m fastsr.train -c ... (batch_size is the global batch)
 
 AMP: with fused=True, `amp` sets the fused model's compute dtype (what torch.autocast
 around it would choose too, with the image kept fp32 in and out); with fused=False it is
@@ -33,6 +34,7 @@ The package, one concern per module:
     state        the network from a config, EMA, checksums, RNG state
     validation   the papers' protocol on a validation folder or split
     runfiles     atomic writes, logs and curves, last.pt
+    resume       what --resume continues and the checks a resumed config passes
     loop         train(): build the run, step, validate, checkpoint, finish
     results      StepInfo and TrainResult
     cli          `fastsr train` / `python -m fastsr.train`

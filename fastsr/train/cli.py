@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from fastsr.errors import FastSRError
-from fastsr.train.config import TrainConfig, _toml_value, load_config
+from fastsr.train.config import ConfigError, TrainConfig, _toml_value, config_values
 from fastsr.train.loop import train
+from fastsr.train.resume import checkpoint_path, resumed_config
 
 
 # Explicit flags for the common keys: (flag, config key, type).
@@ -30,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      for f in dataclasses.fields(TrainConfig))
     parser.epilog = ("config keys (TOML file, --set key=value), with defaults:\n" + keys +
                      "\n\nprecedence: defaults < --config file < --set < explicit flags")
-    parser.add_argument("--config", "-c", metavar="TOML", help="TOML file of config keys")
+    parser.add_argument("--config", "-c", metavar="TOML",
+                        help="TOML file of config keys, or a packaged config's name (e.g. edsr_baseline_x2)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (repeatable), e.g. --set steps=1000")
     for flag, key, kind in _FLAGS:
@@ -38,23 +42,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"same as --set {key}=...")
     parser.add_argument("--fused", dest="cfg_fused", action=argparse.BooleanOptionalAction, default=None,
                         help="run the fused ops (default on)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="LAST_PT",
-                        help="continue the run in out_dir (its last.pt), or the given last.pt")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                        help="continue a run in place with its saved config: RUN_DIR or RUN_DIR/last.pt "
+                             "(alone: the out_dir of the given config); 'auto': resume out_dir's run if "
+                             "it has a last.pt, else start it fresh")
+    parser.add_argument("--override", action="store_true",
+                        help="with --resume: apply settings that differ from the run's saved config "
+                             "(refused otherwise; more --steps is always fine)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def _given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys this command line sets (-c file < --set < flags), defaults left out."""
     values = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    return load_config(args.config, args.set, values)
+    return config_values(args.config, args.set, values)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of a fresh run from parsed arguments (defaults < -c < --set < flags)."""
+    return TrainConfig(**_given_values(args)).validate()
+
+
+def _say(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastsr train: {msg}", flush=True)
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path | bool]:
+    """(config, resume) for `train()`: a fresh run's config and False, or the config a resume
+    continues with (the run's saved one, see fastsr.train.resume) and its last.pt."""
+    given = _given_values(args)
+    if args.override and not args.resume:
+        raise ConfigError("--override only applies with --resume")
+    if not args.resume:
+        return TrainConfig(**given).validate(), False
+    if args.resume is True or args.resume == "auto":
+        last = TrainConfig(**given).validate().run_dir / "last.pt"
+        if args.resume == "auto" and not last.exists():
+            _say(f"--resume auto: no {last}, starting the run fresh")
+            return TrainConfig(**given).validate(), False
+    else:
+        last = checkpoint_path(args.resume)
+    return resumed_config(last, given, args.override), last
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run `fastsr train` from parsed arguments; 0 done, 130 interrupted (checkpoint saved)."""
-    cfg = config_from_args(args)
+    cfg, resume = resolve_run(args)
     if args.print_config:
         print(cfg.to_toml(), end="")
         return 0
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=resume)
     return 130 if result.interrupted else 0
 
 

@@ -69,7 +69,7 @@ class TrainConfig:
     nan_max_consecutive: int = _key(10, "nan_policy = skip: stop after this many non-finite steps in a row")
     ema_decay: float = _key(0.0, "EMA of the weights with this decay, used for validation and saved weights (0: off)")
     init_from: str = _key("", "weights to start from; x2 weights into an x3/x4 model keep all but the upsampler")
-    val_dir: str = _key("../shared/data/Set5", "validation HR folder ('': no validation)")
+    val_dir: str = _key("", "validation HR folder ('': no validation)")
     val_images: str = _key("", "validate on only these images of val_dir (names or stems, a list or "
                                "comma-separated), held out of the training data ('': all of val_dir)")
     val_protocol: str = _key("paper", "validation scoring (fastsr.evaluation): paper (Y, shave = scale), official, "
@@ -283,16 +283,44 @@ def _parse_set(item: str) -> tuple[str, Any]:
     return key, doc["v"] if list(doc) == ["v"] else text
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                values: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from defaults < TOML file `path` < `overrides` ('key=value') < `values`.
+def packaged_configs_dir() -> Path:
+    """The folder of the configs fastsr ships: ``fastsr/configs`` when installed (setup.py maps
+    the repository's ``configs/`` there), ``configs/`` beside the package in a checkout."""
+    here = Path(__file__).resolve().parent.parent  # the fastsr package
+    for candidate in (here / "configs", here.parent / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return here / "configs"
+
+
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """A config file by path, or by the name of a packaged config (``edsr_baseline_x2`` or
+    ``edsr_baseline_x2.toml``). Raises ConfigError listing the packaged names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = packaged_configs_dir()
+    candidate = packaged / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if path.parent == Path(".") and candidate.is_file():
+        return candidate
+    if path.exists():
+        raise ConfigError(f"{path}: cannot read config (not a file)")
+    names = sorted(p.stem for p in packaged.glob("*.toml"))
+    raise ConfigError(f"{path}: no such config file, and no packaged config of that name "
+                      f"(packaged: {', '.join(names) or 'none found'})")
+
+
+def config_values(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                  values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keys a user set, checked and typed: TOML file `path` (a path or a packaged config's
+    name) < `overrides` ('key=value') < `values`. Defaults are not included.
 
     Raises ConfigError for an unreadable file, an unknown key (listing the valid ones), or a
-    value of the wrong type or range.
+    value of the wrong type.
     """
     merged: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         toml = _toml_module()
         try:
             data = toml.loads(p.read_bytes().decode("utf-8"))
@@ -316,7 +344,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if key not in _field_types():
             raise _unknown_key(key, "the command line")
         merged[key] = _coerce(key, value, "the command line")
-    return TrainConfig(**merged).validate()
+    return merged
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                values: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from defaults < TOML file `path` (a path or a packaged config's name) <
+    `overrides` ('key=value') < `values`; see `config_values`. Raises ConfigError, also for
+    a value out of range."""
+    return TrainConfig(**config_values(path, overrides, values)).validate()
 
 
 def _missing_folder_hint(folder: Path, key: str) -> str:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -27,8 +28,9 @@ from fastsr.errors import FastSRError
 from fastsr.train.config import ConfigError, TrainConfig, check_data_folders
 from fastsr.train.distributed import Dist, init_dist
 from fastsr.train.results import StepInfo, TrainResult
+from fastsr.train.resume import check_resume_config
 from fastsr.train.runfiles import (
-    CHECKPOINT_FORMAT, RUN_FILES, RunLog, WriteError, check_resume_config, load_train_checkpoint, save_last,
+    CHECKPOINT_FORMAT, RUN_FILES, RunLog, WriteError, load_train_checkpoint, save_last,
     write_run_text, writing,
 )
 from fastsr.train.state import EMA, build_model, model_scales, rng_state, set_rng_state, weights_checksum
@@ -468,7 +470,8 @@ def _loop(run: _Run, stop: _StopRequest, on_step: Callable[[StepInfo], None] | N
     if hasattr(run.source, "close"):
         run.source.close()
     run.save()
-    return _finish(run, interrupted, losses, mean_loss, last_val, start_step, t_first, t_end, excluded, wall_start)
+    return _finish(run, interrupted, _LoopTotals(start_step, losses, mean_loss, last_val, t_first, t_end, excluded,
+                                                 wall_start))
 
 
 def _apply_nan_policy(run: _Run, loss: float) -> None:
@@ -486,19 +489,35 @@ def _apply_nan_policy(run: _Run, loss: float) -> None:
             f"{run.nan_streak} in a row)")
 
 
-def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float, last_val: dict[str, float],
-            start_step: int, t_first: float | None, t_end: float, excluded: float, wall_start: float) -> TrainResult:
+@dataclasses.dataclass
+class _LoopTotals:
+    """What the loop hands `_finish`: counts, losses and its clock readings (perf_counter s)."""
+
+    start_step: int              # the step the loop started from (a resume's checkpoint step)
+    losses: list[float]          # every step's loss, in order
+    mean_loss: float             # over the last log interval
+    last_val: dict[str, float]   # the last validation's metrics ({} if none ran)
+    t_first: float | None        # after the first step (None: no step ran)
+    t_end: float                 # after the last step
+    excluded: float              # seconds spent validating, logging and checkpointing
+    wall_start: float            # when train() was called
+
+
+def _finish(run: _Run, interrupted: bool, totals: _LoopTotals) -> TrainResult:
     """Speed, final weights, rank agreement, result.json and the closing line."""
     from fastsr.checkpoints import save_safetensors
 
-    n_run = run.step_no - start_step
-    if t_first is not None and n_run > 1:
+    t = totals
+    n_run = run.step_no - t.start_step
+    if t.t_first is not None and n_run > 1:
         # The first step (allocation, oneDNN/cuDNN setup) is left out of the rate.
-        train_seconds = t_end - t_first - excluded
+        train_seconds = t.t_end - t.t_first - t.excluded
         steps_per_s = (n_run - 1) / max(train_seconds, 1e-9)
+        # What a clock on the wall sees over the same steps, validation and checkpoints included.
+        overall_per_s = (n_run - 1) / max(t.t_end - t.t_first, 1e-9)
     else:
-        train_seconds = t_end - wall_start
-        steps_per_s = n_run / max(train_seconds, 1e-9)
+        train_seconds = t.t_end - t.wall_start
+        steps_per_s = overall_per_s = n_run / max(train_seconds, 1e-9)
     checksum = weights_checksum(run.model)
     rank_sums = run.dist.gather(checksum)
     final_weights = None
@@ -515,9 +534,9 @@ def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float,
         step=run.step_no, steps_run=n_run, interrupted=interrupted, out_dir=run.run_dir,
         last_checkpoint=run.last_path,
         best_weights=(run.run_dir / "best.safetensors") if run.best_step is not None else None,
-        final_weights=final_weights, final_loss=mean_loss, best_psnr=run.best_psnr, best_step=run.best_step,
-        val=last_val, steps_per_s=steps_per_s, train_seconds=train_seconds,
-        wall_seconds=time.perf_counter() - wall_start, losses=losses, weights_checksum=checksum,
+        final_weights=final_weights, final_loss=t.mean_loss, best_psnr=run.best_psnr, best_step=run.best_step,
+        val=t.last_val, steps_per_s=steps_per_s, steps_per_s_overall=overall_per_s, train_seconds=train_seconds,
+        wall_seconds=time.perf_counter() - t.wall_start, losses=t.losses, weights_checksum=checksum,
         rank_checksums=rank_sums, world_size=run.dist.world, skipped_steps=run.skipped_steps,
     )
     if run.dist.main:
@@ -525,10 +544,14 @@ def _finish(run: _Run, interrupted: bool, losses: list[float], mean_loss: float,
         if len(set(rank_sums)) > 1:
             run.say(f"WARNING: the ranks ended with different weights: {rank_sums}")
         if interrupted:
-            run.say(f"interrupted at step {run.step_no}; checkpoint saved to {run.last_path} (continue with --resume)")
+            run.say(f"interrupted at step {run.step_no}; checkpoint saved to {run.last_path}; "
+                    f"continue with: fastsr train --resume {shlex.quote(str(run.run_dir))}")
         else:
             best = (f", best validation {run.best_psnr:.3f} dB at step {run.best_step}"
                     if run.best_step is not None else "")
             skips = f", {run.skipped_steps} update(s) skipped (non-finite loss)" if run.skipped_steps else ""
-            run.say(f"done: {run.step_no} steps, {steps_per_s:.3f} steps/s{best}{skips}; weights in {final_weights}")
+            pause = (f" ({overall_per_s:.3f} with validation and checkpoints)"
+                     if overall_per_s < 0.99 * steps_per_s else "")
+            run.say(f"done: {run.step_no} steps, {steps_per_s:.3f} steps/s of training{pause}{best}{skips}; "
+                    f"weights in {final_weights}")
     return result

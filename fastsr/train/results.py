@@ -28,7 +28,8 @@ class StepInfo:
 @dataclass
 class TrainResult:
     """What a `train` call did. steps_per_s: optimizer steps per second of training
-    (data + forward + backward + update), first step and validation/checkpoint time excluded."""
+    (data + forward + backward + update), first step and validation/checkpoint time excluded;
+    steps_per_s_overall: the same steps over wall-clock time, validation and checkpoints included."""
 
     step: int
     steps_run: int
@@ -42,6 +43,7 @@ class TrainResult:
     best_step: int | None
     val: dict[str, float]
     steps_per_s: float
+    steps_per_s_overall: float
     train_seconds: float
     wall_seconds: float
     losses: list[float]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fastsr.errors import FastSRError
-from fastsr.train.config import ConfigError, TrainConfig
+from fastsr.train.config import ConfigError
 
 
 CHECKPOINT_FORMAT = "fastsr-train-v1"
@@ -180,15 +180,3 @@ def load_train_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a fastsr training checkpoint (expected format {CHECKPOINT_FORMAT})")
     return state
-
-
-def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, path: Path, say) -> None:
-    arch = [k for k in TrainConfig.ARCH_KEYS if saved.get(k) != getattr(cfg, k)]
-    if arch:
-        diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in arch)
-        raise ConfigError(f"{path} was trained with a different network ({diffs}); resume with the same settings")
-    changed = [k for k, v in saved.items() if k not in TrainConfig.FREE_KEYS and hasattr(cfg, k)
-               and getattr(cfg, k) != v]
-    if changed:
-        say("resuming with changed settings (the run will differ from an uninterrupted one): "
-            + ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed))
