@@ -7,6 +7,8 @@ Each test compares gradients with the eager model's on the same weights and inpu
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -138,6 +140,10 @@ def test_ddp_wraps_the_fused_model(tmp_path):
         ddp = DistributedDataParallel(fused)
         _l1_step(ddp, x, y)
     finally:
+        # DDP's reducer holds the group inside reference cycles: freed first, the group's
+        # worker threads are joined by destroy_process_group (as fastsr.train does).
+        ddp = None
+        gc.collect()
         dist.destroy_process_group()
     _l1_step(eager, x, y)
     _assert_same_grads(_grads(fused), _grads(eager))

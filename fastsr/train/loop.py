@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +32,7 @@ from fastsr.train.runfiles import (
     CHECKPOINT_FORMAT, RUN_FILES, RunLog, WriteError, load_train_checkpoint, save_last,
     write_run_text, writing,
 )
-from fastsr.train.state import EMA, build_model, model_scales, rng_state, set_rng_state, weights_checksum
+from fastsr.train.state import TrainState, build_model, model_scales, rng_state, set_rng_state, weights_checksum
 from fastsr.train.validation import Validator
 
 
@@ -76,58 +75,90 @@ def _sync(device: torch.device) -> None:
 class _Run:
     """One training run: built by __init__, advanced by `step()`, closed by `finish()`.
 
-    Holds the model, optimizer, scheduler, scaler, EMA, batch source and counters, and
-    turns them into (and back from) the checkpoint dictionary.
+    Holds the trained state (model, optimizer, schedule, scaler, EMA: `TrainState`), the
+    batch source, the logs and the counters, and turns them into (and back from) the
+    checkpoint dictionary.
     """
 
     def __init__(self, cfg: TrainConfig, dist: Dist, device: torch.device, resume: bool | str | os.PathLike):
-        from fastsr.checkpoints import load_weights, model_arch_tag
-        from fastsr.data import DeviceSampler, LoaderSource, SRData, select_images
-        from fastsr.models.edsr import MDSR, count_parameters
-
         self.cfg, self.dist, self.device = cfg, dist, device
         self.run_dir = cfg.run_dir
         self.last_path = self.run_dir / "last.pt"
-        checkpoint, ckpt_path = None, None
-        if resume:
-            ckpt_path = self.last_path if resume is True else Path(resume)
-            checkpoint = load_train_checkpoint(ckpt_path)
-            check_resume_config(checkpoint["config"], cfg, ckpt_path, self.say)
-        elif dist.main and self.last_path.exists():
-            raise ConfigError(f"{self.run_dir} already holds a run (last.pt): pass --resume to continue it, "
-                              "or choose another out_dir")
-        # The step last.pt holds (None: nothing saved yet), for the messages of a failed run.
-        self.saved_step: int | None = int(checkpoint["step"]) if checkpoint is not None else None
+        self.step_no = 0
+        self.best_psnr: float | None = None
+        self.best_step: int | None = None
         self.skipped_steps = 0  # updates dropped by nan_policy = skip
         self.nan_streak = 0     # ... of them in a row up to the current step
+        # 1. The checkpoint to continue (None: a fresh run), checked before anything is written.
+        checkpoint, ckpt_path = self._open_checkpoint(resume)
+        # The step last.pt holds (None: nothing saved yet), for the messages of a failed run.
+        self.saved_step: int | None = int(checkpoint["step"]) if checkpoint is not None else None
         if dist.main:
             with self.noting_checkpoint():
                 self._prepare_folder()
+        # 2. Model, optimizer and the rest of the trained state, seeded alike on every rank.
+        self.model = self._build_model(init=checkpoint is None)
+        self.scales = model_scales(self.model)
+        self.state = TrainState(cfg, self.model, device)
+        # With fused=True, AMP is the fused model's compute dtype (build_model), set once
+        # instead of autocast's per-call dtype checks; autocast wraps only the eager model.
+        self.autocast = (torch.autocast(device.type, dtype=cfg.amp_dtype) if cfg.amp and not cfg.fused
+                         else contextlib.nullcontext())
+        # 3. Data: the training images (a named validation split held out) and the patch source.
+        val_paths = self._load_data()
+        # 4. A resume restores everything the checkpoint holds, the samplers' streams included.
+        if checkpoint is not None:
+            from fastsr.checkpoints import model_arch_tag
+
+            self._restore(checkpoint)
+            self.say(f"resumed {model_arch_tag(self.model)} at step {self.step_no} from {ckpt_path}")
+        # 5. DDP, validation (rank 0) and the logs.
+        self.net = self._wrap_ddp()
+        self.validator = (Validator(cfg.val_dir, self.scales, device, val_paths, cfg.val_protocol)
+                          if (cfg.val_dir and dist.main) else None)
+        with self.noting_checkpoint():
+            self.log = (RunLog(self.run_dir, self.step_no if checkpoint is not None else None, cfg.plot,
+                               cfg.tensorboard) if dist.main else None)
+        if self.log is not None and self.log.plot_note:
+            self.say(self.log.plot_note)
+        self._describe()
+
+    def _open_checkpoint(self, resume: bool | str | os.PathLike) -> tuple[dict[str, Any] | None, Path | None]:
+        """(checkpoint, its path) to resume, or (None, None); refuses to start over a run."""
+        if resume:
+            path = self.last_path if resume is True else Path(resume)
+            checkpoint = load_train_checkpoint(path)
+            check_resume_config(checkpoint["config"], self.cfg, path, self.say)
+            return checkpoint, path
+        if self.dist.main and self.last_path.exists():
+            raise ConfigError(f"{self.run_dir} already holds a run (last.pt): pass --resume to continue it, "
+                              "or choose another out_dir")
+        return None, None
+
+    def _build_model(self, init: bool) -> nn.Module:
+        """The network on the device; `init`: also load cfg.init_from (a fresh run only)."""
+        from fastsr.checkpoints import load_weights
+
+        cfg = self.cfg
         # Initialization: the same seed on every rank (DDP also broadcasts rank 0's weights).
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg)
-        self.scales = model_scales(model)
-        if cfg.init_from and checkpoint is None:
+        if cfg.init_from and init:
             self.say(f"init_from {cfg.init_from}: {load_weights(model, cfg.init_from, partial_upsampler=True)}")
-        model.to(device)
+        model.to(self.device)
         if not cfg.fused:
             # oneDNN (CPU) and cuDNN's tensor-core kernels both prefer channels-last; the
             # fused path converts its input itself.
             model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                          weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        # With fused=True, AMP is the fused model's compute dtype (build_model), set once
-        # instead of autocast's per-call dtype checks; autocast wraps only the eager model.
-        self.autocast = (torch.autocast(device.type, dtype=cfg.amp_dtype) if cfg.amp and not cfg.fused
-                         else contextlib.nullcontext())
+        return model
 
+    def _load_data(self) -> list[Path] | None:
+        """Decode the training images into self.source; returns the held-out validation paths."""
+        from fastsr.data import DeviceSampler, LoaderSource, SRData, select_images
+
+        cfg, dist = self.cfg, self.dist
         # A named validation split is held out of the training images (same folders).
         val_paths = select_images(cfg.val_dir, cfg.val_images) if (cfg.val_dir and cfg.val_images) else None
         data = SRData.load(cfg.train_dir, self.scales, lr_dir=cfg.train_lr_dir or None,
@@ -137,37 +168,36 @@ class _Run:
         if data.skipped:
             self.say(f"warning: left out of training, smaller than the LR patch: {', '.join(data.skipped)}")
         per_rank = cfg.batch_size // dist.world
-        kw = dict(seed=cfg.seed, rank=dist.rank, device=device)
+        kw = dict(seed=cfg.seed, rank=dist.rank, device=self.device)
         if cfg.loader == "device":
             self.source = DeviceSampler(data, per_rank, cfg.patch_size, **kw)
         else:
             self.source = LoaderSource(data, per_rank, cfg.patch_size, num_workers=cfg.num_workers, **kw)
+        return val_paths
 
-        self.step_no = 0
-        self.best_psnr: float | None = None
-        self.best_step: int | None = None
-        if checkpoint is not None:
-            self._restore(checkpoint)
-            self.say(f"resumed {model_arch_tag(model)} at step {self.step_no} from {ckpt_path}")
+    def _wrap_ddp(self) -> nn.Module:
+        """The module the step calls: the model, or its DDP wrapper under torchrun."""
+        from fastsr.models.edsr import MDSR
 
-        self.net: nn.Module = model
-        if dist.active:
-            self.net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                # MDSR: the other scales' branches get no gradient in a step.
-                find_unused_parameters=isinstance(model, MDSR),
-            )
-        self.validator = (Validator(cfg.val_dir, self.scales, device, val_paths, cfg.val_protocol)
-                          if (cfg.val_dir and dist.main) else None)
-        with self.noting_checkpoint():
-            self.log = (RunLog(self.run_dir, self.step_no if checkpoint is not None else None, cfg.plot,
-                                cfg.tensorboard) if dist.main else None)
-        if self.log is not None and self.log.plot_note:
-            self.say(self.log.plot_note)
+        if not self.dist.active:
+            return self.model
+        return nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            # MDSR: the other scales' branches get no gradient in a step.
+            find_unused_parameters=isinstance(self.model, MDSR),
+        )
+
+    def _describe(self) -> None:
+        from fastsr.checkpoints import model_arch_tag
+        from fastsr.models.edsr import count_parameters
+
+        cfg, dist = self.cfg, self.dist
         compute = (f"fused ({cfg.backend or 'auto backend'}, {cfg.amp or 'fp32'} compute)" if cfg.fused
                    else f"eager ({'autocast ' + cfg.amp if cfg.amp else 'fp32'})")
-        self.say(f"model {model_arch_tag(model)}: {count_parameters(model):,} parameters, {compute}, on {device}"
-                 + (f", DDP over {dist.world} ranks ({per_rank} patches each)" if dist.active else "")
+        self.say(f"model {model_arch_tag(self.model)}: {count_parameters(self.model):,} parameters, {compute}, "
+                 f"on {self.device}"
+                 + (f", DDP over {dist.world} ranks ({cfg.batch_size // dist.world} patches each)" if dist.active
+                    else "")
                  + f"; loader {cfg.loader}")
 
     def _prepare_folder(self) -> None:
@@ -214,13 +244,7 @@ class _Run:
     # -- checkpoint state --------------------------------------------------------------
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema is not None:
-            self.ema.model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else self.model.state_dict())
+        self.state.load_state_dict(ckpt)
         self.step_no = int(ckpt["step"])
         self.best_psnr, self.best_step = ckpt.get("best_psnr"), ckpt.get("best_step")
         self.skipped_steps, self.nan_streak = int(ckpt.get("skipped_steps", 0)), int(ckpt.get("nan_streak", 0))
@@ -245,11 +269,7 @@ class _Run:
             try:
                 save_last(self.last_path, {
                     "format": CHECKPOINT_FORMAT, "step": self.step_no, "config": self.cfg.to_dict(),
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                    "ema": self.ema.model.state_dict() if self.ema is not None else None,
-                    "rng": rng_state(), "sampler": samplers, "world_size": self.dist.world,
+                    **self.state.state_dict(), "rng": rng_state(), "sampler": samplers, "world_size": self.dist.world,
                     "best_psnr": self.best_psnr, "best_step": self.best_step,
                     "skipped_steps": self.skipped_steps, "nan_streak": self.nan_streak,
                 })
@@ -269,7 +289,7 @@ class _Run:
         schedule and the data stream, so a resumed run stays exact. `_loop` applies nan_policy.
         """
         batch = self.source.next()
-        self.optimizer.zero_grad(set_to_none=True)  # None, not 0: Adam skips unused MDSR branches
+        self.state.optimizer.zero_grad(set_to_none=True)  # None, not 0: Adam skips unused MDSR branches
         with self.autocast:
             sr = self.net(batch.lr, scale=batch.scale)
         loss = F.l1_loss(sr.float(), batch.hr)
@@ -279,29 +299,15 @@ class _Run:
         self.nan_streak = self.nan_streak + 1 if skipped else 0
         if skipped:
             self.skipped_steps += 1
-            self._advance_schedule()
-            return loss.detach(), batch.scale, True
-        self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        self._advance_schedule()
-        return loss.detach(), batch.scale, False
-
-    def _advance_schedule(self) -> None:
-        with warnings.catch_warnings():
-            # fp16: GradScaler skips steps whose gradients overflowed; the schedule still counts them.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            self.scheduler.step()
+            self.state.advance_schedule()
+        else:
+            self.state.update(loss)
         self.step_no += 1
+        return loss.detach(), batch.scale, skipped
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.state.lr
 
     # -- validation --------------------------------------------------------------------
 
@@ -309,7 +315,7 @@ class _Run:
         """Rank 0: the papers' protocol on val_dir; keeps best.safetensors."""
         from fastsr.checkpoints import save_safetensors
 
-        target = self.ema.model if self.ema is not None else self.model
+        target = self.state.eval_model
         metrics = self.validator.run(target)
         if self.best_psnr is None or metrics["psnr"] > self.best_psnr:
             self.best_psnr, self.best_step = metrics["psnr"], self.step_no
@@ -317,7 +323,7 @@ class _Run:
             with writing(best, "the best weights"):
                 save_safetensors(target, best, extra_metadata={
                     "step": str(self.step_no), "val_psnr": f"{metrics['psnr']:.4f}",
-                    "val_set": str(self.cfg.val_dir), "ema": str(self.ema is not None)})
+                    "val_set": str(self.cfg.val_dir), "ema": str(self.state.ema is not None)})
         per_scale = ", ".join(f"x{s} {metrics[f'psnr_x{s}']:.3f} dB / {metrics[f'ssim_x{s}']:.4f}" for s in self.scales)
         self.say(f"step {self.step_no}: validation on {self.cfg.val_dir}: {per_scale} "
                  f"(best {self.best_psnr:.3f} dB at step {self.best_step})")
@@ -417,7 +423,7 @@ def _loop(run: _Run, stop: _StopRequest, on_step: Callable[[StepInfo], None] | N
                 t_first = time.perf_counter()
             bar.update(1)
             if on_step is not None:
-                on_step(StepInfo(step, loss, run.lr, scale, run.model, run.optimizer, skipped))
+                on_step(StepInfo(step, loss, run.lr, scale, run.model, run.state.optimizer, skipped))
 
             row: dict[str, Any] = {}
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -523,10 +529,10 @@ def _finish(run: _Run, interrupted: bool, totals: _LoopTotals) -> TrainResult:
     final_weights = None
     if run.dist.main:
         if not interrupted:
-            target = run.ema.model if run.ema is not None else run.model
+            target = run.state.eval_model
             with writing(run.run_dir / "final.safetensors", "the final weights"):
                 final_weights = save_safetensors(target, run.run_dir / "final.safetensors", extra_metadata={
-                    "step": str(run.step_no), "ema": str(run.ema is not None)})
+                    "step": str(run.step_no), "ema": str(run.state.ema is not None)})
         if run.log is not None:
             run.log.draw()
             run.log.close()

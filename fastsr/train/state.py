@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 import random
 from typing import Any
 
@@ -57,6 +58,67 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1.0 - self.decay)
+
+
+class TrainState:
+    """What an optimizer step changes and a checkpoint holds: the model, Adam, the StepLR
+    schedule, fp16's GradScaler and the weights' EMA (the paper's recipe, from `cfg`)."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device):
+        self.cfg, self.model = cfg, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                          weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validation scores and the run saves: the EMA when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One optimizer step from `loss` (backward, optional clipping, Adam, EMA, schedule)."""
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.advance_schedule()
+
+    def advance_schedule(self) -> None:
+        """The lr schedule's step; also for a skipped update, so a resumed run stays exact."""
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips steps whose gradients overflowed; the schedule still counts them.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's entries: model, optimizer, scheduler, scaler (None: fp16 off), ema (None: off)."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "ema": self.ema.model.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()`'s entries (an EMA started from the weights if none was saved)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["ema"] if state.get("ema") is not None else self.model.state_dict())
 
 
 def weights_checksum(model: nn.Module) -> str:
