@@ -4,6 +4,10 @@
     python bench/run.py --quick          # a small subset (~1 minute on CPU)
     python bench/run.py --only resblock  # workloads whose name contains the pattern
     python bench/run.py --compare bench/results/OLD.json
+    python bench/run.py --out bench/results   # a run meant to be committed
+
+Output (CSV/JSON/PNG) goes to --out, by default $FASTSR_BENCH_OUT or ~/.cache/fastsr/bench
+(never into the source tree's bench/results, where committed runs live, unless asked to).
 
 Providers, side by side in one process:
     eager_nchw   the official EDSR-PyTorch way: NCHW eager modules
@@ -12,8 +16,10 @@ Providers, side by side in one process:
     fused        fastsr's fused path (backend recorded per row)
 each at fp32 and bf16 (and fp16 on GPU). Rows: median and quartiles of the time, the
 ratio of each provider's median to the fused one's (>1: fused is faster), FLOP/s and
-bytes/s against peaks measured in the same run (a large matmul, a large copy), peak
-memory of live tensors, and compile time apart from run time.
+bytes/s against peaks measured in the same run (the best of square matmuls from 2048 up on
+CPU, a 64 MiB copy), peak memory of live tensors, and compile time apart from run time. A
+column-header line comes before the rows, and a summary of fused against eager_cl per dtype
+after them (see summarize_vs_eager).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import csv
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -29,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,11 +47,12 @@ from fastsr.ops.conv import conv2d, resblock
 from fastsr.ops.reference import conv2d_ref, resblock_ref
 
 CL = torch.channels_last
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed runs: written there only with --out
 COLUMNS = [
     "workload", "kind", "mode", "shape", "provider", "dtype", "backend", "median_ms", "q25_ms", "q75_ms",
-    "ratio_vs_fused", "gflops", "tflops_per_s", "flop_frac_of_peak", "gbytes", "gb_per_s", "bw_frac_of_peak",
-    "peak_mem_mb", "act_mem_mb", "compile_s", "device", "torch", "triton", "date",
+    "ratio_vs_fused", "gflops", "tflops_per_s", "flop_frac_of_peak", "flop_peak_tflops", "flop_peak_source",
+    "gbytes", "gb_per_s", "bw_frac_of_peak", "bw_peak_gb_per_s", "peak_mem_mb", "act_mem_mb", "compile_s", "device",
+    "torch", "triton", "date",
 ]
 
 
@@ -100,17 +109,61 @@ def peak_memory_mb(fn, device: str) -> float:
     return pm.peak / 2**20
 
 
-def measure_peaks(device: str, dtype: torch.dtype, quick: bool) -> tuple[float, float]:
-    """(FLOP/s of a large matmul, bytes/s of a large copy), measured now on this machine."""
-    n = 1024 if quick else (2048 if device == "cpu" else 8192)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = statistics.median(time_fn(lambda: a @ b, device, 3, 0.2)) / 1e3
-    flops = 2 * n**3 / t
+# Square matmul sizes tried for the FLOP/s peak, smallest first. A 1024 matmul (the old
+# --quick size) is far from the peak: on 2 Xeon cores it measured 0.5-1.2 TFLOP/s bf16
+# where 3072 reached 1.9-2.1, so convs read above 200% "of peak". 2048 is the floor even
+# in --quick; larger sizes follow while PEAK_BUDGET_S allows (there: 2048 and 3072, about
+# 1.1 s per dtype including the copy).
+MATMUL_SIZES = {"cpu": (2048, 3072, 4096), "cuda": (4096, 8192, 16384)}
+PEAK_BUDGET_S = 2.0  # wall time allowed for one dtype's matmul ladder
+
+
+@dataclass
+class Peaks:
+    """What one dtype's rows are measured against: the best matmul rate and a copy's bandwidth."""
+    flops: float        # FLOP/s of the fastest square matmul tried
+    bytes_per_s: float  # bytes/s (read + write) of a 64 MiB copy
+    matmul_n: int       # the n of the n x n matmul that reached `flops`
+    seconds: float      # wall time spent measuring both
+
+    @property
+    def label(self) -> str:
+        """How the FLOP/s peak was obtained, as printed and written to the CSV."""
+        return f"measured matmul peak ({self.matmul_n}x{self.matmul_n})"
+
+
+def measure_matmul_peak(device: str, dtype: torch.dtype, sizes: Sequence[int],
+                        budget_s: float = PEAK_BUDGET_S) -> tuple[float, int]:
+    """Returns (best FLOP/s, the n that reached it) over square n x n matmuls of increasing n.
+
+    Each size gets a warm-up and two timed calls; the best call counts, since interference
+    only ever slows a call down. The first size always runs; a larger one only if its
+    predicted cost (three calls, time scaling as n^3) still fits in budget_s.
+    """
+    start = time.perf_counter()
+    best, best_n = 0.0, sizes[0]
+    for i, n in enumerate(sizes):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        t = min(time_fn(lambda: a @ b, device, 2, 0.0)) / 1e3
+        if 2 * n**3 / t > best:
+            best, best_n = 2 * n**3 / t, n
+        if i + 1 < len(sizes):
+            predicted = 3 * t * (sizes[i + 1] / n) ** 3
+            if time.perf_counter() - start + predicted > budget_s:
+                break
+    return best, best_n
+
+
+def measure_peaks(device: str, dtype: torch.dtype) -> Peaks:
+    """Returns the Peaks of this machine for dtype, measured now (the same in --quick and full runs)."""
+    start = time.perf_counter()
+    flops, n = measure_matmul_peak(device, dtype, MATMUL_SIZES.get(device, MATMUL_SIZES["cuda"]))
     src = torch.empty(64 * 2**20 // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     t = statistics.median(time_fn(lambda: dst.copy_(src), device, 3, 0.2)) / 1e3
-    return flops, 2 * src.numel() * 4 / t
+    _sync(device)
+    return Peaks(flops, 2 * src.numel() * 4 / t, n, time.perf_counter() - start)
 
 
 # -------------------------------------------------------------------------- workloads
@@ -344,10 +397,13 @@ def run(args) -> list[dict]:
         workloads = [w for w in workloads if re.search(args.only, w.name)]
     dtypes = [d for d in _dtypes(device) if not args.dtype or str(d).split(".")[-1] in args.dtype]
     providers = [p for p in _providers(device) if not args.providers or p in args.providers]
-    peaks = {d: measure_peaks(device, d, args.quick) for d in dtypes}
+    peaks = {d: measure_peaks(device, d) for d in dtypes}
     print(f"device: {dev_name}  torch {torch.__version__}  triton {triton_version}")
-    for d, (f, b) in peaks.items():
-        print(f"peak ({str(d).split('.')[-1]}): matmul {f / 1e12:.3f} TFLOP/s, copy {b / 1e9:.1f} GB/s")
+    for d, pk in peaks.items():
+        print(f"peak ({str(d).split('.')[-1]}): {pk.label} {pk.flops / 1e12:.3f} TFLOP/s, "
+              f"copy {pk.bytes_per_s / 1e9:.1f} GB/s  (measured in {pk.seconds:.1f} s)")
+    printer = RowPrinter()
+    printer.start()
     rows: list[dict] = []
     for wl in workloads:
         for dtype in dtypes:
@@ -374,20 +430,21 @@ def run(args) -> list[dict]:
                 act = activation_bytes(fn.forward) / 2**20 if getattr(fn, "forward", None) else float("nan")
                 backend = _backend_of(fn, provider, device)
                 sec = med / 1e3
-                f_peak, b_peak = peaks[dtype]
+                pk = peaks[dtype]
                 group.append(dict(
                     workload=wl.name, kind=wl.kind, mode=wl.mode, shape=wl.shape, provider=provider,
                     dtype=str(dtype).split(".")[-1], backend=backend, median_ms=med, q25_ms=q25, q75_ms=q75,
                     ratio_vs_fused=float("nan"), gflops=wl.flops / 1e9, tflops_per_s=wl.flops / sec / 1e12,
-                    flop_frac_of_peak=wl.flops / sec / f_peak, gbytes=wl.bytes / 1e9, gb_per_s=wl.bytes / sec / 1e9,
-                    bw_frac_of_peak=wl.bytes / sec / b_peak, peak_mem_mb=mem, act_mem_mb=act, compile_s=compile_s,
+                    flop_frac_of_peak=wl.flops / sec / pk.flops, flop_peak_tflops=pk.flops / 1e12,
+                    flop_peak_source=pk.label, gbytes=wl.bytes / 1e9, gb_per_s=wl.bytes / sec / 1e9,
+                    bw_frac_of_peak=wl.bytes / sec / pk.bytes_per_s, bw_peak_gb_per_s=pk.bytes_per_s / 1e9, peak_mem_mb=mem, act_mem_mb=act, compile_s=compile_s,
                     device=dev_name, torch=torch.__version__, triton=triton_version, date=date,
                 ))
             fused = next((r for r in group if r["provider"] == "fused"), None)
             for r in group:
                 if fused:
                     r["ratio_vs_fused"] = r["median_ms"] / fused["median_ms"]
-                print(_fmt_row(r))
+            printer.rows(group)
             rows += group
     if not args.quick and not args.no_data:
         rows += _data_rows(args, dev_name, date, triton_version)
@@ -422,7 +479,8 @@ def _data_rows(args, dev_name: str, date: str, triton_version: str) -> list[dict
             workload=sp["workload"], kind="data", mode="forward", shape=sp["shape"], provider=sp["provider"],
             dtype="float32" if "f32" in sp["workload"] else "uint8", backend=sp["provider"], median_ms=med,
             q25_ms=q25, q75_ms=q75, ratio_vs_fused=nan, gflops=nan, tflops_per_s=nan, flop_frac_of_peak=nan,
-            gbytes=nan, gb_per_s=nan, bw_frac_of_peak=nan, peak_mem_mb=nan, act_mem_mb=nan, compile_s=0.0, device=dev_name,
+            flop_peak_tflops=nan, flop_peak_source="", gbytes=nan, gb_per_s=nan, bw_frac_of_peak=nan,
+            bw_peak_gb_per_s=nan, peak_mem_mb=nan, act_mem_mb=nan, compile_s=0.0, device=dev_name,
             torch=torch.__version__, triton=triton_version, date=date,
         ))
     cpp = {r["workload"]: r["median_ms"] for r in rows if r["provider"] == "cpp"}
@@ -455,14 +513,147 @@ def _cpu_name() -> str | None:
     return None
 
 
+def _opt(v: float, fmt: str) -> str:
+    """Returns v formatted with fmt, or "" for NaN (a column that does not apply to the row)."""
+    return "" if math.isnan(v) else fmt.format(v)
+
+
+# One spec for the column-header line and the rows, so the two cannot drift apart:
+# (title, width, alignment, cell of a row). Units live in the titles, not in every row.
+ROW_FIELDS: list[tuple[str, int, str, Callable[[dict], str]]] = [
+    ("workload", 24, "<", lambda r: r["workload"]),
+    ("mode", 8, "<", lambda r: r["mode"]),
+    ("shape", 14, "<", lambda r: r["shape"]),
+    ("dtype", 8, "<", lambda r: r["dtype"]),
+    ("provider", 11, "<", lambda r: r["provider"]),
+    ("backend", 9, "<", lambda r: r["backend"]),
+    ("median ms", 10, ">", lambda r: f"{r['median_ms']:.2f}"),
+    ("[q25, q75] ms", 20, "<", lambda r: f"[{r['q25_ms']:.2f}, {r['q75_ms']:.2f}]"),
+    ("t/t_fused", 9, ">", lambda r: _opt(r["ratio_vs_fused"], "{:.2f}x")),
+    ("GFLOP/s", 8, ">", lambda r: f"{r['tflops_per_s'] * 1e3:.1f}"),
+    ("%peak", 6, ">", lambda r: _opt(r["flop_frac_of_peak"] * 100, "{:.0f}%")),
+    ("mem MB", 8, ">", lambda r: f"{r['peak_mem_mb']:.1f}"),
+    ("act MB", 8, ">", lambda r: _opt(r["act_mem_mb"], "{:.1f}")),
+    ("compile s", 9, ">", lambda r: f"{r['compile_s']:.1f}" if r["compile_s"] else ""),
+]
+
+
+def _join_cells(cells: Iterable[str]) -> str:
+    """Returns the cells laid out in ROW_FIELDS' widths and alignments, trailing blanks cut."""
+    return "  ".join(f"{c:{a}{w}}" for c, (_, w, a, _) in zip(cells, ROW_FIELDS)).rstrip()
+
+
 def _fmt_row(r: dict) -> str:
-    ratio = "" if math.isnan(r["ratio_vs_fused"]) else f"{r['ratio_vs_fused']:6.2f}x"
-    comp = f"  compile {r['compile_s']:.1f}s" if r["compile_s"] else ""
-    act = "" if math.isnan(r["act_mem_mb"]) else f"  act {r['act_mem_mb']:7.1f} MB"
-    return (f"{r['workload']:<24} {r['mode']:<8} {r['shape']:<14} {r['dtype']:<8} {r['provider']:<11} "
-            f"{r['backend']:<9} {r['median_ms']:10.2f} ms [{r['q25_ms']:.2f}, {r['q75_ms']:.2f}]  {ratio:>7}  "
-            f"{r['tflops_per_s'] * 1e3:8.1f} GFLOP/s ({r['flop_frac_of_peak'] * 100:4.0f}% peak)  "
-            f"mem {r['peak_mem_mb']:8.1f} MB{act}{comp}")
+    """Returns one result row as printed under header_line()."""
+    return _join_cells(cell(r) for _, _, _, cell in ROW_FIELDS)
+
+
+def header_line(lower_bound_dtypes: Sequence[str] = ()) -> str:
+    """Returns the column-header line for _fmt_row's fields.
+
+    %peak is against the measured matmul peak of the row's dtype. When some row of a dtype
+    in lower_bound_dtypes reached more than 100% of it, the title reads "%peak*" and a note
+    says that peak is only a lower bound: the rows are printed as measured, never clamped.
+    """
+    titles = [t + ("*" if t == "%peak" and lower_bound_dtypes else "") for t, _, _, _ in ROW_FIELDS]
+    line = _join_cells(titles)
+    if lower_bound_dtypes:
+        line += (f"   (* the measured matmul peak is a lower bound for {', '.join(lower_bound_dtypes)}: "
+                 "rows exceed 100% of it)")
+    return line
+
+
+class RowPrinter:
+    """Prints the column header, then the rows group by group.
+
+    The rows stream out as they are measured, so whether a row will exceed its dtype's peak
+    is not known when the first header is printed: the header is printed again, marked,
+    just before the first group that makes the peak of a further dtype a lower bound.
+    """
+
+    def __init__(self, out: Callable[[str], None] = print) -> None:
+        self.out = out
+        self.lower_bound: list[str] = []  # dtypes whose peak some row has exceeded
+
+    def start(self) -> None:
+        """Prints the unmarked header line (before any row is known)."""
+        self.out(header_line())
+
+    def rows(self, group: list[dict]) -> None:
+        """Prints one workload/dtype group of rows, after a marked header if a row exceeds its peak."""
+        new = [d for d in dict.fromkeys(r["dtype"] for r in group if r["flop_frac_of_peak"] > 1.0)
+               if d not in self.lower_bound]
+        if new:
+            self.lower_bound += new
+            self.out(header_line(self.lower_bound))
+        for r in group:
+            self.out(_fmt_row(r))
+
+
+# ------------------------------------------------------------------------------ summary
+
+SUMMARY_BASE = "eager_cl"
+SUMMARY_LEGEND = ("summary: geometric means over the pairs of rows of this run with the same workload, mode, shape and "
+                  f"dtype; speed = {SUMMARY_BASE} median / fused median (>1: fused faster), "
+                  f"activation memory = fused act_mem_mb / {SUMMARY_BASE} act_mem_mb (<1: fused smaller)")
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _positive(v: object) -> bool:
+    """Returns whether v is a finite number above 0 (a value a ratio can be taken of)."""
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    """Returns the geometric mean of positive numbers."""
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def _coverage(labels: Sequence[str]) -> str:
+    """Returns e.g. "3 pairs: 2 kernel, 1 model" for the row labels a ratio was averaged over."""
+    counts = {lab: labels.count(lab) for lab in dict.fromkeys(labels)}
+    n = len(labels)
+    return f"{n} pair{'s' if n != 1 else ''}: " + ", ".join(f"{c} {lab}" for lab, c in counts.items())
+
+
+def summarize_vs_eager(rows: Sequence[dict], base: str = SUMMARY_BASE) -> list[str]:
+    """Returns one line per (device, dtype) comparing provider "fused" with `base` (eager_cl).
+
+    A pair is a fused row and a base row with the same device, dtype, workload, mode and
+    shape. Parts, each a geometric mean over its pairs (their count and kinds in brackets):
+      forward            base median / fused median over kernel and model forward rows
+      training step      the same over train rows (modes backward and full)
+      activation memory  fused act_mem_mb / base act_mem_mb over train rows where both are known
+    A part without pairs is left out, a (device, dtype) without any part has no line; the
+    device is named only when the rows come from more than one. kind "data" rows (the C++
+    extension's CPU ops) have no fused provider and never pair.
+    """
+    def key(r: dict) -> tuple:
+        return r["device"], r["dtype"], r["workload"], r["mode"], r["shape"]
+
+    base_rows = {key(r): r for r in rows if r["provider"] == base}
+    # (device, dtype) -> part -> [(ratio, label)], in the order the rows came
+    parts: dict[tuple[str, str], dict[str, list[tuple[float, str]]]] = {}
+    for f in rows:
+        e = base_rows.get(key(f))
+        if f["provider"] != "fused" or e is None or f.get("kind") == "data":
+            continue
+        got = parts.setdefault((f["device"], f["dtype"]), {"forward": [], "training step": [], "activation memory": []})
+        train = f["kind"] == "train"
+        label = f"train/{f['mode']}" if train else f["kind"]
+        if _positive(f["median_ms"]) and _positive(e["median_ms"]) and (train or f["mode"] == "forward"):
+            got["training step" if train else "forward"].append((e["median_ms"] / f["median_ms"], label))
+        if train and _positive(f.get("act_mem_mb")) and _positive(e.get("act_mem_mb")):
+            got["activation memory"].append((f["act_mem_mb"] / e["act_mem_mb"], label))
+    several_devices = len({dev for dev, _ in parts}) > 1
+    lines = []
+    for (dev, dtype), by_part in parts.items():
+        text = [f"{_geomean([x for x, _ in pairs]):.2f}x {part} ({_coverage([lab for _, lab in pairs])})"
+                for part, pairs in by_part.items() if pairs]
+        if text:
+            where = f"{dev}, " if several_devices else ""
+            lines.append(f"fused vs {base} ({where}{_SHORT_DTYPE.get(dtype, dtype)}): " + ", ".join(text))
+    return lines
 
 
 def write_outputs(rows: list[dict], out_dir: Path, tag: str) -> dict[str, Path]:
@@ -509,19 +700,84 @@ def _plot(rows: list[dict], path: Path) -> Path | None:
     ax1.set_ylabel("fused speedup (provider time / fused time)")
     ax1.legend(fontsize=7)
     ax1.set_title("speedup of fused over each provider")
-    for p in providers + ["fused"]:
-        sel = [r for r in rows if r["provider"] == p]
-        ax2.scatter([r["gflops"] / max(r["gbytes"], 1e-12) for r in sel], [r["tflops_per_s"] for r in sel], label=p, s=12)
-    ax2.set_xscale("log")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("arithmetic intensity (FLOP / minimum byte)")
-    ax2.set_ylabel("achieved TFLOP/s")
-    ax2.set_title("roofline (measured peaks in the CSV)")
-    ax2.legend(fontsize=7)
+    _plot_roofline(ax2, rows, providers + ["fused"])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # bbox_inches="tight": the rotated workload labels under the bar chart are not cut off
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+_DTYPE_MARKERS = {"float32": "o", "bfloat16": "^", "float16": "s"}
+_ROOF_STYLES = ("-", "--", ":")
+
+
+def _stack_index(placed: list[float], y: float) -> int:
+    """Returns how many labels already placed lie near y (then records y), for stacking them.
+
+    Near means within a factor 1.5 on the log axis (bf16 and fp16 peaks on a GPU, say),
+    where two labels at the same spot would print over each other.
+    """
+    near = sum(1 for p in placed if max(p, y) / min(p, y) < 1.5)
+    placed.append(y)
+    return near
+
+
+def _plot_roofline(ax, rows: list[dict], providers: list[str]) -> None:
+    """Draws a log-log roofline on ax: each row's achieved TFLOP/s against its arithmetic
+    intensity (colour: provider, marker: dtype), and per dtype the two roofs of that run,
+    the measured matmul peak (horizontal) and copy bandwidth x intensity (slope 1), each
+    labelled inside the axes. Returns nothing."""
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in rows if _positive(r["gbytes"]) and _positive(r["tflops_per_s"])]
+    if not rows:
+        return
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    colors = {p: f"C{i}" for i, p in enumerate(providers)}
+    for p in providers:
+        for dt in dtypes:
+            sel = [r for r in rows if r["provider"] == p and r["dtype"] == dt]
+            if sel:
+                ax.scatter([r["gflops"] / r["gbytes"] for r in sel], [r["tflops_per_s"] for r in sel],
+                           color=colors[p], marker=_DTYPE_MARKERS.get(dt, "D"), s=14)
+    # one row per dtype carries that dtype's peaks (every row of a dtype has the same)
+    roofs = {dt: next(r for r in rows if r["dtype"] == dt) for dt in dtypes}
+    peak = {dt: r["flop_peak_tflops"] for dt, r in roofs.items()}
+    bw = {dt: r["bw_peak_gb_per_s"] * 1e9 / 1e12 for dt, r in roofs.items()}  # TFLOP/s per FLOP/byte
+    ridge = {dt: peak[dt] / bw[dt] for dt in dtypes}  # intensity where the two roofs meet
+    xs = [r["gflops"] / r["gbytes"] for r in rows] + list(ridge.values())
+    ys = [r["tflops_per_s"] for r in rows] + list(peak.values())
+    # limits that hold every point, both roofs' meeting point and the labels above/below them
+    x0, x1 = min(xs) / 4, max(xs) * 4
+    y0, y1 = min(ys + [p / 10 for p in peak.values()]) / 2, max(ys) * 3
+    placed_peak: list[float] = []
+    placed_bw: list[float] = []
+    for i, dt in enumerate(dtypes):
+        ls, name = _ROOF_STYLES[i % len(_ROOF_STYLES)], _SHORT_DTYPE.get(dt, dt)
+        ax.plot([x0, x1], [peak[dt], peak[dt]], color="k", ls=ls, lw=1)
+        ax.plot([x0, x1], [bw[dt] * x0, bw[dt] * x1], color="0.45", ls=ls, lw=1)
+        # compute roof: labelled at the left end, where compute-bound points are not
+        ax.annotate(f"{name}: {roofs[dt]['flop_peak_source']}, {peak[dt]:.3g} TFLOP/s", xy=(x0, peak[dt]),
+                    xytext=(4, 2 + 9 * _stack_index(placed_peak, peak[dt])), textcoords="offset points",
+                    ha="left", va="bottom", fontsize=7)
+        # bandwidth roof: labelled on the slope left of the ridge, text below and right of the line
+        xl = ridge[dt] / 3
+        ax.annotate(f"{name}: copy {roofs[dt]['bw_peak_gb_per_s']:.0f} GB/s x intensity", xy=(xl, bw[dt] * xl),
+                    xytext=(6, -2 - 9 * _stack_index(placed_bw, bw[dt] * xl)), textcoords="offset points",
+                    ha="left", va="top", fontsize=7, color="0.3")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("arithmetic intensity (FLOP / minimum byte)")
+    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_title("roofline: roofs are this run's measured matmul peak and copy bandwidth")
+    handles = [Line2D([], [], color=colors[p], marker="o", ls="", label=p) for p in providers
+               if any(r["provider"] == p for r in rows)]
+    handles += [Line2D([], [], color="k", marker=_DTYPE_MARKERS.get(dt, "D"), ls=_ROOF_STYLES[i % 3], label=dt)
+                for i, dt in enumerate(dtypes)]
+    ax.legend(handles=handles, fontsize=7, loc="best")  # best: the spot that hides the fewest points
 
 
 def compare(rows: list[dict], old_path: Path) -> None:
@@ -534,7 +790,21 @@ def compare(rows: list[dict], old_path: Path) -> None:
                   f"{r['median_ms']:9.2f} ms vs {o['median_ms']:9.2f} ms  x{r['median_ms'] / o['median_ms']:.2f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def default_out_dir(environ: dict[str, str] | None = None) -> Path:
+    """Returns where a run writes without --out: $FASTSR_BENCH_OUT, else ${XDG_CACHE_HOME:-~/.cache}/fastsr/bench.
+
+    Never bench/results in the source tree by default: that folder holds the committed
+    runs, and a --quick or ad-hoc run dropped there shows up as a change to commit.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("FASTSR_BENCH_OUT"):
+        return Path(env["FASTSR_BENCH_OUT"]).expanduser()
+    cache = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return cache / "fastsr" / "bench"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Returns the command line's options, args.out resolved (default_out_dir() unless --out is given)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small subset (about a minute on CPU)")
     p.add_argument("--only", help="regex: run only workloads whose name matches")
@@ -545,23 +815,37 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the C++ data-path rows (imresize, patch sampler, uint8 output; never in --quick)")
     p.add_argument("--repeats", type=int, default=5, help="minimum timed calls per row (default 5)")
     p.add_argument("--min-time", type=float, default=1.0, help="keep timing until this many seconds (default 1)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for CSV/JSON/PNG (default bench/results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for CSV/JSON/PNG (default $FASTSR_BENCH_OUT, else ~/.cache/fastsr/bench; "
+                        "--out bench/results to add a run to the committed ones)")
     p.add_argument("--tag", help="file name stem (default: date_device)")
     p.add_argument("--compare", type=Path, help="a previous run's JSON to compare against")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is present")
     args = p.parse_args(argv)
     if args.compare and not args.compare.is_file():
         p.error(f"--compare: no such file {args.compare}")
+    if args.out is None:
+        args.out = default_out_dir()
     if args.quick:
         args.repeats, args.min_time = min(args.repeats, 3), min(args.min_time, 0.2)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     rows = run(args)
     if not rows:
         print("no rows: nothing matched --only/--dtype/--providers", file=sys.stderr)
         return 1
+    summary = summarize_vs_eager(rows)
+    print("\n" + "\n".join([SUMMARY_LEGEND] + summary) if summary
+          else f"\nsummary: no fused/{SUMMARY_BASE} pairs of rows in this run")
     dev = re.sub(r"[^A-Za-z0-9]+", "-", rows[0]["device"]).strip("-")[:40]
-    tag = args.tag or f"{_dt.date.today().isoformat()}_{'cuda' if 'cuda' in str(rows[0]) else 'cpu'}_{dev}" + ("_quick" if args.quick else "")
+    # The device type from what ran (the rows' device names, e.g. "NVIDIA H200", never say "cuda").
+    kind = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    tag = args.tag or f"{_dt.date.today().isoformat()}_{kind}_{dev}" + ("_quick" if args.quick else "")
     paths = write_outputs(rows, args.out, tag)
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"\nwrote {', '.join(p.name for p in paths.values())} to {args.out.resolve()}")
     if args.compare:
         compare(rows, args.compare)
     return 0
