@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from fastsr.atomic import atomic_write
 from fastsr.errors import CheckpointError
-from fastsr.models.edsr import EDSR, MDSR, MeanShift
+from fastsr.models.edsr import DIV2K_RGB_MEAN, EDSR, MDSR, MeanShift
 
 StateDict = dict[str, torch.Tensor]
 
@@ -227,10 +227,43 @@ def convert_basicsr(sd: StateDict, rgb_range: float = 255.0) -> StateDict:
                 out[f"tail.1.{n.group(1)}"] = value
             else:
                 raise CheckpointError(f"BasicSR state_dict has an unexpected key {key!r}")
+    if rgb_range != _BASICSR_IMG_RANGE:
+        # BasicSR's convs see (x - mean) * 255 for x in 0..1 whatever range fastsr's model
+        # takes: for x * rgb_range in, the head's weights scale by 255 / rgb_range (its bias
+        # stays) and the last conv's output by rgb_range / 255, so model(x * r) == r * basicsr(x).
+        out["head.0.weight"] = out["head.0.weight"] * (_BASICSR_IMG_RANGE / rgb_range)
+        for key in ("tail.1.weight", "tail.1.bias"):
+            out[key] = out[key] * (rgb_range / _BASICSR_IMG_RANGE)
     for name, sign in (("sub_mean", -1), ("add_mean", 1)):
         shift = MeanShift(rgb_range, sign=sign)
         out[f"{name}.weight"], out[f"{name}.bias"] = shift.weight.detach().clone(), shift.bias.detach().clone()
     return out
+
+
+_BASICSR_IMG_RANGE = 255.0  # BasicSR EDSR's img_range default, which its released models use
+
+
+def implied_rgb_range(sd: StateDict) -> float | None:
+    """The rgb_range an official-layout state_dict was trained with, read from its mean
+    shifts (sub_mean.bias = -rgb_range * mean, add_mean.bias = +rgb_range * mean), or None
+    when it has none, or biases that fit no single rgb_range (not the official mean shift)."""
+    mean = torch.tensor(DIV2K_RGB_MEAN, dtype=torch.float64)
+    ranges = []
+    for key, sign in (("sub_mean.bias", -1.0), ("add_mean.bias", 1.0)):
+        if key in sd and tuple(sd[key].shape) == (3,):
+            ranges.append(sd[key].double() * sign / mean)
+    if not ranges:
+        return None
+    r = torch.cat(ranges)
+    value = float(r.mean())
+    if not (value > 0 and float((r - value).abs().max()) <= _RANGE_RTOL * value):
+        return None  # not the official fixed mean shift (other code trained it): nothing to read
+    # Stored in fp16 (the shipped files) 255 comes back as ~254.97; this close to an integer, it is one.
+    return float(round(value)) if abs(value - round(value)) <= _RANGE_RTOL * value else value
+
+
+# fp16 biases carry ~5e-4 relative error: the mean shifts of one rgb_range agree within this.
+_RANGE_RTOL = 2e-3
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,7 +370,13 @@ def _to_official(sd: StateDict, rgb_range: float, name: str) -> StateDict:
 
 
 def _load(model: nn.Module, sd: StateDict, name: str, partial_upsampler: bool) -> LoadReport:
-    sd = _to_official(sd, getattr(model, "rgb_range", 255.0), name)
+    model_range = float(getattr(model, "rgb_range", 255.0))
+    sd = _to_official(sd, model_range, name)
+    file_range = implied_rgb_range(sd)
+    if file_range is not None and file_range != model_range:
+        raise CheckpointError(f"{name} was trained with rgb_range={file_range:g} (from its mean shift), the model "
+                              f"has rgb_range={model_range:g}: build the model with rgb_range={file_range:g} "
+                              "(model_from_checkpoint reads it from the file)")
     report = LoadReport()
     if partial_upsampler:
         own = model.state_dict()
@@ -363,13 +402,17 @@ def model_from_checkpoint(
     source: str | os.PathLike,
     *,
     res_scale: float | None = None,
+    rgb_range: float | None = None,
     **model_kwargs,
 ) -> nn.Module:
     """Build the model a checkpoint holds and load it strictly.
 
     The architecture comes from the safetensors metadata when fastsr wrote the file,
     otherwise from key names and shapes. res_scale is not stored in official files:
-    it defaults to the paper's (0.1 for 256 features, else 1).
+    it defaults to the paper's (0.1 for 256 features, else 1). rgb_range (the input's
+    value range, 255: 0..255) comes from the metadata, else from the file's mean shift
+    (an official model trained with --rgb_range 1 has sub_mean.bias = -mean); a BasicSR
+    file has neither, so it is the caller's (default 255) and the weights are rescaled to it.
     """
     name = str(source)
     sd, meta = read_checkpoint(source)
@@ -381,7 +424,14 @@ def model_from_checkpoint(
         raise CheckpointError(f"{name}: {describe(sd)}, but has no upsampler of a known scale (x2, x3, x4)")
     if res_scale is None:
         res_scale = _meta_number(meta, "res_scale", 0.1 if spec.n_feats == 256 else 1.0, name)
-    rgb_range = _meta_number(meta, "rgb_range", 255.0, name)
+    from_bias = implied_rgb_range(sd)  # None for BasicSR (no mean shift stored)
+    from_meta = _meta_number(meta, "rgb_range", 0.0, name) or None
+    if from_meta is not None and from_bias is not None and from_meta != from_bias:
+        raise CheckpointError(f"{name}: metadata says rgb_range={from_meta:g}, its mean shift {from_bias:g}")
+    found = from_meta or from_bias
+    if rgb_range is not None and found is not None and float(rgb_range) != found:
+        raise CheckpointError(f"{name} was trained with rgb_range={found:g}; rgb_range={rgb_range:g} was asked for")
+    rgb_range = float(found or rgb_range or 255.0)
     sd = _to_official(sd, rgb_range, name)
 
     def build(**kw) -> nn.Module:

@@ -346,7 +346,8 @@ def upscale(
     """Super-resolve x (N, 3, H, W) float 0..255 -> (N, 3, scale*H, scale*W), x's dtype and device.
 
     model(x, scale=scale) must accept the scale keyword (EDSR checks it, MDSR selects
-    its branches with it); model and x must already share device and dtype.
+    its branches with it); model and x must already share device and dtype. A model with
+    rgb_range != 255 is fed x scaled to its range and its output scaled back to 0..255.
     tile: None (whole image), an LR tile size, or "auto" (`auto_tile_size`).
     tile_overlap: LR context pixels per tile side; None = the receptive-field radius,
     which makes tiled == untiled. The output is not clamped or quantized.
@@ -363,10 +364,18 @@ def upscale(
         raise ValueError(f"tile must be a positive int, 'auto' or None, got {tile!r}")
     overlap = receptive_field_radius(model, scale) if tile_overlap is None else int(tile_overlap)
 
+    # x is 0..255; a model trained on another range (official --rgb_range 1: 0..1) gets its own.
+    to_model = float(getattr(model, "rgb_range", 255.0)) / 255.0
+
+    def call(p: torch.Tensor) -> torch.Tensor:
+        if to_model == 1.0:
+            return model(p, scale=scale)
+        return model(p * to_model, scale=scale) / to_model
+
     def run(t: torch.Tensor) -> torch.Tensor:
         if tile is None:
-            return model(t, scale=scale)
-        return _forward_tiled(lambda p: model(p, scale=scale), t, scale, tile, overlap)
+            return call(t)
+        return _forward_tiled(call, t, scale, tile, overlap)
 
     with torch.inference_mode():
         return _ensemble(run, x) if self_ensemble else run(x)

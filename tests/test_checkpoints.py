@@ -88,6 +88,57 @@ def test_basicsr_conversion_gives_identical_outputs(tmp_path, scale):
     torch.testing.assert_close(model(x * 255) / 255, ref(x), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("rgb_range", [1.0, 2.0])
+def test_basicsr_weights_serve_a_model_of_any_rgb_range(tmp_path, rgb_range):
+    """BasicSR's convs see (x - mean) * 255 whatever the model's range: the converter rescales
+    the head and the last conv, so model(x * r) == r * basicsr(x), from a file or into a model."""
+    torch.manual_seed(7)
+    ref = BasicSREDSR(2)
+    path = tmp_path / "net_g.pth"
+    torch.save({"params": ref.state_dict()}, path)
+    x = torch.rand(1, 3, 9, 7)
+    model = model_from_checkpoint(path, rgb_range=rgb_range)
+    assert model.rgb_range == rgb_range
+    torch.testing.assert_close(model(x * rgb_range) / rgb_range, ref(x), rtol=1e-5, atol=2e-6)
+    into = fastsr.EDSR(2, 2, 8, rgb_range=rgb_range)
+    load_weights(into, path)
+    torch.testing.assert_close(into(x * rgb_range) / rgb_range, ref(x), rtol=1e-5, atol=2e-6)
+
+
+def test_an_official_rgb_range_1_file_is_read_as_such(tmp_path):
+    """The official code's --rgb_range 1 stores sub_mean.bias = -mean: model_from_checkpoint
+    builds a 0..1 model from it, and loading it into a 0..255 model is refused by name."""
+    trained = fastsr.EDSR(2, 2, 8, rgb_range=1.0)
+    sd = official_state_dict(trained, seed=3)
+    for key in ("sub_mean.weight", "sub_mean.bias", "add_mean.weight", "add_mean.bias"):
+        sd[key] = trained.state_dict()[key]  # the mean shift is fixed, not trained
+    path = tmp_path / "EDSR_x2_range1.pt"
+    torch.save(sd, path)
+    model = model_from_checkpoint(path)
+    assert model.rgb_range == 1.0
+    trained.load_state_dict(sd)
+    x = torch.rand(2, 3, 6, 5)
+    torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"trained with rgb_range=1 \(from its mean shift\), the model has "
+                                              r"rgb_range=255"):
+        load_weights(fastsr.EDSR(2, 2, 8), path)
+    with pytest.raises(CheckpointError, match="trained with rgb_range=1; rgb_range=255 was asked for"):
+        model_from_checkpoint(path, rgb_range=255)
+    sd["add_mean.bias"] = sd["add_mean.bias"] * 255  # sub says 1, add says 255: not the official shift
+    torch.save(sd, path)
+    assert model_from_checkpoint(path).rgb_range == 255.0  # nothing to read: the default, as before
+
+
+def test_shipped_fp16_weights_read_back_rgb_range_255():
+    from fastsr.checkpoints import implied_rgb_range
+    from fastsr.weights import default_weights
+
+    for scale in (2, 3, 4):
+        sd, meta = read_checkpoint(default_weights(scale))
+        assert sd["sub_mean.bias"].dtype == torch.float16 and implied_rgb_range(sd) == 255.0 == float(meta["rgb_range"])
+        assert model_from_checkpoint(default_weights(scale)).rgb_range == 255.0
+
+
 def test_convert_basicsr_rejects_other_layouts():
     with pytest.raises(CheckpointError, match="not a BasicSR"):
         convert_basicsr(fastsr.EDSR(2, 1, 8).state_dict())

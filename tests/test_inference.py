@@ -187,3 +187,15 @@ def test_memory_estimate_and_tile_choice():
     assert tile_for_memory(200 * 200 + 100, peak, (2000, 1000)) == 200
     assert tile_for_memory(203 * 203 + 100, peak, (2000, 1000)) == 200  # multiples of 8
     assert tile_for_memory(10, peak, (2000, 1000)) == 32  # nothing fits: the smallest, caller refuses
+
+
+@pytest.mark.parametrize("tile", [None, 5])
+def test_upscale_feeds_a_0_to_1_model_its_own_range(tile):
+    """upscale takes 0..255; a model trained with rgb_range=1 (official --rgb_range 1) gets
+    x / 255 and its output comes back times 255, tiled or not."""
+    torch.manual_seed(0)
+    model = EDSR(2, 1, 8, rgb_range=1.0).eval()
+    x = torch.rand(1, 3, 11, 9) * 255
+    with torch.no_grad():
+        want = model(x / 255, scale=2) * 255
+    torch.testing.assert_close(upscale(model, x, 2, tile=tile), want, rtol=1e-5, atol=1e-3)
