@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from fastsr.atomic import atomic_write
 from fastsr.errors import CheckpointError
-from fastsr.models.edsr import DIV2K_RGB_MEAN, EDSR, MDSR, MeanShift
+from fastsr.models.edsr import DIV2K_RGB_MEAN, EDSR, MDSR, SUPPORTED_SCALES, MeanShift
 
 StateDict = dict[str, torch.Tensor]
 
@@ -149,8 +149,11 @@ def _upsampler_scale(sd: StateDict, prefix: str, n_feats: int) -> int | None:
     ratio = w0.shape[0] // n_feats
     if ratio == 9:
         return 3
-    if ratio == 4:
-        return 4 if f"{prefix}2.weight" in sd else 2
+    if ratio == 4:  # one [conv, PixelShuffle(2)] pair per factor 2: keys 0, 2, 4, ...
+        stages = 1
+        while f"{prefix}{2 * stages}.weight" in sd:
+            stages += 1
+        return 2 ** stages
     return None
 
 
@@ -421,7 +424,12 @@ def model_from_checkpoint(
     if spec is None:
         raise CheckpointError(f"{name}: {describe(sd)}")
     if not spec.scales:
-        raise CheckpointError(f"{name}: {describe(sd)}, but has no upsampler of a known scale (x2, x3, x4)")
+        raise CheckpointError(f"{name}: {describe(sd)}, but has no upsampler of a known scale "
+                              f"({', '.join(f'x{k}' for k in SUPPORTED_SCALES)})")
+    unsupported = [k for k in spec.scales if k not in SUPPORTED_SCALES]
+    if unsupported:
+        raise CheckpointError(f"{name}: {describe(sd)}: x{unsupported[0]} is not supported "
+                              f"(scales: {', '.join(f'x{k}' for k in SUPPORTED_SCALES)})")
     if res_scale is None:
         res_scale = _meta_number(meta, "res_scale", 0.1 if spec.n_feats == 256 else 1.0, name)
     from_bias = implied_rgb_range(sd)  # None for BasicSR (no mean shift stored)

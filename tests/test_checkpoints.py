@@ -61,7 +61,7 @@ class BasicSREDSR(nn.Module):
         if scale == 3:
             ups += [nn.Conv2d(n_feats, 9 * n_feats, 3, 1, 1), nn.PixelShuffle(3)]
         else:
-            for _ in range(scale // 2):
+            for _ in range(scale.bit_length() - 1):  # log2: one stage per factor 2
                 ups += [nn.Conv2d(n_feats, 4 * n_feats, 3, 1, 1), nn.PixelShuffle(2)]
         self.upsample = nn.Sequential(*ups)
         self.conv_last = nn.Conv2d(n_feats, 3, 3, 1, 1)
@@ -137,6 +137,32 @@ def test_shipped_fp16_weights_read_back_rgb_range_255():
         sd, meta = read_checkpoint(default_weights(scale))
         assert sd["sub_mean.bias"].dtype == torch.float16 and implied_rgb_range(sd) == 255.0 == float(meta["rgb_range"])
         assert model_from_checkpoint(default_weights(scale)).rgb_range == 255.0
+
+
+def test_an_official_x8_file_loads_and_runs(tmp_path):
+    """The official Upsampler takes any power of two: an x8 file has three conv+shuffle stages."""
+    sd = official_state_dict(fastsr.EDSR(8, 1, 8), seed=8)
+    assert {k for k in sd if k.startswith("tail.0.")} >= {"tail.0.4.weight", "tail.0.4.bias"}
+    path = tmp_path / "edsr_x8.pt"
+    torch.save(sd, path)
+    model = model_from_checkpoint(path)
+    assert model.scale == 8 and "x8" in describe(sd)
+    assert model(torch.rand(1, 3, 4, 3) * 255).shape == (1, 3, 32, 24)
+    sd16 = {**sd, "tail.0.6.weight": sd["tail.0.4.weight"], "tail.0.6.bias": sd["tail.0.4.bias"]}
+    torch.save(sd16, path)
+    with pytest.raises(CheckpointError, match=r"x16 is not supported \(scales: x2, x3, x4, x8\)"):
+        model_from_checkpoint(path)
+
+
+@pytest.mark.parametrize("scale", [8])
+def test_basicsr_x8_conversion_gives_identical_outputs(tmp_path, scale):
+    torch.manual_seed(scale)
+    ref = BasicSREDSR(scale)
+    path = tmp_path / "net_g.pth"
+    torch.save({"params": ref.state_dict()}, path)
+    model = model_from_checkpoint(path)
+    x = torch.rand(1, 3, 5, 4)
+    torch.testing.assert_close(model(x * 255) / 255, ref(x), rtol=1e-5, atol=2e-6)
 
 
 def test_convert_basicsr_rejects_other_layouts():

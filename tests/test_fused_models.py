@@ -13,6 +13,7 @@ def tiny_models():
         ("edsr_x2_rs0.1", fastsr.EDSR(2, 2, 16, res_scale=0.1), 2),
         ("edsr_x3", fastsr.EDSR(3, 1, 16), 3),
         ("edsr_x4", fastsr.EDSR(4, 1, 8), 4),
+        ("edsr_x8", fastsr.EDSR(8, 1, 8), 8),  # three shuffle stages, as the official x8 files
         ("mdsr_x3", fastsr.MDSR((2, 3, 4), 1, 8), 3),
     ]
 

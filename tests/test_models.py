@@ -77,7 +77,7 @@ def test_eager_matches_a_hand_written_forward():
     torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("bad", [1, 5, 8, 2.5, "2", True])
+@pytest.mark.parametrize("bad", [1, 5, 6, 16, 2.5, "2", True])
 def test_unsupported_scale_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="scale must be one of"):
         EDSR(bad, 1, 8)

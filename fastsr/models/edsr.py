@@ -27,7 +27,9 @@ import torch
 import torch.nn as nn
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
-SUPPORTED_SCALES = (2, 3, 4)
+# The official Upsampler's scales: 3, or a power of two (one conv + PixelShuffle(2) per
+# factor 2; x8 checkpoints exist).
+SUPPORTED_SCALES = (2, 3, 4, 8)
 
 
 def default_conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv2d:
@@ -74,7 +76,7 @@ def check_scale(scale: int, allowed: Sequence[int] = SUPPORTED_SCALES) -> int:
 
 
 class Upsampler(nn.Sequential):
-    """Official upsampler: x2/x4 = one/two [conv F->4F, PixelShuffle(2)]; x3 = [conv F->9F, PixelShuffle(3)]."""
+    """Official upsampler: x2/x4/x8 = one/two/three [conv F->4F, PixelShuffle(2)]; x3 = [conv F->9F, PixelShuffle(3)]."""
 
     def __init__(self, scale: int, n_feats: int):
         scale = check_scale(scale)

@@ -38,7 +38,7 @@ class TrainConfig:
 
     name: str = _key("", "run name (default: <model>_x<scale>, or <model> for MDSR)")
     model: str = _key("edsr_baseline", "preset: edsr_baseline, edsr, mdsr_baseline, mdsr")
-    scale: int = _key(2, "EDSR scale (2, 3, 4); MDSR trains all of its scales")
+    scale: int = _key(2, "EDSR scale (2, 3, 4, 8); MDSR trains all of its scales")
     n_resblocks: int = _key(0, "override the preset's residual blocks (0: preset)")
     n_feats: int = _key(0, "override the preset's feature count (0: preset)")
     res_scale: float = _key(0.0, "override the preset's residual scaling (0: preset)")
