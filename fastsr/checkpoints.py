@@ -326,8 +326,10 @@ def load_weights(
     source: str | os.PathLike | StateDict,
     *,
     partial_upsampler: bool = False,
+    layout: str = "auto",
 ) -> LoadReport:
-    """Load official, BasicSR or fastsr weights into `model` strictly.
+    """Load official, BasicSR, super-image (layout="super-image") or fastsr weights into
+    `model` strictly.
 
     partial_upsampler=True is the paper's fine-tuning start (x2 weights -> x3/x4 model):
     everything but the upsampler must match; upsampler tensors that do not fit are skipped
@@ -337,7 +339,7 @@ def load_weights(
     name = str(source) if not isinstance(source, dict) else "state_dict"
     sd = read_checkpoint(source)[0] if not isinstance(source, dict) else dict(source)
     _check_values(sd, name)
-    return _load(model, sd, name, partial_upsampler)
+    return _load(model, sd, name, partial_upsampler, _check_layout(layout))
 
 
 def _check_values(sd: StateDict, name: str) -> None:
@@ -361,9 +363,46 @@ def _check_values(sd: StateDict, name: str) -> None:
             )
 
 
-def _to_official(sd: StateDict, rgb_range: float, name: str) -> StateDict:
-    """BasicSR names -> official ones (other layouts as given), errors naming the source."""
+LAYOUTS = ("auto", "official", "basicsr", "super-image")
+
+
+def convert_super_image(sd: StateDict) -> StateDict:
+    """super-image (huggingface `super-image`) EDSR state_dict -> official layout for rgb_range 1.
+
+    super-image's EDSR has exactly the official key names, mean-shift convs included, but its
+    forward skips the mean shift and takes and returns 0..1: `head -> body -> tail` on x in
+    0..1. With identity mean shifts, fastsr's EDSR(rgb_range=1) computes exactly that. The
+    keys cannot tell the two apart, so this is asked for by name (layout="super-image").
+    """
     spec = infer_arch(sd)
+    if spec is None or spec.kind not in ("edsr", "mdsr"):
+        raise CheckpointError(f"not an EDSR state_dict in the official / super-image naming: {describe(sd)}")
+    out = dict(sd)
+    for name in ("sub_mean", "add_mean"):
+        out[f"{name}.weight"] = torch.eye(3).view(3, 3, 1, 1)
+        out[f"{name}.bias"] = torch.zeros(3)
+    return out
+
+
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def _to_official(sd: StateDict, rgb_range: float, name: str, layout: str = "auto") -> StateDict:
+    """BasicSR / super-image -> official names and numerics (official as given), errors naming
+    the source. layout "auto" tells BasicSR by its key names; super-image must be named."""
+    spec = infer_arch(sd)
+    if layout == "super-image":
+        try:
+            return convert_super_image(sd)
+        except CheckpointError as e:
+            raise CheckpointError(f"{name}: {e}") from None
+    if layout == "basicsr" and (spec is None or spec.kind != "basicsr-edsr"):
+        raise CheckpointError(f"{name}: layout='basicsr' but {describe(sd)}")
+    if layout == "official" and spec is not None and spec.kind == "basicsr-edsr":
+        raise CheckpointError(f"{name}: layout='official' but {describe(sd)}")
     if spec is None or spec.kind != "basicsr-edsr":
         return sd
     try:
@@ -372,9 +411,12 @@ def _to_official(sd: StateDict, rgb_range: float, name: str) -> StateDict:
         raise CheckpointError(f"{name}: {e}") from None
 
 
-def _load(model: nn.Module, sd: StateDict, name: str, partial_upsampler: bool) -> LoadReport:
+def _load(model: nn.Module, sd: StateDict, name: str, partial_upsampler: bool, layout: str = "auto") -> LoadReport:
     model_range = float(getattr(model, "rgb_range", 255.0))
-    sd = _to_official(sd, model_range, name)
+    if layout == "super-image" and model_range != 1.0:
+        raise CheckpointError(f"{name}: super-image weights take 0..1 input: build the model with rgb_range=1 "
+                              f"(it has rgb_range={model_range:g}), or use model_from_checkpoint")
+    sd = _to_official(sd, model_range, name, layout)
     file_range = implied_rgb_range(sd)
     if file_range is not None and file_range != model_range:
         raise CheckpointError(f"{name} was trained with rgb_range={file_range:g} (from its mean shift), the model "
@@ -406,6 +448,7 @@ def model_from_checkpoint(
     *,
     res_scale: float | None = None,
     rgb_range: float | None = None,
+    layout: str = "auto",
     **model_kwargs,
 ) -> nn.Module:
     """Build the model a checkpoint holds and load it strictly.
@@ -416,7 +459,11 @@ def model_from_checkpoint(
     value range, 255: 0..255) comes from the metadata, else from the file's mean shift
     (an official model trained with --rgb_range 1 has sub_mean.bias = -mean); a BasicSR
     file has neither, so it is the caller's (default 255) and the weights are rescaled to it.
+    layout: "auto" (official, BasicSR or fastsr, told apart by key names), "official",
+    "basicsr", or "super-image" (official key names, no mean shift, 0..1 input: rgb_range 1).
+    A res_scale that neither the caller nor the metadata gives is guessed, with a warning.
     """
+    _check_layout(layout)
     name = str(source)
     sd, meta = read_checkpoint(source)
     _check_values(sd, name)
@@ -430,9 +477,19 @@ def model_from_checkpoint(
     if unsupported:
         raise CheckpointError(f"{name}: {describe(sd)}: x{unsupported[0]} is not supported "
                               f"(scales: {', '.join(f'x{k}' for k in SUPPORTED_SCALES)})")
-    if res_scale is None:
-        res_scale = _meta_number(meta, "res_scale", 0.1 if spec.n_feats == 256 else 1.0, name)
-    from_bias = implied_rgb_range(sd)  # None for BasicSR (no mean shift stored)
+    if res_scale is None and "res_scale" not in meta:
+        res_scale = 0.1 if spec.n_feats == 256 else 1.0
+        warnings.warn(f"{name}: the file does not store res_scale; using {res_scale:g}, the paper's for "
+                      f"{spec.n_feats} features (pass res_scale= if it was trained with another)", stacklevel=2)
+    elif res_scale is None:
+        res_scale = _meta_number(meta, "res_scale", 1.0, name)
+    # None for BasicSR (no mean shift stored) and for super-image (stored but never applied).
+    from_bias = implied_rgb_range(sd) if layout != "super-image" else None
+    if layout == "super-image":
+        if rgb_range not in (None, 1, 1.0):
+            raise CheckpointError(f"{name}: super-image weights take 0..1 input (rgb_range=1), "
+                                  f"rgb_range={rgb_range:g} was asked for")
+        rgb_range = 1.0
     from_meta = _meta_number(meta, "rgb_range", 0.0, name) or None
     if from_meta is not None and from_bias is not None and from_meta != from_bias:
         raise CheckpointError(f"{name}: metadata says rgb_range={from_meta:g}, its mean shift {from_bias:g}")
@@ -440,7 +497,7 @@ def model_from_checkpoint(
     if rgb_range is not None and found is not None and float(rgb_range) != found:
         raise CheckpointError(f"{name} was trained with rgb_range={found:g}; rgb_range={rgb_range:g} was asked for")
     rgb_range = float(found or rgb_range or 255.0)
-    sd = _to_official(sd, rgb_range, name)
+    sd = _to_official(sd, rgb_range, name, layout)
 
     def build(**kw) -> nn.Module:
         if spec.kind == "mdsr":
@@ -454,7 +511,7 @@ def model_from_checkpoint(
     if msg:
         raise CheckpointError(msg)
     model = build(**model_kwargs)
-    _load(model, sd, name, partial_upsampler=False)
+    _load(model, sd, name, partial_upsampler=False, layout="official")  # converted above
     return model
 
 

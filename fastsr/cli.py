@@ -16,6 +16,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fastsr.checkpoints import LAYOUTS
 from fastsr.errors import FastSRError
 from fastsr.models.edsr import MDSR, PRESETS, SUPPORTED_SCALES
 
@@ -128,6 +130,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--weights", "-w", metavar="FILE",
                        help="checkpoint: official EDSR/MDSR .pt, BasicSR .pth or fastsr .safetensors")
     which.add_argument("--bicubic", action="store_true", help="plain MATLAB-style bicubic instead of a network")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="how --weights is laid out: auto (official, BasicSR or fastsr, told by key names; "
+                        "default), or name it; super-image's EDSR files have the official key names but no "
+                        "mean shift and 0..1 input, so they must be named")
     p.add_argument("--model", choices=sorted(PRESETS), metavar="PRESET",
                    help=f"network preset ({', '.join(sorted(PRESETS))}); with --weights, the file must hold it; "
                         "without, selects the shipped weights (only edsr_baseline ships)")
@@ -256,10 +262,11 @@ def load_upscaler(args: argparse.Namespace) -> Upscaler:
     half = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else None
     backend = getattr(args, "backend", "auto")
     if backend == "eager":
-        model = model_from_checkpoint(weights)
+        model = model_from_checkpoint(weights, layout=args.layout)
         dtype = half or torch.float32
     else:  # the fused path computes in `half` internally and keeps fp32 pixels in and out
-        model = model_from_checkpoint(weights, fused=True, backend=None if backend == "auto" else backend, dtype=half)
+        model = model_from_checkpoint(weights, layout=args.layout, fused=True,
+                                      backend=None if backend == "auto" else backend, dtype=half)
         dtype = torch.float32
     _check_model(model, str(weights), scale, args.model)
     model = model.to(device=device, dtype=dtype).eval()
@@ -694,7 +701,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: a command is required ({', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            # Library warnings (a guessed res_scale, ...) as one line each, not file:line text.
+            warnings.showwarning = lambda message, *rest: _info(f"warning: {message}")
+            return args.run(args)
     except FastSRError as e:
         _error(str(e))
         return 1

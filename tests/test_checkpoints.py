@@ -251,3 +251,47 @@ def test_other_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not look like an EDSR"):
         model_from_checkpoint(tmp_path / "other.pt")
     assert describe({"head.0.weight": torch.zeros(4, 3, 3, 3)}) == "looks like r0f4x?"
+
+
+def super_image_forward(model: fastsr.EDSR, x: torch.Tensor) -> torch.Tensor:
+    """super-image's EDSR forward on x in 0..1, written out from its modules: no mean shift."""
+    h = model.head(x)
+    return model.tail(model.body(h) + h)
+
+
+def test_super_image_weights_load_by_layout_and_run_as_super_image(tmp_path):
+    torch.manual_seed(5)
+    theirs = fastsr.EDSR(2, 2, 8)  # its keys are the official ones; its mean shift is never applied
+    sd = official_state_dict(theirs, seed=5)
+    for key in ("sub_mean.weight", "sub_mean.bias", "add_mean.weight", "add_mean.bias"):
+        sd[key] = theirs.state_dict()[key]
+    theirs.load_state_dict(sd)
+    path = tmp_path / "pytorch_model_2x.pt"
+    torch.save(sd, path)
+    x = torch.rand(1, 3, 7, 6)
+    with torch.no_grad():
+        want = super_image_forward(theirs, x)
+        model = model_from_checkpoint(path, layout="super-image")
+        assert model.rgb_range == 1.0
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+        auto = model_from_checkpoint(path)  # the keys alone read as official: a different network
+        assert (auto(x * 255) / 255 - want).abs().max() > 0.1
+        into = fastsr.EDSR(2, 2, 8, rgb_range=1.0)
+        load_weights(into, path, layout="super-image")
+        torch.testing.assert_close(into(x), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CheckpointError, match="super-image weights take 0..1 input: build the model with rgb_range=1"):
+        load_weights(fastsr.EDSR(2, 2, 8), path, layout="super-image")
+    with pytest.raises(ValueError, match="layout must be one of auto, official, basicsr, super-image"):
+        model_from_checkpoint(path, layout="superimage")
+
+
+def test_a_guessed_res_scale_is_said(tmp_path):
+    path = tmp_path / "edsr_x2.pt"
+    torch.save(official_state_dict(fastsr.EDSR(2, 1, 8)), path)
+    with pytest.warns(UserWarning, match="does not store res_scale; using 1, the paper's for 8 features"):
+        model_from_checkpoint(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model_from_checkpoint(path, res_scale=0.5).res_scale == 0.5  # given: no guess, no warning

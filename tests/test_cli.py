@@ -516,3 +516,26 @@ def test_max_pixels_is_checked_before_the_memory_bound(tmp_path, weights_x2, cap
                      "--max-memory", "101MiB", "--max-pixels", "1000"])
     errors = _errors(capsys.readouterr().err)
     assert code == 1 and len(errors) == 1 and "exceeds the limit of 1,000 pixels" in errors[0]
+
+
+def test_layout_and_a_guessed_res_scale_on_the_command_line(tmp_path, capsys):
+    """--layout super-image runs super-image's network (0..1, no mean shift); a res_scale the
+    file does not store is said in one `fastsr: warning:` line, not Python's warning text."""
+    model = _tiny(EDSR(2, n_resblocks=1, n_feats=8))
+    path = tmp_path / "pytorch_model_2x.pt"
+    torch.save(model.state_dict(), path)  # official key names, no metadata
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(7, 9)).save(src)
+    out = {}
+    for layout in ("auto", "super-image"):
+        args = ["upscale", str(src), "-o", str(tmp_path / layout), "-s", "2", "-w", str(path), "--layout", layout]
+        assert cli.main(args) == 0
+        err = capsys.readouterr().err
+        assert "fastsr: warning:" in err and "does not store res_scale" in err and "UserWarning" not in err
+        out[layout] = read_image(tmp_path / layout / "a_x2.png").rgb.float()
+    with torch.no_grad():
+        x = read_image(src).rgb.float()[None] / 255
+        h = model.head(x)
+        want = (model.tail(model.body(h) + h) * 255).round().clamp(0, 255)[0]
+    assert (out["super-image"] - want).abs().max() <= 1  # rounding of the last bit only
+    assert (out["auto"] - want).abs().max() > 1
