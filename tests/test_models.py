@@ -99,3 +99,33 @@ def test_eager_model_reports_its_backend():
     m = EDSR(2, 1, 8)
     m(torch.rand(1, 3, 4, 4))
     assert m.backend == "eager"
+
+
+def test_backend_is_known_before_the_first_call():
+    assert EDSR(2, 1, 8).backend == "eager"
+    fused = EDSR(2, 1, 8, fused=True)
+    assert fused.backend == "cpu"  # what a CPU tensor gets, before any call
+    fused(torch.rand(1, 3, 5, 4) * 255)
+    assert fused.backend == "cpu"
+    assert EDSR(2, 1, 8, backend="reference").backend == "reference"
+    assert MDSR((2, 3), 1, 8, fused=True).backend == "cpu"
+
+
+def test_0_to_1_input_to_a_0_to_255_model_warns_once():
+    m = EDSR(2, 1, 8)
+    with pytest.warns(UserWarning, match=r"takes 0\.\.255 input \(rgb_range=255\) and got values in 0\.\.1"):
+        m(torch.rand(1, 3, 6, 5))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(torch.rand(1, 3, 6, 5))  # once per model
+        EDSR(2, 1, 8)(torch.rand(1, 3, 6, 5) * 255)  # 0..255: nothing to say
+        EDSR(2, 1, 8, rgb_range=1.0)(torch.rand(1, 3, 6, 5))  # a 0..1 model
+
+
+def test_forward_and_factories_document_their_contract():
+    assert "0..rgb_range" in EDSR.forward.__doc__ and "(N, 3, scale*H, scale*W)" in EDSR.forward.__doc__
+    assert "scale: required" in MDSR.forward.__doc__
+    for factory in (fastsr.edsr_baseline, fastsr.edsr, fastsr.mdsr_baseline, fastsr.mdsr):
+        assert all(word in factory.__doc__ for word in ("fused=True", "backend=", "dtype=", "recompute=")), factory

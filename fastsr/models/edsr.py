@@ -21,6 +21,7 @@ CPU with bf16 instructions). After each forward, `model.backend` names what ran.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -112,8 +113,8 @@ class _FusedMixin:
         self.compute_dtype = dtype
         self.fused = bool(fused) or backend is not None
         self.backend_request = check_backend_name(backend) if backend is not None else None
-        # Which backend the last forward actually ran ("eager" for the reference modules).
-        self.backend: str | None = None
+        self._backend: str | None = None  # what the last forward ran; see the `backend` property
+        self._range_checked = False       # the one-time 0..1-input check (see _check_range)
         self.graphs = None  # a fastsr.cuda_graphs.GraphedForward once prepare_for_inference(cuda_graphs=True)
 
     def prepare_for_inference(self, io_dtype: torch.dtype = torch.float32, cuda_graphs: bool = False,
@@ -136,8 +137,43 @@ class _FusedMixin:
         self.graphs = GraphedForward(self, max_graphs=max_graphs) if cuda_graphs else None
         return self.eval()
 
+    @property
+    def backend(self) -> str:
+        """What runs the network: the backend the last forward ran ("eager" for the reference
+        modules, else "triton", "cpu" or "reference"); before any call, the one a float32
+        input on the model's device would get (the forced `backend=` if one was given)."""
+        if self._backend is not None:
+            return self._backend
+        if not self.fused:
+            return "eager"
+        if self.backend_request is not None:
+            return self.backend_request
+        from fastsr.ops.dispatch import choose_backend
+
+        device = next(self.parameters()).device
+        return choose_backend(torch.empty(1, 3, 1, 1, device=device))
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = value
+
+    def _check_range(self, x: torch.Tensor) -> None:
+        """Once per model: warn when a 0..255 model (rgb_range 255) gets what looks like 0..1
+        input (the torchvision / BasicSR habit), which silently gives values far off range."""
+        self._range_checked = True
+        if self.rgb_range <= 1 or x.numel() == 0 or torch.compiler.is_compiling():
+            return
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # no host sync inside a CUDA graph capture
+        if float(x.detach().amax()) <= 1.0:
+            warnings.warn(f"this model takes 0..{self.rgb_range:g} input (rgb_range={self.rgb_range:g}) and got "
+                          "values in 0..1: multiply by 255, or build it with rgb_range=1 (checked once per model)",
+                          stacklevel=3)
+
     def _forward_dispatch(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
         _check_input(x)
+        if not self._range_checked:
+            self._check_range(x)
         if not self.fused:
             self.backend = "eager"
             return self._forward_eager(x, scale_idx)
@@ -198,6 +234,13 @@ class EDSR(_FusedMixin, nn.Module):
         return f"r{self.n_resblocks}f{self.n_feats}x{self.scale}"
 
     def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """Super-resolve x: (N, 3, H, W) float32 (or the model's dtype) RGB in 0..rgb_range
+        (0..255 by default) -> (N, 3, scale*H, scale*W), same dtype and device, not clamped.
+
+        scale: optional, must equal the model's (checked; MDSR uses it to pick its branch).
+        With fused=True the fused ops run (`self.backend` says which backend did); the
+        eager reference modules otherwise. Gradients flow either way.
+        """
         if scale is not None and check_scale(scale) != self.scale:
             raise ValueError(f"this EDSR is built for scale {self.scale}, got scale={scale}")
         return self._forward_dispatch(x, 0)
@@ -267,6 +310,12 @@ class MDSR(_FusedMixin, nn.Module):
         return self.scales.index(scale)
 
     def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """Super-resolve x: (N, 3, H, W) float RGB in 0..rgb_range (0..255 by default) at one
+        of `self.scales` -> (N, 3, scale*H, scale*W), same dtype and device, not clamped.
+
+        scale: required; only that scale's pre-processing blocks and upsampler run. With
+        fused=True the fused ops run (`self.backend` says which backend did).
+        """
         if scale is None:
             raise ValueError(f"MDSR needs forward(x, scale=...) with scale in {self.scales}")
         return self._forward_dispatch(x, self.scale_index(scale))
@@ -293,22 +342,54 @@ class MDSR(_FusedMixin, nn.Module):
 
 # Presets with the published sizes (DESIGN.md table).
 def edsr_baseline(scale: int = 2, **kw) -> EDSR:
-    """EDSR-baseline: 16 blocks, 64 features, res_scale 1 (1.37M params at x2)."""
+    """EDSR-baseline: 16 blocks, 64 features, res_scale 1 (1.37M params at x2).
+
+    Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
+    False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
+    (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
+    image stays float32 in and out); recompute=True/False trades activation memory for
+    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
+    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
+    """
     return EDSR(scale, n_resblocks=16, n_feats=64, res_scale=1.0, **kw)
 
 
 def edsr(scale: int = 2, **kw) -> EDSR:
-    """EDSR: 32 blocks, 256 features, res_scale 0.1 (40.7M params at x2)."""
+    """EDSR: 32 blocks, 256 features, res_scale 0.1 (40.7M params at x2).
+
+    Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
+    False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
+    (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
+    image stays float32 in and out); recompute=True/False trades activation memory for
+    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
+    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
+    """
     return EDSR(scale, n_resblocks=32, n_feats=256, res_scale=0.1, **kw)
 
 
 def mdsr_baseline(**kw) -> MDSR:
-    """MDSR-baseline: 16 blocks, 64 features (3.23M params)."""
+    """MDSR-baseline: 16 blocks, 64 features (3.23M params).
+
+    Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
+    False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
+    (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
+    image stays float32 in and out); recompute=True/False trades activation memory for
+    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
+    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
+    """
     return MDSR((2, 3, 4), n_resblocks=16, n_feats=64, **kw)
 
 
 def mdsr(**kw) -> MDSR:
-    """MDSR: 80 blocks, 64 features (7.95M params)."""
+    """MDSR: 80 blocks, 64 features (7.95M params).
+
+    Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
+    False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
+    (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
+    image stays float32 in and out); recompute=True/False trades activation memory for
+    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
+    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
+    """
     return MDSR((2, 3, 4), n_resblocks=80, n_feats=64, **kw)
 
 
