@@ -165,7 +165,9 @@ class _FusedMixin:
             return
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # no host sync inside a CUDA graph capture
-        if float(x.detach().amax()) <= 1.0:
+        with torch.no_grad():  # not x.detach(): no view of the caller's input is made
+            low = float(x.amax()) <= 1.0
+        if low:
             warnings.warn(f"this model takes 0..{self.rgb_range:g} input (rgb_range={self.rgb_range:g}) and got "
                           "values in 0..1: multiply by 255, or build it with rgb_range=1 (checked once per model)",
                           stacklevel=3)
@@ -341,8 +343,7 @@ class MDSR(_FusedMixin, nn.Module):
 
 
 # Presets with the published sizes (DESIGN.md table).
-def edsr_baseline(scale: int = 2, **kw) -> EDSR:
-    """EDSR-baseline: 16 blocks, 64 features, res_scale 1 (1.37M params at x2).
+_FACTORY_KWARGS = """
 
     Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
     False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
@@ -350,47 +351,32 @@ def edsr_baseline(scale: int = 2, **kw) -> EDSR:
     image stays float32 in and out); recompute=True/False trades activation memory for
     backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
     Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
-    """
+"""
+
+
+def edsr_baseline(scale: int = 2, **kw) -> EDSR:
+    """EDSR-baseline: 16 blocks, 64 features, res_scale 1 (1.37M params at x2)."""
     return EDSR(scale, n_resblocks=16, n_feats=64, res_scale=1.0, **kw)
 
 
 def edsr(scale: int = 2, **kw) -> EDSR:
-    """EDSR: 32 blocks, 256 features, res_scale 0.1 (40.7M params at x2).
-
-    Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
-    False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
-    (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
-    image stays float32 in and out); recompute=True/False trades activation memory for
-    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
-    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
-    """
+    """EDSR: 32 blocks, 256 features, res_scale 0.1 (40.7M params at x2)."""
     return EDSR(scale, n_resblocks=32, n_feats=256, res_scale=0.1, **kw)
 
 
 def mdsr_baseline(**kw) -> MDSR:
-    """MDSR-baseline: 16 blocks, 64 features (3.23M params).
-
-    Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
-    False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
-    (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
-    image stays float32 in and out); recompute=True/False trades activation memory for
-    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
-    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
-    """
+    """MDSR-baseline: 16 blocks, 64 features (3.23M params)."""
     return MDSR((2, 3, 4), n_resblocks=16, n_feats=64, **kw)
 
 
 def mdsr(**kw) -> MDSR:
-    """MDSR: 80 blocks, 64 features (7.95M params).
-
-    Keyword arguments (all factories): fused=True runs the fused Triton/CPU ops (default
-    False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
-    (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
-    image stays float32 in and out); recompute=True/False trades activation memory for
-    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
-    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
-    """
+    """MDSR: 80 blocks, 64 features (7.95M params)."""
     return MDSR((2, 3, 4), n_resblocks=80, n_feats=64, **kw)
+
+
+for _factory in (edsr_baseline, edsr, mdsr_baseline, mdsr):
+    if _factory.__doc__ is not None:  # python -OO strips docstrings
+        _factory.__doc__ += _FACTORY_KWARGS
 
 
 PRESETS = {
