@@ -380,8 +380,13 @@ def _dtypes(device: str) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
 
 
+def _device(args) -> str:
+    """Where this run measures: "cuda" when there is one and --cpu is not given, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+
+
 def run(args) -> list[dict]:
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    device = _device(args)
     dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     if device == "cpu":
         dev_name = _cpu_name() or dev_name
@@ -842,8 +847,7 @@ def main(argv: list[str] | None = None) -> int:
           else f"\nsummary: no fused/{SUMMARY_BASE} pairs of rows in this run")
     dev = re.sub(r"[^A-Za-z0-9]+", "-", rows[0]["device"]).strip("-")[:40]
     # The device type from what ran (the rows' device names, e.g. "NVIDIA H200", never say "cuda").
-    kind = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    tag = args.tag or f"{_dt.date.today().isoformat()}_{kind}_{dev}" + ("_quick" if args.quick else "")
+    tag = args.tag or f"{_dt.date.today().isoformat()}_{_device(args)}_{dev}" + ("_quick" if args.quick else "")
     paths = write_outputs(rows, args.out, tag)
     print(f"\nwrote {', '.join(p.name for p in paths.values())} to {args.out.resolve()}")
     if args.compare:

@@ -39,7 +39,7 @@ The package, one concern per module:
     results      StepInfo and TrainResult
     cli          `fastsr train` / `python -m fastsr.train`
 """
-from fastsr.train.cli import add_arguments, config_from_args, main, run_cli
+from fastsr.train.cli import add_arguments, main, run_cli
 from fastsr.train.config import ConfigError, TrainConfig, check_data_folders, load_config
 from fastsr.train.loop import train
 from fastsr.train.results import StepInfo, TrainResult
@@ -49,6 +49,6 @@ from fastsr.train.validation import Validator
 
 __all__ = [
     "CHECKPOINT_FORMAT", "ConfigError", "StepInfo", "TrainConfig", "TrainResult", "Validator", "add_arguments",
-    "build_model", "check_data_folders", "config_from_args", "load_config", "load_train_checkpoint", "main",
+    "build_model", "check_data_folders", "load_config", "load_train_checkpoint", "main",
     "model_scales", "run_cli", "train", "weights_checksum",
 ]

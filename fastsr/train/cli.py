@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from fastsr.errors import FastSRError
 from fastsr.train.config import ConfigError, TrainConfig, _toml_value, config_values
-from fastsr.train.loop import train
+from fastsr.train.loop import say, train
 from fastsr.train.resume import checkpoint_path, resumed_config
 
 
@@ -58,29 +58,20 @@ def _given_values(args: argparse.Namespace) -> dict[str, Any]:
     return config_values(args.config, args.set, values)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The config of a fresh run from parsed arguments (defaults < -c < --set < flags)."""
-    return TrainConfig(**_given_values(args)).validate()
-
-
-def _say(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"fastsr train: {msg}", flush=True)
-
-
 def resolve_run(args: argparse.Namespace) -> tuple[TrainConfig, Path | bool]:
     """(config, resume) for `train()`: a fresh run's config and False, or the config a resume
     continues with (the run's saved one, see fastsr.train.resume) and its last.pt."""
     given = _given_values(args)
     if args.override and not args.resume:
         raise ConfigError("--override only applies with --resume")
-    if not args.resume:
-        return TrainConfig(**given).validate(), False
-    if args.resume is True or args.resume == "auto":
-        last = TrainConfig(**given).validate().run_dir / "last.pt"
+    if args.resume is False or args.resume is True or args.resume == "auto":
+        fresh = TrainConfig(**given).validate()  # a fresh run's config; its out_dir names the run
+        if not args.resume:
+            return fresh, False
+        last = fresh.run_dir / "last.pt"
         if args.resume == "auto" and not last.exists():
-            _say(f"--resume auto: no {last}, starting the run fresh")
-            return TrainConfig(**given).validate(), False
+            say(f"--resume auto: no {last}, starting the run fresh", main=os.environ.get("RANK", "0") == "0")
+            return fresh, False
     else:
         last = checkpoint_path(args.resume)
     return resumed_config(last, given, args.override), last

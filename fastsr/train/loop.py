@@ -36,6 +36,16 @@ from fastsr.train.state import TrainState, build_model, model_scales, rng_state,
 from fastsr.train.validation import Validator
 
 
+def say(msg: str, main: bool = True) -> None:
+    """One `fastsr train: msg` line on stdout, from rank 0 only (`main`), kept clear of a
+    live progress bar."""
+    if main:
+        from tqdm import tqdm
+
+        tqdm.write(f"fastsr train: {msg}", file=sys.stdout)  # keeps a live progress bar intact
+        sys.stdout.flush()
+
+
 class _StopRequest:
     """SIGINT / SIGTERM set a flag checked between steps; a second Ctrl-C aborts at once."""
 
@@ -235,11 +245,7 @@ class _Run:
             raise WriteError(f"{e}; {at}{self.saved_note()}") from None
 
     def say(self, msg: str) -> None:
-        if self.dist.main:
-            from tqdm import tqdm
-
-            tqdm.write(f"fastsr train: {msg}", file=sys.stdout)  # keeps a live progress bar intact
-            sys.stdout.flush()
+        say(msg, self.dist.main)
 
     # -- checkpoint state --------------------------------------------------------------
 
