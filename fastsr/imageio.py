@@ -117,6 +117,19 @@ def _open_lazily(path: Path) -> PILImage.Image:
             PILImage.MAX_IMAGE_PIXELS = saved
 
 
+def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], int] | None:
+    """((H, W, channels), bit depth) from the file's header without decoding pixels, at worst
+    a guess (channels 4 when the file has transparency, else 3; bit depth 16 or 8); None when
+    the header is unreadable (`read_pixels` on the file then says why)."""
+    try:
+        with _open_lazily(Path(path)) as im:
+            deep = im.mode.startswith("I") or any(";16" in str(t[3]) for t in im.tile if len(t) > 3)
+            alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+            return (im.size[1], im.size[0], 4 if alpha else 3), 16 if deep else 8
+    except _DECODE_ERRORS:
+        return None
+
+
 def _low_byte_rawmode(im: PILImage.Image) -> str | None:
     """Raw mode that makes Pillow's decoder keep the LOW byte of each 16-bit sample.
 

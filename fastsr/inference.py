@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fastsr.errors import FastSRError
 from fastsr.imresize import imresize
 
 Tile = Union[int, str, None]
@@ -227,6 +230,23 @@ def upscale_peak_bytes(
     return max(h * w * DECODE_BYTES_PER_PIXEL[bit_depth], decoded + band + work)
 
 
+def process_memory_bytes() -> int:
+    """What this process holds now: `resident_bytes`, or where /proc is not there the peak
+    resident size so far (an over-estimate, which is the safe side for a bound)."""
+    now = resident_bytes()
+    if now is None:  # kB on Linux and BSD, bytes on macOS
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        now = peak if sys.platform == "darwin" else peak * 1024
+    return now
+
+
+def format_size(n: int) -> str:
+    """Bytes as '1.50 GiB' (from 1 GiB up) or '800 MiB'."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def tile_for_memory(limit: int, peak: Callable[[int | None], int], lr_size: tuple[int, int]) -> int | None:
     """Largest LR tile (None: the whole image) with peak(tile) <= limit, else _MIN_TILE.
 
@@ -389,3 +409,125 @@ def bicubic_upscale(x: torch.Tensor, scale: int) -> torch.Tensor:
     """
     with torch.inference_mode():
         return imresize(x, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Upscaler: a network (or bicubic) with its device, dtype, tiling and memory bound
+# ---------------------------------------------------------------------------------------
+
+_OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+
+
+def _is_cpu_oom(err: RuntimeError) -> bool:
+    return "can't allocate memory" in str(err) or "not enough memory" in str(err)
+
+
+@dataclass
+class Upscaler:
+    """The chosen way to upscale: a loaded network, or bicubic (model None).
+
+    tile: None (whole images), an LR tile size, or "auto" (`auto_tile_size`); tile_overlap:
+    LR context pixels per tile side (None: exact tiling, see `context`).
+    """
+
+    model: nn.Module | None
+    label: str
+    device: torch.device
+    dtype: torch.dtype
+    scale: int
+    tile: Tile = None
+    tile_overlap: int | None = None
+    self_ensemble: bool = False
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        """lr (N, 3, H, W) float 0..255 (uint8 for the bicubic protocol path) -> float32 CPU output."""
+        return self.run(lr, self.tile)
+
+    def run(self, lr: torch.Tensor, tile: Tile) -> torch.Tensor:
+        """As __call__, with this tiling instead of self.tile (None: the whole input at once)."""
+        if self.model is None:
+            return bicubic_upscale(lr.to(self.device), self.scale).float().cpu()
+        x = lr.to(self.device, self.dtype)
+        y = upscale(self.model, x, self.scale, tile=tile, tile_overlap=self.tile_overlap,
+                    self_ensemble=self.self_ensemble)
+        return y.float().cpu()
+
+    def run_guarded(self, lr: torch.Tensor, name: str) -> torch.Tensor:
+        """Run on one tile, untiled (the caller tiles); out-of-memory becomes a one-line
+        FastSRError naming `name` and suggesting --tile / --max-memory."""
+        try:
+            return self.run(lr, None)
+        except (*_OOM_ERRORS, RuntimeError) as e:
+            if not isinstance(e, _OOM_ERRORS) and not _is_cpu_oom(e):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            h, w = lr.shape[-2:]
+            hint = "try a smaller --tile" if self.tile is not None else "try --max-memory SIZE, --tile auto or --tile 256"
+            raise FastSRError(f"{name}: out of memory on {self.device} for a {w}x{h} input; {hint}") from None
+
+    @property
+    def context(self) -> int:
+        """LR context pixels per tile side: tile_overlap, else what makes tiles exact (the
+        network's receptive-field radius; bicubic reads 2 pixels beyond, alpha too)."""
+        if self.tile_overlap is not None:
+            return self.tile_overlap
+        return max(3, receptive_field_radius(self.model, self.scale)) if self.model is not None else 3
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the network computes in (the fused path's own, else the module's)."""
+        return getattr(self.model, "compute_dtype", None) or self.dtype
+
+    def synchronize(self) -> None:
+        """Wait for the device (timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def peak_bytes(self, shape: tuple[int, int, int], bit_depth: int, tile: int | None) -> int:
+        """`upscale_peak_bytes` of one (H, W, channels) image with this upscaler and `tile`."""
+        h, w, channels = shape
+        return upscale_peak_bytes(self.model, (h, w), channels, bit_depth, self.scale, tile, self.context,
+                                  dtype=self.compute_dtype, on_cpu=self.device.type == "cpu",
+                                  self_ensemble=self.self_ensemble)
+
+    def choose_tile(self, name: str, shape: tuple[int, int, int], bit_depth: int,
+                    limit: int | None, base: int) -> tuple[int | None, int | None]:
+        """(LR tile, estimated peak) for one (H, W, channels) image named `name`.
+
+        Without a limit: self.tile, "auto" resolved by `auto_tile_size` (peak None). With a
+        limit on the process's memory (base: what it holds before this image): a fixed tile
+        is checked against it, otherwise the largest tile within it (`tile_for_memory`);
+        FastSRError when the bound cannot be kept.
+        """
+        h, w, _ = shape
+        if limit is None:
+            if self.tile != "auto":
+                return self.tile, None
+            if self.model is None:
+                return None, None
+            return auto_tile_size(self.model, self.device, self.dtype, lr_size=(h, w), scale=self.scale,
+                                  tile_overlap=self.tile_overlap), None
+
+        def peak(tile: int | None) -> int:
+            return base + self.peak_bytes(shape, bit_depth, tile)
+
+        fixed = isinstance(self.tile, int)
+        tile = self.tile if fixed else tile_for_memory(limit, peak, (h, w))
+        if peak(tile) > limit:
+            how = f"with --tile {tile}" if fixed else "even in small tiles"
+            raise FastSRError(
+                f"{name}: {w}x{h} at x{self.scale} needs about {format_size(peak(tile))} {how} "
+                f"(this process already holds {format_size(base)}), over --max-memory {format_size(limit)}; "
+                f"raise --max-memory{' or lower --tile' if fixed else ''}"
+            )
+        return tile, peak(tile)
+
+    def check_memory_floor(self, limit: int) -> None:
+        """Run a tiny input once, so that what the first call loads (the fused path imports its
+        kernels' modules: ~160 MB resident) is part of the baseline; refuse a bound below it."""
+        self.run(torch.zeros(1, 3, 8, 8), None)
+        base = process_memory_bytes()
+        if base >= limit:
+            raise FastSRError(f"--max-memory {format_size(limit)} is below what this process holds with the model "
+                              f"loaded ({format_size(base)}) before any image; raise it")

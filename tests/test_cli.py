@@ -12,7 +12,9 @@ import fastsr.weights
 from testenv import shared_set
 from fastsr import cli
 from fastsr.checkpoints import save_safetensors
+from fastsr.cli.common import parse_size
 from fastsr.imageio import encode_png16, read_image
+from fastsr.inference import Upscaler
 from fastsr.models import EDSR, MDSR
 
 RNG = np.random.default_rng(7)
@@ -397,13 +399,13 @@ def test_eval_missing_folder(tmp_path, capsys):
     ("64 KiB", 64 << 10), ("1kB", 1000), ("1073741824", 1 << 30), (".5g", 1 << 29),
 ])
 def test_parse_size(text, expected):
-    assert cli.parse_size(text) == expected
+    assert parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "GiB", "2 GiBs", "-1 G", "0", "1e9", "2 gigs", "1..5G", "0.0000001K"])
 def test_bad_max_memory_is_a_usage_error(tmp_path, capsys, text):
     with pytest.raises(ValueError):
-        cli.parse_size(text)
+        parse_size(text)
     assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "-s", "2", "--max-memory", text]) == 2
     err = capsys.readouterr().err
     assert "--max-memory" in err and "2GiB" in err and "Traceback" not in err
@@ -434,7 +436,7 @@ def test_max_memory_tiles_alpha_and_16_bit_exactly(tmp_path, weights_x2, capsys,
     assert cli.main(["upscale", str(d), *base]) == 0
     # Pretend the process holds nothing and drop the estimate's constant terms, so that a
     # 2.3 MiB bound makes both images tile (whole: 5.6 and 2.5 MB estimated; 40 px tiles fit).
-    monkeypatch.setattr(cli, "_resident_now", lambda: 0)
+    monkeypatch.setattr(inference, "process_memory_bytes", lambda: 0)
     monkeypatch.setattr(inference, "_TILE_OVERHEAD_BYTES", 0)
     monkeypatch.setattr(inference, "_PNG_STREAM_BYTES", 0)
     monkeypatch.setattr(inference, "DECODE_BYTES_PER_PIXEL", {8: 1, 16: 1})
@@ -460,8 +462,8 @@ def test_impossible_bound_is_one_line_before_decoding(tmp_path, weights_x2, caps
     decoded = []
     real = fastsr.imageio.read_pixels
     monkeypatch.setattr("fastsr.imageio.read_pixels", lambda *a, **k: decoded.append(a) or real(*a, **k))
-    monkeypatch.setattr(cli, "_check_memory_floor", lambda up, limit: None)
-    monkeypatch.setattr(cli, "_resident_now", lambda: 100 << 20)
+    monkeypatch.setattr(Upscaler, "check_memory_floor", lambda up, limit: None)
+    monkeypatch.setattr(fastsr.inference, "process_memory_bytes", lambda: 100 << 20)
     code = cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(weights_x2),
                      "--max-memory", "120MiB"])
     errors = _errors(capsys.readouterr().err)
@@ -510,8 +512,8 @@ def test_png_stream_round_trips_in_bands(tmp_path):
 def test_max_pixels_is_checked_before_the_memory_bound(tmp_path, weights_x2, capsys, monkeypatch):
     src = tmp_path / "a.png"
     PILImage.fromarray(_photo(64, 64)).save(src)
-    monkeypatch.setattr(cli, "_check_memory_floor", lambda up, limit: None)
-    monkeypatch.setattr(cli, "_resident_now", lambda: 100 << 20)
+    monkeypatch.setattr(Upscaler, "check_memory_floor", lambda up, limit: None)
+    monkeypatch.setattr(fastsr.inference, "process_memory_bytes", lambda: 100 << 20)
     code = cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(weights_x2),
                      "--max-memory", "101MiB", "--max-pixels", "1000"])
     errors = _errors(capsys.readouterr().err)

@@ -171,7 +171,7 @@ if os.environ.get("FASTSR_LOAD_FULL"):
 
 @pytest.mark.parametrize("n,bound", LARGE)
 def test_large_image_under_bound(tmp_path, tiny_weights, n, bound):
-    from fastsr.cli import parse_size
+    from fastsr.cli.common import parse_size
 
     src = _large_png(tmp_path / "large.png", n)
     out = tmp_path / "out"
