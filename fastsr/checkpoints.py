@@ -179,6 +179,39 @@ def infer_arch(sd: StateDict) -> ArchSpec | None:
         return None
 
 
+def metadata_arch(meta: dict[str, str], name: str) -> ArchSpec | None:
+    """The architecture fastsr wrote into a safetensors file's metadata (`save_safetensors`),
+    or None when the metadata does not state one (official, BasicSR and foreign files)."""
+    kind = meta.get("arch")
+    if kind is None:
+        return None
+    if kind not in ("edsr", "mdsr"):
+        raise CheckpointError(f"{name}: metadata arch={kind!r}; expected 'edsr' or 'mdsr'")
+    try:
+        n_resblocks, n_feats = int(meta["n_resblocks"]), int(meta["n_feats"])
+        scales = tuple(int(s) for s in json.loads(meta["scales"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{name}: metadata says arch={kind} but its sizes are unreadable "
+                              f"({type(e).__name__}: {_brief(e, 80)})") from None
+    if n_resblocks < 0 or n_feats <= 0 or not scales:
+        raise CheckpointError(f"{name}: metadata sizes n_resblocks={n_resblocks}, n_feats={n_feats}, "
+                              f"scales={list(scales)} are not an EDSR/MDSR")
+    return ArchSpec(kind, n_resblocks, n_feats, scales)
+
+
+def checkpoint_arch(sd: StateDict, meta: dict[str, str], name: str) -> ArchSpec:
+    """The architecture a checkpoint holds: its metadata's when it states one (checked
+    against the tensors: a contradiction is refused), else read from key names and shapes."""
+    spec = infer_arch(sd)
+    stated = metadata_arch(meta, name)
+    if stated is not None and spec is not None and stated != spec:
+        raise CheckpointError(f"{name}: the metadata says {stated.tag()}, the tensors hold {spec.tag()}")
+    spec = stated or spec
+    if spec is None:
+        raise CheckpointError(f"{name}: {describe(sd)}")
+    return spec
+
+
 def describe(sd: StateDict) -> str:
     spec = infer_arch(sd)
     return f"looks like {spec.tag()}" if spec else "does not look like an EDSR/MDSR checkpoint"
@@ -453,8 +486,8 @@ def model_from_checkpoint(
 ) -> nn.Module:
     """Build the model a checkpoint holds and load it strictly.
 
-    The architecture comes from the safetensors metadata when fastsr wrote the file,
-    otherwise from key names and shapes. res_scale is not stored in official files:
+    The architecture comes from the safetensors metadata when fastsr wrote the file
+    (checked against the tensors), otherwise from key names and shapes. res_scale is not stored in official files:
     it defaults to the paper's (0.1 for 256 features, else 1). rgb_range (the input's
     value range, 255: 0..255) comes from the metadata, else from the file's mean shift
     (an official model trained with --rgb_range 1 has sub_mean.bias = -mean); a BasicSR
@@ -467,9 +500,7 @@ def model_from_checkpoint(
     name = str(source)
     sd, meta = read_checkpoint(source)
     _check_values(sd, name)
-    spec = infer_arch(sd)
-    if spec is None:
-        raise CheckpointError(f"{name}: {describe(sd)}")
+    spec = checkpoint_arch(sd, meta, name)
     if not spec.scales:
         raise CheckpointError(f"{name}: {describe(sd)}, but has no upsampler of a known scale "
                               f"({', '.join(f'x{k}' for k in SUPPORTED_SCALES)})")

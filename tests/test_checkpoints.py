@@ -218,6 +218,24 @@ def test_safetensors_round_trip(tmp_path, half):
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temp file
 
 
+def test_safetensors_metadata_states_the_architecture(tmp_path):
+    from safetensors.torch import save_file
+
+    model = fastsr.MDSR((2, 4), 2, 8)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    base = {"format": "fastsr", "arch": "mdsr", "n_resblocks": "2", "n_feats": "8", "rgb_range": "255.0"}
+    save_file(sd, tmp_path / "swapped.safetensors", metadata={**base, "scales": "[4, 2]"})
+    with pytest.raises(CheckpointError, match=r"the metadata says mdsr r2f8 \(scales 4,2\), the tensors hold "
+                                              r"mdsr r2f8 \(scales 2,4\)"):
+        model_from_checkpoint(tmp_path / "swapped.safetensors")
+    save_file(sd, tmp_path / "bad.safetensors", metadata={**base, "scales": "x4"})
+    with pytest.raises(CheckpointError, match="its sizes are unreadable"):
+        model_from_checkpoint(tmp_path / "bad.safetensors")
+    save_file(sd, tmp_path / "other.safetensors", metadata={**base, "arch": "rcan", "scales": "[2, 4]"})
+    with pytest.raises(CheckpointError, match="metadata arch='rcan'"):
+        model_from_checkpoint(tmp_path / "other.safetensors")
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))

@@ -6,6 +6,8 @@ check that graphs are never used and that nothing else changes.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -28,11 +30,15 @@ def test_graphs_need_the_fused_model():
         fastsr.EDSR(2, 1, 8).prepare_for_inference(cuda_graphs=True)
 
 
-def test_cpu_inputs_never_use_graphs():
-    model = _model().prepare_for_inference(cuda_graphs=True)
-    x = torch.rand(1, 3, 6, 5) * 255
-    with torch.no_grad():
-        outs = [model(x) for _ in range(3)]
+def test_cpu_inputs_never_use_graphs_and_say_so_once():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _model().prepare_for_inference(cuda_graphs=True)
+        x = torch.rand(1, 3, 6, 5) * 255
+        with torch.no_grad():
+            outs = [model(x) for _ in range(3)]
+    said = [str(w.message) for w in caught if "cuda_graphs=True has no effect here" in str(w.message)]
+    assert len(said) == 1, said  # once per model, whether prepare or the first CPU call noticed
     assert model.backend == "cpu" and not model.graphs.last_replayed
     assert model.graphs.captures == model.graphs.replays == 0
     torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)

@@ -72,10 +72,15 @@ def test_reference_backend_runs_by_name():
 
 
 def test_named_backend_that_cannot_run_fails_loudly(monkeypatch):
+    model = fastsr.EDSR(2, 1, 8, backend="triton")  # built where it can run (the interpreter is on)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    model = fastsr.EDSR(2, 1, 8, backend="triton")
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
         model(torch.rand(1, 3, 4, 4))
+    if not torch.cuda.is_available():  # built where it cannot: fails at construction, not at the first call
+        with pytest.raises(BackendUnavailable, match="cannot run on this machine: no CUDA device"):
+            fastsr.EDSR(2, 1, 8, backend="triton")
+        with pytest.raises(BackendUnavailable, match="no CUDA device"):
+            fastsr.edsr_baseline(2, backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         fastsr.EDSR(2, 1, 8, backend="cudnn")
     with pytest.raises(ValueError, match="pass fused=True"):

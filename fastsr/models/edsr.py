@@ -21,11 +21,15 @@ CPU with bf16 instructions). After each forward, `model.backend` names what ran.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+
+from fastsr.errors import BackendUnavailable
 
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 # The official Upsampler's scales: 3, or a power of two (one conv + PixelShuffle(2) per
@@ -113,9 +117,29 @@ class _FusedMixin:
         self.compute_dtype = dtype
         self.fused = bool(fused) or backend is not None
         self.backend_request = check_backend_name(backend) if backend is not None else None
+        if backend is not None:
+            from fastsr.ops.dispatch import machine_reasons
+
+            reasons = machine_reasons(backend)
+            if reasons:
+                raise BackendUnavailable(f"backend={backend!r} cannot run on this machine: " + "; ".join(reasons))
         self._backend: str | None = None  # what the last forward ran; see the `backend` property
         self._range_checked = False       # the one-time 0..1-input check (see _check_range)
+        self._graphs_warned = False       # the one-time "cuda_graphs cannot apply" warning
         self.graphs = None  # a fastsr.cuda_graphs.GraphedForward once prepare_for_inference(cuda_graphs=True)
+
+    def _init_weights(self, weights: str | os.PathLike | None) -> None:
+        """weights=None keeps the random initialization; "default", "official", "hf://..." or
+        a path loads strictly (see fastsr.weights.resolve_weights)."""
+        if weights is None:
+            return
+        if not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"weights must be None, 'default', 'official', 'hf://owner/repo[/file]' or a path, "
+                            f"got {type(weights).__name__}")
+        from fastsr.checkpoints import load_weights
+        from fastsr.weights import resolve_weights
+
+        load_weights(self, resolve_weights(weights, self.arch))
 
     def prepare_for_inference(self, io_dtype: torch.dtype = torch.float32, cuda_graphs: bool = False,
                               max_graphs: int = 8) -> "nn.Module":
@@ -135,7 +159,16 @@ class _FusedMixin:
             with torch.no_grad():
                 get_plan(self, self.compute_dtype or io_dtype, io_dtype)
         self.graphs = GraphedForward(self, max_graphs=max_graphs) if cuda_graphs else None
+        if cuda_graphs and not torch.cuda.is_available():
+            self._warn_no_graphs("no CUDA device is available")
         return self.eval()
+
+    def _warn_no_graphs(self, why: str) -> None:
+        """Once per model: cuda_graphs=True was asked for and cannot apply."""
+        if not self._graphs_warned:
+            self._graphs_warned = True
+            warnings.warn(f"cuda_graphs=True has no effect here: {why}; the forward runs without CUDA graphs "
+                          "(warned once per model)", stacklevel=3)
 
     @property
     def backend(self) -> str:
@@ -176,7 +209,9 @@ class _FusedMixin:
         _check_input(x)
         if not self._range_checked:
             self._check_range(x)
-        if not self.fused:
+        if not self.fused or _onnx_exporting():
+            # ONNX export records the eager modules' graph of the same weights: standard ops
+            # every runtime has, where the fused ops are fastsr's own (see fastsr.export).
             self.backend = "eager"
             return self._forward_eager(x, scale_idx)
         from fastsr.models.fused import fused_forward
@@ -185,9 +220,18 @@ class _FusedMixin:
         if graphs is not None and graphs.applies(x):
             out, backend = graphs(x, scale_idx)
         else:
+            if graphs is not None and not x.is_cuda:
+                self._warn_no_graphs(f"the input is a {x.device.type} tensor (graphs replay CUDA work)")
             out, backend = fused_forward(self, x, scale_idx)
         self.backend = backend
         return out
+
+
+def _onnx_exporting() -> bool:
+    """Inside torch.onnx.export (TorchScript or dynamo exporter). torch.onnx is not imported
+    by `import torch`; when nothing imported it, no export can be running."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 def _check_input(x: torch.Tensor) -> None:
@@ -215,6 +259,7 @@ class EDSR(_FusedMixin, nn.Module):
         backend: str | None = None,
         dtype: torch.dtype | None = None,
         recompute: bool | None = None,
+        weights: str | os.PathLike | None = None,
     ):
         super().__init__()
         self.scale = check_scale(scale)
@@ -229,6 +274,7 @@ class EDSR(_FusedMixin, nn.Module):
         self.tail = nn.Sequential(Upsampler(self.scale, n_feats), default_conv(n_feats, 3, 3))
         self.add_mean = MeanShift(rgb_range, sign=1)
         self._init_fused(fused, backend, dtype, recompute)
+        self._init_weights(weights)
 
     @property
     def arch(self) -> str:
@@ -282,6 +328,7 @@ class MDSR(_FusedMixin, nn.Module):
         backend: str | None = None,
         dtype: torch.dtype | None = None,
         recompute: bool | None = None,
+        weights: str | os.PathLike | None = None,
     ):
         super().__init__()
         self.scales = tuple(check_scale(s) for s in scales)
@@ -302,9 +349,11 @@ class MDSR(_FusedMixin, nn.Module):
         self.tail = nn.Sequential(default_conv(n_feats, 3, 3))
         self.add_mean = MeanShift(rgb_range, sign=1)
         self._init_fused(fused, backend, dtype, recompute)
+        self._init_weights(weights)
 
     @property
     def arch(self) -> str:
+        """Architecture tag, e.g. 'mdsr-r16f64' (the official code's 'r16f64' for MDSR)."""
         return f"mdsr-r{self.n_resblocks}f{self.n_feats}"
 
     def scale_index(self, scale: int) -> int:
@@ -350,7 +399,10 @@ _FACTORY_KWARGS = """
     (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
     image stays float32 in and out); recompute=True/False trades activation memory for
     backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
-    Weights: `fastsr.checkpoints.load_weights(model, FILE)` or `model_from_checkpoint(FILE)`.
+    weights=None (random init), "default" (the shipped EDSR-baseline x2/x3/x4 files),
+    "official" (the EDSR-PyTorch release, downloaded once into torch.hub's cache and
+    hash-checked), "hf://owner/repo[/file]" (needs fastsr[hub]) or a checkpoint path;
+    loaded strictly. For a file of unknown architecture: `model_from_checkpoint(FILE)`.
 """
 
 

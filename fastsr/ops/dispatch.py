@@ -35,6 +35,24 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def machine_reasons(backend: str) -> list[str]:
+    """Why `backend` cannot run on this machine at all, whatever the tensor (empty: it may).
+
+    Checked when a model is built with backend=...: a machine without triton, or without
+    CUDA and without the interpreter, fails then instead of at the first call.
+    """
+    check_backend_name(backend)
+    if backend != "triton":
+        return []
+    reasons = []
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("triton is not installed (pip install triton)")
+    if not torch.cuda.is_available() and not triton_interpreting():
+        reasons.append("no CUDA device is available (torch.cuda.is_available() is False), and CPU tensors need "
+                       "TRITON_INTERPRET=1 (the Triton interpreter, slow, for testing)")
+    return reasons
+
+
 def unsupported_reasons(backend: str, x: torch.Tensor) -> list[str]:
     """Why `backend` cannot run on a tensor like x (empty list: it can)."""
     check_backend_name(backend)
