@@ -1,30 +1,57 @@
-"""Compile every Triton kernel launch fastsr makes for a GPU target, on a machine without one.
+"""Compile every Triton kernel launch fastsr makes for a GPU target, on a machine without one,
+and read the machine code.
 
 The tests run the kernels under the Triton interpreter, which checks the arithmetic but not
 what only the GPU compiler sees: tl.dot shape and dtype rules, layouts, shared memory per
-block. This script drives the real launchers (fastsr.kernels.*) on small CPU tensors with
-the GPU code path selected, records each launch instead of running it, and compiles it
-ahead of time for the target (default: sm_90, an H100/H200) with every configuration the
-autotuner could pick. Each compiled config's shared memory is checked against the
-target's per-block limit; a config over it would fail to launch on that GPU.
+block, and what the code the GPU runs looks like. This script records launches instead of
+running them (on CPU tensors, with the GPU code path selected: the kernels are imported without
+TRITON_INTERPRET) and compiles each ahead of time for the target (default sm_90, an H100/H200)
+with every configuration its autotuner may pick.
 
-    python bench/compile_check.py                 # EDSR/MDSR shapes, fp32/fp16/bf16
-    python bench/compile_check.py --quick         # one shape per kernel, fp16
-    python bench/compile_check.py --arch 80       # another target (A100: 80)
-    python bench/compile_check.py --quick --first-config   # the CI smoke test: one config each
+Each compile gets the specialization Triton's JIT gives real CUDA arguments: the JIT's own
+argument binder (triton.runtime.jit.create_function_from_signature) is run on the recorded
+arguments, with every tensor standing in as a CUDA pointer at 256-byte-aligned base + its
+storage offset (the CUDA caching allocator hands out 512-byte-aligned blocks). So pointers and
+integers divisible by 16 get tt.divisibility=16 and integers equal to 1 become constexprs,
+exactly as at a real launch; without that, the 64 -> 64 conv compiles to scalar 2-byte loads
+that no GPU launch would ever run.
 
-Exit status 1 if any launch fails to compile or needs too much shared memory. It must run
+Two ways to drive it:
+
+    python bench/compile_check.py                 # a kernel sweep: EDSR/MDSR shapes, fp32/fp16/bf16
+    python bench/compile_check.py --quick --first-config   # its small form
+    python bench/compile_check.py --model edsr_baseline --scale 2 --lr-size 540x960 \\
+        --dtype bfloat16 --emit DIR               # one model: cubins, manifest, SASS report
+
+--model drives the model itself (fused=True, backend="triton"): one inference forward at batch
+1 and the LR size, and one training step (--train-batch 16 of --train-patch 48x48 LR patches,
+L1 loss, forward and backward), so the list of launches is what the model launches. With
+--emit DIR it writes DIR/manifest.json ({"arch", "kernels": [{"name", "role", "config",
+"cubin", ...}], "launches": [...]}), the cubins under DIR/cubins/, and DIR/sass_report.json
+and .txt: one row per kernel and config, read from the cubin with the nvdisasm / cuobjdump
+that Triton's package carries (bench/static_model.py reads the manifest and the report).
+
+Exit status 1 if any launch fails to compile, needs more shared memory than the target's
+per-block limit, or (--check-wide-loads) a body conv has no 16-byte operand load. It must run
 without TRITON_INTERPRET=1 (it sets the GPU code path up itself).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
+import io
+import json
 import os
+import re
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_check.py compiles for the GPU: run it without TRITON_INTERPRET=1")
@@ -35,13 +62,27 @@ import triton  # noqa: E402
 import triton.runtime.autotuner as autotuner  # noqa: E402
 import triton.runtime.jit as jit  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 # Shared memory a block may use, by compute capability (the opt-in maximum).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-          torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+# What one SM of an H200 holds (all sm_90 parts: H100 and H200 share the SM): the CTAs-per-SM
+# column is computed against these.
+H200 = dict(sms=132, regs_per_sm=65536, smem_per_sm=228 * 1024, threads_per_sm=2048, ctas_per_sm=32,
+            reg_alloc_unit=256)
+# A CUDA allocation's alignment as the JIT sees it (cudaMalloc guarantees 256 bytes; the
+# caching allocator's blocks are multiples of 512): only alignment mod 16 matters to the JIT.
+CUDA_ALLOC_ALIGN = 256
+_FAKE_DEVICE_BASE = 1 << 40  # a 256-byte-aligned stand-in address for every storage
+
+# The model sizes the issue asks for: inference at batch 1, a paper-recipe training step.
+TRAIN_BATCH, TRAIN_PATCH = 16, (48, 48)
+ROLES = ("head", "body", "block", "upsampler", "tail", "dgrad", "wgrad", "reduce", "other")
+
+
+# ------------------------------------------------------------------------------ recording
 
 
 @dataclass
@@ -52,60 +93,405 @@ class Launch:
     args: tuple
     kwargs: dict
     configs: list[dict] = field(default_factory=list)  # autotuner configs (kwargs + options)
+    grid: Any = None                                   # the launch grid: a tuple, or a callable of the meta
+    phase: str = ""                                    # "inference", "train.forward", "train.backward", or ""
+    launcher: str = ""                                 # the fastsr.kernels function that launched it
+    callers: tuple[str, ...] = ()                      # the fastsr.kernels functions on the stack
+
+
+# The public launchers in fastsr.kernels; the innermost one on the stack made the launch.
+_LAUNCHERS = ("conv2d_nhwc", "resblock_nhwc", "conv2d_dgrad_nhwc", "conv2d_wgrad_nhwc",
+              "conv2d_backward_nhwc", "resblock_backward_nhwc")
+
+
+def _kernel_callers() -> tuple[str, ...]:
+    """The fastsr.kernels launchers on the current stack, innermost first."""
+    names = []
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in _LAUNCHERS and "kernels" in frame.f_code.co_filename:
+            names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return tuple(names)
+
+
+class Recorder:
+    """Collects launches; `phase` labels the ones made while it is set."""
+
+    def __init__(self) -> None:
+        self.launches: list[Launch] = []
+        self.phase = ""
+
+    def add(self, fn, args, kwargs, configs, grid) -> None:
+        callers = _kernel_callers()
+        self.launches.append(Launch(fn, args, kwargs, configs, grid, self.phase,
+                                    callers[0] if callers else "", callers))
 
 
 @contextlib.contextmanager
-def recording(launches: list[Launch]):
+def recording(launches: list[Launch] | Recorder) -> Iterator[Recorder]:
     """Launches inside are recorded, not run (neither autotuned nor plain ones)."""
+    rec = launches if isinstance(launches, Recorder) else Recorder()
+    if not isinstance(launches, Recorder):
+        rec.launches = launches
 
-    def tuned_run(self, *args, **kwargs):
+    def tuned_run(self, *args, grid=None, warmup=False, **kwargs):
         configs = [{**c.kwargs, **{k: getattr(c, k) for k in _OPTIONS if getattr(c, k, None) is not None}}
                    for c in self.configs]
-        launches.append(Launch(self.fn, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")},
-                               configs))
+        rec.add(self.fn, args, kwargs, configs, grid)
 
     def plain_run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, [{}]))
+        rec.add(self, args, kwargs, [{}], grid)
 
     saved = autotuner.Autotuner.run, jit.JITFunction.run
     autotuner.Autotuner.run, jit.JITFunction.run = tuned_run, plain_run
     try:
-        yield
+        yield rec
     finally:
         autotuner.Autotuner.run, jit.JITFunction.run = saved
 
 
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"cannot type kernel argument {value!r}")
+@contextlib.contextmanager
+def gpu_code_path(sms: int = H200["sms"]) -> Iterator[None]:
+    """Let the fused ops take the Triton backend's GPU path on CPU tensors, for recording.
+
+    The kernels chose their code path at import (TRITON_INTERPRET unset: the GPU one); only
+    the dispatcher's gate (which lets CPU tensors through to Triton only under the interpreter)
+    is opened here, and the launchers size their persistent grids and split-K for `sms`
+    multiprocessors (an H200's 132) instead of the 64 they assume off a GPU."""
+    import fastsr.kernels.conv2d as conv_mod
+    import fastsr.kernels.conv2d_backward as bwd_mod
+    import fastsr.kernels.resblock as block_mod
+    import fastsr.ops.dispatch as dispatch
+
+    if conv_mod._INTERPRET or bwd_mod._INTERPRET or block_mod._INTERPRET:
+        raise RuntimeError("fastsr.kernels was imported under TRITON_INTERPRET=1: no GPU code path to record")
+    saved = dispatch.triton_interpreting, conv_mod._multiprocessor_count
+    dispatch.triton_interpreting = lambda: True
+    conv_mod._multiprocessor_count = lambda device: sms
+    try:
+        yield
+    finally:
+        dispatch.triton_interpreting, conv_mod._multiprocessor_count = saved
 
 
-def compile_launch(launch: Launch, config: dict, arch: int):
-    """Compile one launch with one config for sm_<arch>; returns the compiled kernel."""
-    fn = launch.fn
-    values = dict(zip(fn.arg_names, launch.args))
-    values.update({k: v for k, v in {**launch.kwargs, **config}.items() if k not in _OPTIONS})
-    options = {k: v for k, v in {**launch.kwargs, **config}.items() if k in _OPTIONS}
-    signature, constexprs = {}, {}
-    for p in fn.params:
-        if p.name not in values:
-            if p.default is inspect.Parameter.empty:
-                raise ValueError(f"{fn.__name__}: no value for argument {p.name}")
-            values[p.name] = p.default
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[p.name] = values[p.name]
-        else:
-            signature[p.name] = _arg_type(values[p.name])
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+# ----------------------------------------------------------------- the JIT's specialization
+
+
+class _DevicePointer:
+    """A tensor as the JIT's specializer sees a CUDA argument: its dtype and an address.
+
+    The address is a 256-byte-aligned base plus the tensor's storage offset in bytes: what a
+    tensor of that storage layout has on a GPU (a view into the middle of a buffer stays
+    unaligned, as it would be there)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.dtype = t.dtype
+        self._ptr = _FAKE_DEVICE_BASE + t.storage_offset() * t.element_size()
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+@dataclass
+class Specialized:
+    """What the JIT would hand triton.compile for one launch and config."""
+
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+    def divisible(self, fn: jit.JITFunction) -> list[str]:
+        """Names of the arguments marked tt.divisibility=16."""
+        names = [p.name for p in fn.params]
+        return [names[path[0]] for path, a in self.attrs.items() if any(x[0] == "tt.divisibility" for x in a)]
+
+    def constant_ints(self, fn: jit.JITFunction) -> list[str]:
+        """Runtime (non-constexpr) parameters the JIT turned into constexprs (integers equal to 1)."""
+        return [p.name for p in fn.params if not p.is_constexpr and self.signature.get(p.name) == "constexpr"]
+
+
+_BACKENDS: dict[int, Any] = {}
+
+
+def _backend(arch: int):
+    if arch not in _BACKENDS:
+        _BACKENDS[arch] = make_backend(GPUTarget("cuda", arch, 32))
+    return _BACKENDS[arch]
+
+
+def specialize(launch: Launch, config: dict, arch: int, jit_attrs: bool = True) -> Specialized:
+    """Run the installed Triton's own JIT binder on the launch's arguments (tensors as CUDA
+    pointers) and pack its result the way JITFunction.run does before compiling.
+
+    jit_attrs=False drops what the binder derived from the values (divisibility, integers
+    equal to 1 as constexprs): the compile this script did before 2026-12-02, which no launch
+    on a GPU gets; kept to show the difference (--no-specialize)."""
+    fn, backend = launch.fn, _backend(arch)
+    binder = jit.create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {**launch.kwargs, **config}
+    args = [_DevicePointer(a) if isinstance(a, torch.Tensor) else a for a in launch.args]
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    if not jit_attrs:
+        attrs = {path: [] for path in attrs}
+        for i, p in enumerate(fn.params):
+            if not p.is_constexpr and signature[p.name] == "constexpr":  # an int equal to 1
+                signature[p.name] = "i32"
+                constexprs.pop((i,), None)
+    return Specialized(signature, constexprs, attrs, options.__dict__)
+
+
+def compile_launch(launch: Launch, config: dict, arch: int, spec: Specialized | None = None):
+    """Compile one launch with one config for sm_<arch> as the JIT would; returns
+    (compiled kernel, ptxas log text)."""
+    spec = spec or specialize(launch, config, arch)
+    src = ASTSource(fn=launch.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    # ptxas -v's report (stack frame, spill bytes, registers) is only printed, not returned:
+    # inside ptxas_reports() Triton prints it (and compiles even on a cache hit, which would
+    # skip ptxas), and this thread's prints are kept.
+    with _captured_stdout() as log:
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options)
+    return kernel, log.getvalue()
+
+
+@contextlib.contextmanager
+def ptxas_reports() -> Iterator[None]:
+    """Inside, every compile runs ptxas (even on a Triton cache hit) and prints its -v report,
+    which compile_launch keeps. Set once around all the compiles: the knobs are global, so
+    setting and restoring them per compile would race between compile threads."""
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True
+    try:
+        yield
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+
+
+class _PerThreadStdout(io.TextIOBase):
+    """sys.stdout while compiles run in threads: each thread's prints go to its own buffer
+    (contextlib.redirect_stdout swaps one global, so parallel compiles would mix their logs
+    and lose the real stdout)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.buffers = real, {}
+
+    def write(self, text: str) -> int:
+        buf = self.buffers.get(threading.get_ident())
+        return (buf if buf is not None else self.real).write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _captured_stdout() -> Iterator[io.StringIO]:
+    """This thread's prints, kept (other threads print as usual)."""
+    with _STDOUT_LOCK:
+        if not isinstance(sys.stdout, _PerThreadStdout):
+            sys.stdout = _PerThreadStdout(sys.stdout)
+        router = sys.stdout
+    buf = router.buffers[threading.get_ident()] = io.StringIO()
+    try:
+        yield buf
+    finally:
+        with _STDOUT_LOCK:
+            del router.buffers[threading.get_ident()]
+            if not router.buffers and sys.stdout is router:
+                sys.stdout = router.real
+
+
+# --------------------------------------------------------------------------- reading SASS
+
+
+def _nvidia_tool(name: str) -> str:
+    """Path of a CUDA binary tool shipped inside Triton's NVIDIA backend."""
+    import triton.backends.nvidia as nv
+
+    path = Path(nv.__file__).parent / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: this Triton build does not ship {name}")
+    return str(path)
+
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+# Integer arithmetic and predicate instructions: the address and mask work that competes with
+# the MMAs for issue slots in a hot loop (moves, loads, barriers and MMAs are not counted).
+_INT_OPS = {"IADD3", "IADD", "IADD32I", "IMAD", "IMUL", "IMUL32I", "IMNMX", "VIMNMX", "VIADD", "VIADDMNMX",
+            "IABS", "LEA", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "SEL", "ISETP", "ISCADD", "FLO",
+            "POPC", "BMSK", "BREV", "SGXT", "PRMT", "IDP", "IMMA_NOT", "UIADD3", "UIMAD", "ULEA", "ULOP3",
+            "USHF", "USEL", "UISETP", "UIMNMX", "USGXT", "UPRMT", "UFLO", "UPOPC", "UBMSK", "UBREV", "ULOP",
+            "USHL", "USHR", "UIADD3", "UIMAD", "UIABS", "VIADD"}
+_PRED_OPS = {"PLOP3", "PSETP", "P2R", "R2P", "UPLOP3", "UPSETP", "UP2UR", "UR2UP", "VOTE", "VOTEU"}
+_WIDTH = re.compile(r"\.(128|64|32|U16|S16|U8|S8)\b")
+_WIDTH_BYTES = {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def _access_bytes(opcode: str) -> int:
+    """Bytes per thread of a global memory instruction: LDG.E.128 -> 16, LDG.E -> 4, ...
+    (LDGSTS.E.BYPASS.LTC128B.128: the .LTC128B is a cache hint, the last width is the size)."""
+    widths = [_WIDTH_BYTES[w] for w in _WIDTH.findall(opcode.replace("LTC128B", ""))]
+    return widths[-1] if widths else 4
+
+
+def _base(opcode: str) -> str:
+    return opcode.split(".")[0]
+
+
+def parse_sass(text: str) -> list[dict]:
+    """nvdisasm output -> [{"addr", "op", "opcode", "label"}] in program order (labels ride on
+    the next instruction)."""
+    out, label = [], None
+    for line in text.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            label = m.group(1)
+            continue
+        m = _SASS_LINE.match(line)
+        if m:
+            out.append(dict(addr=int(m.group(1), 16), opcode=m.group(3), op=_base(m.group(3)),
+                            operands=m.group(4), label=label))
+            label = None
+    return out
+
+
+def _loops(instrs: list[dict]) -> list[tuple[int, int]]:
+    """(first, last) instruction indices of every loop: a branch back to an earlier label."""
+    where = {ins["label"]: i for i, ins in enumerate(instrs) if ins["label"]}
+    loops = []
+    for i, ins in enumerate(instrs):
+        if ins["op"] == "BRA":
+            m = _BRANCH_TARGET.search(ins["operands"])
+            if m and m.group(1) in where and where[m.group(1)] <= i:
+                loops.append((where[m.group(1)], i))
+    return loops
+
+
+def sass_facts(instrs: list[dict]) -> dict:
+    """What the issue's SASS table reports, from a disassembled kernel."""
+    ops = [ins["op"] for ins in instrs]
+    count = {op: ops.count(op) for op in set(ops)}
+    mma = "HGMMA" if count.get("HGMMA") else "HMMA" if count.get("HMMA") else "none"
+    loads = [ins for ins in instrs if ins["op"] in ("LDG", "LDGSTS")]
+    stores = [ins for ins in instrs if ins["op"] == "STG"]
+    ldg_widths = [_access_bytes(i["opcode"]) for i in loads if i["op"] == "LDG"]
+    cp_widths = [_access_bytes(i["opcode"]) for i in loads if i["op"] == "LDGSTS"]
+    st_widths = [_access_bytes(i["opcode"]) for i in stores]
+    # The hot loop: of the innermost loops that issue MMAs (HGMMA, else HMMA, else FFMA), the
+    # one with the most of them. Innermost: no other MMA loop nested inside it.
+    mma_op = mma if mma != "none" else "FFMA"
+    with_mma = [(a, b) for a, b in _loops(instrs) if any(instrs[k]["op"] == mma_op for k in range(a, b + 1))]
+    inner = [(a, b) for a, b in with_mma
+             if not any((c, d) != (a, b) and a <= c and d <= b for c, d in with_mma)]
+    unrolled = not inner and count.get(mma_op, 0) > 0
+    if unrolled:  # the MMA loop was fully unrolled: its span, first MMA to last, is the hot code
+        at = [k for k, ins in enumerate(instrs) if ins["op"] == mma_op]
+        inner = [(at[0], at[-1])]
+    loops = []
+    for a, b in inner:
+        body = [ins["op"] for ins in instrs[a:b + 1]]
+        n_mma = sum(op == mma_op for op in body)
+        n_int = sum(op in _INT_OPS for op in body)
+        n_pred = sum(op in _PRED_OPS for op in body)
+        loops.append(dict(instructions=len(body), mma=n_mma, int_ops=n_int, pred_ops=n_pred,
+                          int_pred_per_mma=round((n_int + n_pred) / n_mma, 1), addr=instrs[a]["addr"],
+                          unrolled=unrolled))
+    hot = max(loops, key=lambda lp: (lp["mma"], lp["int_pred_per_mma"]), default=None)
+    return dict(
+        mma=mma, hgmma=count.get("HGMMA", 0), hmma=count.get("HMMA", 0), ffma=count.get("FFMA", 0),
+        instructions=len(instrs),
+        ldl=count.get("LDL", 0), stl=count.get("STL", 0),
+        tma_loads=count.get("UTMALDG", 0), tma_stores=count.get("UTMASTG", 0),
+        cp_async=count.get("LDGSTS", 0), cp_async_bulk=count.get("UBLKCP", 0),
+        ldg=len(ldg_widths), stg=len(st_widths),
+        widest_ldg=max(ldg_widths, default=0), widest_cp_async=max(cp_widths, default=0),
+        widest_load=max(ldg_widths + cp_widths, default=0), widest_store=max(st_widths, default=0),
+        narrowest_store=min(st_widths, default=0),
+        loads_by_width={str(w): (ldg_widths + cp_widths).count(w) for w in sorted(set(ldg_widths + cp_widths))},
+        stores_by_width={str(w): st_widths.count(w) for w in sorted(set(st_widths))},
+        hot_loop_mma=mma_op if hot else None,
+        int_pred_per_hgmma=hot["int_pred_per_mma"] if hot and mma_op == "HGMMA" else None,
+        hot_loop=hot, mma_loops=loops,
+    )
+
+
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ctas_per_sm(regs: int, warps: int, smem: int, sm: dict = H200) -> dict:
+    """Resident CTAs per SM and what limits them: registers (allocated per warp in units of
+    256), shared memory (the kernel's dynamic + static bytes, the 1 KiB per-CTA reserve being
+    part of the static figure on sm_90), threads, and the 32-CTA cap."""
+    per_warp = -(-max(regs, 1) * 32 // sm["reg_alloc_unit"]) * sm["reg_alloc_unit"]
+    limits = dict(regs=sm["regs_per_sm"] // (per_warp * warps),
+                  smem=sm["smem_per_sm"] // smem if smem else sm["ctas_per_sm"],
+                  threads=sm["threads_per_sm"] // (32 * warps), cap=sm["ctas_per_sm"])
+    n = min(limits.values())
+    return dict(ctas=n, limited_by=[k for k, v in limits.items() if v == n])
+
+
+def cubin_report(cubin: bytes, work: Path, ptxas_log: str, dynamic_smem: int, warps: int) -> dict:
+    """The SASS table's row for one cubin (written to `work` for the tools)."""
+    work.parent.mkdir(parents=True, exist_ok=True)
+    work.write_bytes(cubin)
+    sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", str(work)], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", str(work)], capture_output=True, text=True,
+                         check=True).stdout
+    m = _RES.search(res)
+    regs, stack, static_smem, local = (int(g) for g in m.groups()) if m else (0, 0, 0, 0)
+    facts = sass_facts(parse_sass(sass))
+    s = _PTXAS_SPILL.search(ptxas_log)
+    smem = dynamic_smem + static_smem
+    return dict(regs=regs, stack_bytes=stack, local_bytes=local,
+                spill_store_bytes=int(s.group(2)) if s else None, spill_load_bytes=int(s.group(3)) if s else None,
+                smem_bytes=smem, smem_dynamic=dynamic_smem, smem_static=static_smem,
+                **ctas_per_sm(regs, warps, smem), **facts), sass
+
+
+# ------------------------------------------------------------------------------------ roles
+
+
+def role_of(launch: Launch, spec: Specialized, image_channels: int = 3) -> str:
+    """The launch's job in the network (the manifest's `role`), from the kernel and how it
+    was called: the one-launch block, dgrad (the dgrad kernel, and the forward kernel where
+    the block's backward runs it for dx), wgrad and its reduction; a forward conv by its shape:
+    image -> F is the head, F -> image the tail, a pixel shuffle in its epilogue the upsampler
+    (with the tail's job too when it also writes the image), else an F -> F body conv."""
+    name = launch.fn.__name__
+    c = spec.constexprs
+    get = {launch.fn.params[path[0]].name: v for path, v in c.items()}.get
+    if name == "_resblock_nhwc_kernel":
+        return "block"
+    if name == "_dgrad_kernel":
+        return "dgrad"
+    if name == "_wgrad_kernel":
+        return "wgrad"
+    if name == "_wgrad_reduce_kernel":
+        return "reduce"
+    if name != "_conv2d_nhwc_kernel":
+        return "other"
+    if launch.launcher == "conv2d_nhwc" and "resblock_backward_nhwc" in launch.callers and get("HAS_SKIP"):
+        return "dgrad"  # dx = conv(dh, flipped W1) + dy: the block's last backward step
+    c_in, c_out, r = get("C_IN"), get("C_OUT"), get("SHUFFLE")
+    jobs = []
+    if c_in == image_channels:
+        jobs.append("head")
+    if r and r > 1:
+        jobs.append("upsampler")
+    if c_out // (r or 1) ** 2 == image_channels:
+        jobs.append("tail")
+    return "+".join(jobs) or "body"
+
+
+# ---------------------------------------------------------------------------------- drivers
 
 
 def _t(*shape, dtype):
@@ -114,18 +500,15 @@ def _t(*shape, dtype):
 
 def drive(quick: bool) -> list[Launch]:
     """Call every public launcher on the shapes EDSR/MDSR use; return the recorded launches."""
-    import fastsr.kernels.conv2d as conv_mod
-    import fastsr.kernels.conv2d_backward as bwd_mod
-    import fastsr.kernels.resblock as block_mod
     from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
     from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc, resblock_backward_nhwc
     from fastsr.kernels.resblock import resblock_nhwc
 
-    assert not conv_mod._INTERPRET and not block_mod._INTERPRET and not bwd_mod._INTERPRET
     dtypes = [torch.float16] if quick else [torch.float32, torch.float16, torch.bfloat16]
-    n, h, w = 1, 8, 8
-    launches: list[Launch] = []
-    with recording(launches):
+    # 16x16: sizes a real input has (the JIT specializes on divisibility by 16), small on CPU.
+    n, h, w = 2, 16, 16
+    rec = Recorder()
+    with gpu_code_path(), recording(rec):
         for dt in dtypes:
             # (Cin, Cout, k, shuffle, relu, skip, shift): head, body, upsampler x2/x3, tail, 5x5, F=256
             convs = [(3, 64, 3, 1, False, False, True), (64, 64, 3, 1, False, True, False),
@@ -149,43 +532,337 @@ def drive(quick: bool) -> list[Launch]:
                 b1, b2 = torch.randn(c), torch.randn(c)
                 resblock_nhwc(x, pack_weight(w1), b1, pack_weight(w2), b2, k, 0.1)
                 resblock_backward_nhwc(_t(n, h, w, c, dtype=dt), x, w1, b1, w2, k, 0.1)
-    return launches
+    return rec.launches
+
+
+def build_model(name: str, scale: int, dtype: torch.dtype) -> torch.nn.Module:
+    """The preset on the fused Triton path (built inside gpu_code_path: backend='triton' is
+    refused at construction on a machine with neither a GPU nor the interpreter)."""
+    from fastsr.models.edsr import PRESETS
+
+    kw = dict(fused=True, backend="triton", dtype=None if dtype == torch.float32 else dtype)
+    if name.startswith("mdsr"):
+        return PRESETS[name](**kw)
+    return PRESETS[name](scale, **kw)
+
+
+def drive_model(name: str, scale: int, lr_size: tuple[int, int], dtype: torch.dtype,
+                train_batch: int = TRAIN_BATCH, train_patch: tuple[int, int] = TRAIN_PATCH,
+                train: bool = True) -> list[Launch]:
+    """Record every launch of one fused inference forward (batch 1, lr_size) and one fused
+    training step (train_batch LR patches of train_patch, L1 loss, forward + backward) of the
+    preset, with what the model itself runs: fused=True, backend='triton', the GPU path.
+
+    Nothing is computed (launches are recorded, outputs stay uninitialized): the tensors only
+    carry shapes, dtypes and storage layouts, on the CPU."""
+    rec = Recorder()
+    with gpu_code_path(), recording(rec):
+        model = build_model(name, scale, dtype)
+        fwd = (lambda x: model(x, scale=scale)) if name.startswith("mdsr") else model
+        rec.phase = "inference"
+        model.eval()
+        with torch.no_grad():
+            fwd(torch.rand(1, 3, *lr_size) * 255)
+        if train:
+            model.train()
+            rec.phase = "train.forward"
+            lr = torch.rand(train_batch, 3, *train_patch) * 255
+            out = fwd(lr)
+            loss = torch.nn.functional.l1_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
+            rec.phase = "train.backward"
+            loss.backward()
+    return rec.launches
+
+
+# -------------------------------------------------------------------------------- compiling
+
+
+def _short_config(config: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items() if k != "num_ctas")
+
+
+def _launch_values(launch: Launch, config: dict) -> dict:
+    """Every parameter's value at this launch (tensors as shape/dtype), config included."""
+    names = [p.name for p in launch.fn.params]
+    vals = dict(zip(names, launch.args))
+    vals.update({k: v for k, v in {**launch.kwargs, **config}.items() if k not in _OPTIONS})
+    for p in launch.fn.params:
+        if p.name not in vals and p.default is not inspect.Parameter.empty:
+            vals[p.name] = p.default
+    return vals
+
+
+def _grid(launch: Launch, config: dict) -> list[int] | None:
+    grid = launch.grid
+    if callable(grid):
+        grid = grid(_launch_values(launch, config))
+    return None if grid is None else [int(g) for g in grid]
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        return dict(shape=list(v.shape), dtype=str(v.dtype).replace("torch.", ""))
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    return str(v)
+
+
+@dataclass
+class Variant:
+    """One compiled kernel: a JIT function with one specialization and one config."""
+
+    key: str
+    name: str
+    config: dict
+    spec: Specialized
+    launch: Launch        # the first launch that needs it
+    launches: list[int] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)
+    kernel: Any = None
+    ptxas_log: str = ""
+    error: str | None = None
+
+
+def variants(launches: list[Launch], arch: int, first_config: bool,
+             jit_attrs: bool = True) -> tuple[list[Variant], list[dict]]:
+    """Deduplicate launches x configs into the kernels to compile (the same kernel serves many
+    launches: 16 blocks, say); returns them and a per-launch record for the manifest."""
+    found: dict[str, Variant] = {}
+    records = []
+    for i, launch in enumerate(launches):
+        cfgs = launch.configs[:1] if first_config else launch.configs
+        rec = dict(index=i, phase=launch.phase, kernel=launch.fn.__name__, launcher=launch.launcher,
+                   args={}, configs=[])
+        for j, config in enumerate(cfgs):
+            spec = specialize(launch, config, arch, jit_attrs)
+            key_src = json.dumps([launch.fn.__name__, spec.signature, {str(k): str(v) for k, v in spec.constexprs.items()},
+                                  {str(k): v for k, v in spec.attrs.items()}, spec.options], sort_keys=True, default=str)
+            key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
+            role = role_of(launch, spec)
+            if j == 0:
+                rec["role"] = role
+                rec["args"] = {k: _jsonable(v) for k, v in _launch_values(launch, {}).items()}
+                rec["divisible_by_16"] = spec.divisible(launch.fn)
+                rec["constant_ints"] = spec.constant_ints(launch.fn)
+            v = found.setdefault(key, Variant(key, launch.fn.__name__, config, spec, launch))
+            v.launches.append(i)
+            if role not in v.roles:
+                v.roles.append(role)
+            rec["configs"].append(dict(config=config, kernel_key=key, grid=_grid(launch, config)))
+        records.append(rec)
+    return list(found.values()), records
+
+
+def compile_all(vs: list[Variant], arch: int, jobs: int = 1) -> None:
+    """Compile every variant (errors are kept on the variant: a compile error is a finding)."""
+
+    def one(v: Variant) -> None:
+        try:
+            v.kernel, v.ptxas_log = compile_launch(v.launch, v.config, arch, v.spec)
+        except Exception as e:  # report it, go on
+            v.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}" if str(e).strip() else repr(e)
+
+    with ptxas_reports():
+        if jobs > 1:
+            # triton.compile spends most of its time in ptxas and LLVM, outside the GIL.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(one, vs))
+        else:
+            for v in vs:
+                one(v)
+
+
+# ---------------------------------------------------------------------------------- reports
+
+_COLUMNS = [  # (header, width, row -> text)
+    ("role", 14, lambda r: r["role"]),
+    ("kernel", 20, lambda r: r["name"].strip("_").replace("_kernel", "")),
+    ("phase", 9, lambda r: "+".join(sorted({p.replace("train.", "t.") for p in r["phases"]}))),
+    ("shape", 22, lambda r: _shape_text(r["constexprs"])),
+    ("config", 38, lambda r: r["config_text"].replace("num_warps=", "w").replace("num_stages=", "s")),
+    ("mma", 5, lambda r: r["sass"]["mma"]),
+    ("regs", 4, lambda r: r["sass"]["regs"]),
+    ("spill", 5, lambda r: "?" if r["sass"]["spill_store_bytes"] is None else r["sass"]["spill_store_bytes"]),
+    ("stack", 5, lambda r: r["sass"]["stack_bytes"]),
+    ("ldl/stl", 7, lambda r: f"{r['sass']['ldl']}/{r['sass']['stl']}"),
+    ("smemKiB", 7, lambda r: f"{r['sass']['smem_bytes'] / 1024:.1f}"),
+    ("cta/SM", 6, lambda r: r["sass"]["ctas"]),
+    ("tma", 3, lambda r: r["sass"]["tma_loads"] + r["sass"]["tma_stores"]),
+    ("cp.async", 8, lambda r: r["sass"]["cp_async"]),
+    ("ld B", 4, lambda r: r["sass"]["widest_load"]),
+    ("st B", 4, lambda r: f"{r['sass']['narrowest_store']}-{r['sass']['widest_store']}"),
+    ("int/hgmma", 9, lambda r: "-" if r["sass"]["int_pred_per_hgmma"] is None else r["sass"]["int_pred_per_hgmma"]),
+]
+
+
+def _shape_text(c: dict) -> str:
+    """'64->64 k3 skip' from a launch's constexprs: channels in -> out, kernel size, the
+    epilogue/prologue flags that are on."""
+    cin = c.get("C_IN", c.get("C"))
+    cout = c.get("C_OUT", c.get("C_G", c.get("C")))
+    text = f"{cin}->{cout} k{c.get('KS', '?')}"
+    r = c.get("SHUFFLE", c.get("R", 1))
+    flags = [f"r{r}"] if r and r > 1 else []
+    flags += [k.replace("HAS_", "").lower() for k in ("HAS_SHIFT", "RELU", "HAS_SKIP", "IN_MASK", "OUT_MASK")
+              if c.get(k)]
+    return " ".join([text, *flags])
+
+
+def table_text(rows: list[dict]) -> str:
+    head = "  ".join(f"{h:<{w}}" for h, w, _ in _COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append("  ".join(f"{str(f(r)):<{w}}" for _, w, f in _COLUMNS))
+    return "\n".join(lines)
+
+
+_TABLE_NOTES = """\
+columns: mma = tensor-core instruction kind in the SASS (HGMMA = Hopper wgmma, HMMA = mma.sync,
+none = FFMA only); regs per thread; spill = ptxas's spill-store bytes; stack = stack frame
+bytes (cuobjdump); ldl/stl = local-memory instructions; smemKiB = dynamic + static
+shared memory per CTA; cta/SM = resident CTAs per SM of an H200 (132 SMs, 64K registers, 228 KiB
+shared memory per SM); tma = UTMALDG + UTMASTG; cp.async = LDGSTS instructions; ld B = widest
+global load per thread (LDG or LDGSTS), st B = narrowest-widest global store (bytes); int/hgmma =
+integer + predicate instructions per HGMMA in the hot loop (the innermost loop with the most
+HGMMAs; where the compiler unrolled it completely, the code from the first HGMMA to the last). phase: inference (batch 1 at the LR size), t.forward / t.backward (one training step)."""
+
+
+def check_wide_loads(rows: list[dict]) -> list[str]:
+    """Problems: a bf16/fp16 body conv (64 -> 64 or wider, 3x3) without 16-byte operand loads.
+    That is what a compile without the JIT's pointer alignment looks like (scalar 2-byte loads)."""
+    bad = []
+    for r in rows:
+        if r["role"] == "body" and r["name"] == "_conv2d_nhwc_kernel" and r["dtype"] in ("bf16", "fp16") \
+                and r["sass"]["widest_load"] < 16:
+            bad.append(f"body conv {r['config_text']}: widest global load {r['sass']['widest_load']} B, not 16")
+    return bad
+
+
+def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: bool, jobs: int,
+         meta: dict) -> tuple[list[dict], list[str]]:
+    """Compile, read the SASS, and (out_dir) write cubins, manifest.json, sass_report.{json,txt}.
+    Returns the table rows and the problems found."""
+    vs, records = variants(launches, arch, first_config, meta.get("jit_attrs", True))
+    t0 = time.perf_counter()
+    compile_all(vs, arch, jobs)
+    compile_s = time.perf_counter() - t0
+    limit = SMEM_LIMIT.get(arch, 99 * 1024)
+    rows, problems, entries = [], [], []
+    scratch = Path(out_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"fastsr_compile_check_{os.getpid()}")
+    for v in vs:
+        phases = sorted({launches[i].phase for i in v.launches})
+        ptr_types = [t for t in v.spec.signature.values() if isinstance(t, str) and t.startswith("*")]
+        dtype = ptr_types[0][1:] if ptr_types else ""
+        shown = {k: v2 for k, v2 in {**v.launch.kwargs, **v.config}.items()
+                 if k.isupper() and not k.startswith(("INTERP", "PREC", "USE_INPUT"))}
+        config_text = " ".join(f"{k}={x}" for k, x in shown.items() if k.startswith(("BLOCK", "TILE"))) + \
+            " " + _short_config({k: x for k, x in v.config.items() if k in _OPTIONS})
+        if v.error:
+            problems.append(f"FAIL {v.name} {config_text}: {v.error}")
+            continue
+        cubin_rel = f"cubins/{v.name.strip('_')}_{v.key}.cubin"
+        report, sass = cubin_report(v.kernel.asm["cubin"], scratch / cubin_rel, v.ptxas_log,
+                                    v.kernel.metadata.shared, v.config.get("num_warps", 4))
+        if out_dir is not None:
+            (out_dir / cubin_rel).with_suffix(".sass").write_text(sass)
+        if report["smem_bytes"] > limit:
+            problems.append(f"SMEM {v.name} {config_text}: {report['smem_bytes']} B > {limit} B per block")
+        for role in v.roles:
+            row = dict(name=v.name, role=role, dtype=dtype, config=v.config, config_text=config_text.strip(),
+                       constexprs={k: x for k, x in shown.items()}, phases=phases, kernel_key=v.key,
+                       launches=[i for i in v.launches if records[i]["role"] == role],
+                       cubin=cubin_rel, divisible_by_16=v.spec.divisible(v.launch.fn),
+                       constant_ints=v.spec.constant_ints(v.launch.fn), sass=report)
+            rows.append(row)
+            entries.append({k: row[k] for k in ("name", "role", "config", "cubin", "dtype", "constexprs", "phases",
+                                                "kernel_key", "launches", "divisible_by_16", "constant_ints")})
+    order = {r: i for i, r in enumerate(ROLES)}
+    rows.sort(key=lambda r: (order.get(r["role"].split("+")[0], 99), r["name"], r["dtype"], r["config_text"]))
+    problems += [f"NARROW {p}" for p in check_wide_loads(rows)] if meta.get("check_wide_loads") else []
+    meta = {**meta, "compile_s": round(compile_s, 1), "kernels_compiled": len(vs)}
+    if out_dir is not None:
+        manifest = {"arch": arch, **meta, "kernels": entries, "launches": records}
+        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+        (out_dir / "sass_report.json").write_text(json.dumps(
+            {"arch": arch, **meta, "rows": [{k: r[k] for k in r if k != "config_text"} for r in rows]},
+            indent=1, default=str))
+        (out_dir / "sass_report.txt").write_text(_report_text(rows, meta, arch, problems))
+    elif scratch.exists():
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows, problems
+
+
+def _report_text(rows: list[dict], meta: dict, arch: int, problems: list[str]) -> str:
+    head = (f"# SASS report, sm_{arch}: {meta.get('model', 'kernel sweep')}"
+            + (f" x{meta['scale']} at {meta['lr_size']} {meta['dtype']}" if meta.get("model") else "")
+            + f"\n# triton {triton.__version__}, torch {torch.__version__}; {meta.get('kernels_compiled')} kernels "
+              + ("compiled with the JIT's specialization (pointers 256-byte aligned)\n" if meta.get("jit_attrs", True)
+                 else "compiled WITHOUT the JIT's specialization (--no-specialize: no GPU launch runs these)\n"))
+    return head + _TABLE_NOTES + "\n\n" + table_text(rows) + "\n\n" + (
+        "\n".join(problems) if problems else "no problems") + "\n"
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 540x960, got {text!r}") from None
+    return h, w
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="one shape per kernel, fp16 only")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     p.add_argument("--first-config", action="store_true", help="only the first autotune config of each launch")
+    p.add_argument("--quick", action="store_true", help="kernel sweep: one shape per kernel, fp16 only")
+    p.add_argument("--model", choices=["edsr_baseline", "edsr", "mdsr_baseline", "mdsr"],
+                   help="drive this preset's fused forward and training step instead of the kernel sweep")
+    p.add_argument("--scale", type=int, default=2, help="upscaling factor (--model)")
+    p.add_argument("--lr-size", type=_size, default=(540, 960), help="inference LR size HxW (--model)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="compute dtype (--model)")
+    p.add_argument("--train-batch", type=int, default=TRAIN_BATCH, help="training step batch (--model)")
+    p.add_argument("--train-patch", type=_size, default=TRAIN_PATCH, help="training LR patch HxW (--model)")
+    p.add_argument("--no-train", action="store_true", help="inference launches only (--model)")
+    p.add_argument("--emit", type=Path, metavar="DIR", help="write cubins, manifest.json, sass_report.{json,txt}")
+    p.add_argument("--check-wide-loads", action="store_true",
+                   help="fail if a bf16/fp16 body conv has no 16-byte global load")
+    p.add_argument("--no-specialize", action="store_true",
+                   help="compile without the attributes the JIT derives from real arguments (the old, wrong way)")
+    p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile threads")
     args = p.parse_args(argv)
-    limit = SMEM_LIMIT.get(args.arch, 99 * 1024)
-    launches = drive(args.quick)
-    # Launches that differ only in runtime values compile to the same kernel: dedupe.
-    seen, failures, total, t0 = set(), 0, 0, time.perf_counter()
-    for launch in launches:
-        for config in launch.configs[:1] if args.first_config else launch.configs:
-            consts = {**launch.kwargs, **config}
-            types = tuple(_arg_type(a) for a in launch.args if isinstance(a, torch.Tensor))
-            key = (launch.fn.__name__, types, tuple(sorted(consts.items(), key=lambda kv: kv[0])))
-            if key in seen:
-                continue
-            seen.add(key)
-            total += 1
-            what = f"{launch.fn.__name__} {types[0] if types else ''} " + " ".join(
-                f"{k}={v}" for k, v in sorted(consts.items()) if k.isupper() or k in _OPTIONS)
-            try:
-                kernel = compile_launch(launch, config, args.arch)
-            except Exception as e:  # a compile error is the finding: report it, go on
-                failures += 1
-                print(f"FAIL  {what}\n      {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
-                continue
-            smem = kernel.metadata.shared
-            status = "ok  " if smem <= limit else "SMEM"
-            failures += smem > limit
-            print(f"{status}  {smem / 1024:6.1f} KiB  {what}")
-    print(f"\n{total} kernel configs compiled for sm_{args.arch} in {time.perf_counter() - t0:.0f} s: "
-          f"{failures} problem(s) (shared memory limit {limit // 1024} KiB per block)")
-    return 1 if failures else 0
+    t0 = time.perf_counter()
+    if args.model:
+        launches = drive_model(args.model, args.scale, args.lr_size, _DTYPES[args.dtype],
+                               args.train_batch, args.train_patch, train=not args.no_train)
+        meta = dict(model=args.model, scale=args.scale, lr_size=list(args.lr_size), dtype=args.dtype,
+                    train_batch=args.train_batch, train_patch=list(args.train_patch), train=not args.no_train)
+    else:
+        launches = drive(args.quick)
+        meta = dict(model=None, quick=args.quick)
+    meta.update(triton=triton.__version__, torch=torch.__version__, first_config=args.first_config,
+                check_wide_loads=args.check_wide_loads, jit_attrs=not args.no_specialize,
+                launches_recorded=len(launches))
+    if args.emit:
+        args.emit.mkdir(parents=True, exist_ok=True)
+    rows, problems = emit(launches, args.arch, args.emit, args.first_config, args.jobs, meta)
+    print(_TABLE_NOTES + "\n\n" + table_text(rows))
+    for line in problems:
+        print(line)
+    print(f"\n{len(launches)} launches recorded, {len({r['kernel_key'] for r in rows})} kernel configs compiled for "
+          f"sm_{args.arch} in {time.perf_counter() - t0:.0f} s: {len(problems)} problem(s) "
+          f"(shared memory limit {SMEM_LIMIT.get(args.arch, 99 * 1024) // 1024} KiB per block)"
+          + (f"; wrote {args.emit}/manifest.json" if args.emit else ""))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

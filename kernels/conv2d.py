@@ -284,6 +284,15 @@ def _block_k(c_in: int, dtype: torch.dtype) -> int:
     return min(max(16, _next_pow2(c_in)), cap)
 
 
+def _multiprocessor_count(device: torch.device) -> int:
+    """SMs of the GPU the launch runs on: the persistent resblock grid and wgrad's split-K
+    are sized from it. 64 for a non-CUDA device (bench/compile_check.py replaces this
+    function to size the launches it records for the GPU it compiles for)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 64  # pragma: no cover - a non-CUDA Triton backend
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 

@@ -73,6 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import conv2d as conv2d_mod
 from .conv2d import (
     _INTERPRET,
     _INTERPRET_BLOCK_M,
@@ -374,11 +375,7 @@ def _num_splits(m: int, tiles: int, device: torch.device) -> tuple[int, int]:
     if _INTERPRET:
         want = _INTERPRET_MAX_SPLITS
     else:
-        if device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-        else:  # pragma: no cover - a non-CUDA Triton backend
-            sms = 64
-        want = triton.cdiv(_PROGRAMS_PER_SM * sms, tiles)
+        want = triton.cdiv(_PROGRAMS_PER_SM * conv2d_mod._multiprocessor_count(device), tiles)
     splits = max(1, min(want, m // _MIN_PIXELS_PER_SPLIT))
     per = triton.cdiv(triton.cdiv(m, splits), _P_ALIGN) * _P_ALIGN
     return triton.cdiv(m, per), per

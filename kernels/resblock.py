@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import conv2d as conv2d_mod
 from .conv2d import (
     _INTERPRET,
     _block_k,
@@ -255,11 +256,7 @@ def resblock_nhwc(x, w1_packed, b1, w2_packed, b2, kernel_size: int, res_scale: 
         max_programs = _INTERPRET_PROGRAMS
     else:
         configs = [cfg.kwargs for cfg in _CONFIGS[ks]]
-        if x.is_cuda:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        else:  # pragma: no cover - a non-CUDA Triton backend
-            sms = 64
-        max_programs = _PROGRAMS_PER_SM * sms
+        max_programs = _PROGRAMS_PER_SM * conv2d_mod._multiprocessor_count(x.device)
     # One slot per program, sized for the largest halo among the configs the autotuner may
     # pick; never more programs than tiles.
     halo = max(_halo_pixels(cfg, ks) for cfg in configs)
