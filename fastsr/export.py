@@ -38,7 +38,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, scale: int | None 
                 opset: int | None = None) -> Path:
     """Write `model` (EDSR or MDSR, fused or not) to `path` as ONNX, atomically.
 
-    The graph takes "image": (N, 3, H, W) float32 in 0..model.rgb_range with N, H and W
+    The graph takes "image": (N, 3, H, W) float32 in 0..model.input_range with N, H and W
     dynamic, and returns "sr": (N, 3, s*H, s*W) float32, not clamped (as forward does).
     scale: required for MDSR (one graph per scale), must match for EDSR. opset: the ONNX
     opset (default: the exporter's). Needs the `onnx` and `onnxscript` packages (the
@@ -59,7 +59,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, scale: int | None 
     model.eval()
     device = next(model.parameters()).device
     # Batch 2 and sizes other than 1: torch.export fixes any dimension traced at size 0 or 1.
-    example = torch.rand(2, 3, 32, 40, device=device) * float(model.rgb_range)
+    example = torch.rand(2, 3, 32, 40, device=device) * float(model.input_range)
     dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
 
     def write(tmp: str) -> None:

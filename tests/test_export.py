@@ -59,3 +59,22 @@ def test_torch_onnx_export_of_a_fused_model_uses_the_eager_graph(tmp_path):
                       output_names=["sr"])
     with torch.no_grad():
         torch.testing.assert_close(_run(tmp_path / "plain.onnx", x), model(x), rtol=1e-5, atol=1e-3)
+
+
+def test_export_command_writes_a_file_that_runs(tmp_path, capsys):
+    from fastsr import cli
+    from fastsr.checkpoints import model_from_checkpoint, save_safetensors
+
+    torch.manual_seed(3)
+    weights = save_safetensors(fastsr.EDSR(4, 1, 8), tmp_path / "w.safetensors")
+    out = tmp_path / "out" / "m.onnx"
+    assert cli.main(["export", str(weights), "--onnx", str(out)]) == 0
+    assert "wrote " in capsys.readouterr().err
+    x = torch.rand(1, 3, 5, 6) * 255
+    with torch.no_grad():
+        ref = model_from_checkpoint(weights).eval()(x)
+    torch.testing.assert_close(_run(out, x), ref, rtol=1e-5, atol=1e-3)
+    assert cli.main(["export", str(weights), "--onnx", str(out), "--scale", "2"]) == 1
+    assert cli.main(["export", str(tmp_path / "none.pt"), "--onnx", str(out)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "this EDSR is x4, scale=2 was asked for" in errors[0] and "no such checkpoint file" in errors[1]

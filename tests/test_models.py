@@ -113,7 +113,7 @@ def test_backend_is_known_before_the_first_call():
 
 def test_0_to_1_input_to_a_0_to_255_model_warns_once():
     m = EDSR(2, 1, 8)
-    with pytest.warns(UserWarning, match=r"takes 0\.\.255 input \(rgb_range=255\) and got values in 0\.\.1"):
+    with pytest.warns(UserWarning, match=r"takes 0\.\.255 input and got values in 0\.\.1: .*input_range=1"):
         m(torch.rand(1, 3, 6, 5))
     import warnings
 
@@ -122,10 +122,25 @@ def test_0_to_1_input_to_a_0_to_255_model_warns_once():
         m(torch.rand(1, 3, 6, 5))  # once per model
         EDSR(2, 1, 8)(torch.rand(1, 3, 6, 5) * 255)  # 0..255: nothing to say
         EDSR(2, 1, 8, rgb_range=1.0)(torch.rand(1, 3, 6, 5))  # a 0..1 model
+        EDSR(2, 1, 8, input_range=1)(torch.rand(1, 3, 6, 5))  # 0..255 weights told to take 0..1
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_input_range_runs_0_to_255_weights_on_0_to_1_tensors(fused):
+    torch.manual_seed(0)
+    ref = MDSR((2, 3), 1, 8).eval()
+    unit = MDSR((2, 3), 1, 8, input_range=1, fused=fused).eval()
+    unit.load_state_dict(ref.state_dict())  # same 0..255 weights: input_range is not a weight
+    x = torch.rand(2, 3, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(unit(x, scale=3), ref(x * 255, scale=3) / 255, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="input_range must be a positive number"):
+        EDSR(2, 1, 8, input_range=0)
 
 
 def test_forward_and_factories_document_their_contract():
-    assert "0..rgb_range" in EDSR.forward.__doc__ and "(N, 3, scale*H, scale*W)" in EDSR.forward.__doc__
+    assert "0..input_range" in EDSR.forward.__doc__ and "(N, 3, scale*H, scale*W)" in EDSR.forward.__doc__
     assert "scale: required" in MDSR.forward.__doc__
     for factory in (fastsr.edsr_baseline, fastsr.edsr, fastsr.mdsr_baseline, fastsr.mdsr):
-        assert all(word in factory.__doc__ for word in ("fused=True", "backend=", "dtype=", "recompute=")), factory
+        assert all(word in factory.__doc__ for word in ("fused=True", "backend=", "dtype=", "recompute=", "weights=",
+                                                        "input_range")), factory

@@ -9,10 +9,13 @@ import threading
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image as PILImage
 
 import fastsr
+from fastsr import cli
 import fastsr.weights as weights
 from fastsr.checkpoints import model_from_checkpoint, read_checkpoint
 from fastsr.errors import CheckpointError
@@ -158,3 +161,41 @@ def test_hf_weights_need_the_extra_and_pick_the_one_checkpoint(monkeypatch, tmp_
         fastsr.edsr_baseline(2, weights="hf://someone/edsr/x.pt")
     with pytest.raises(CheckpointError, match="expected hf://owner/repo"):
         fastsr.edsr_baseline(2, weights="hf://justone")
+
+
+def test_cli_weights_words_and_the_files_own_scale(tmp_path, monkeypatch, capsys):
+    """--weights official downloads (from the local server) what --model and --scale name;
+    without --scale a weights file's own scale is used, and MDSR files must be told."""
+    served = tmp_path / "www" / "models"
+    served.mkdir(parents=True)
+    torch.manual_seed(2)
+    model = fastsr.edsr_baseline(3)
+    torch.save(model.state_dict(), served / "x3.pt")
+    name = f"edsr_baseline_x3-{hashlib.sha256((served / 'x3.pt').read_bytes()).hexdigest()[:8]}.pt"
+    (served / "x3.pt").rename(served / name)
+    server = _Server(tmp_path / "www")
+    try:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        monkeypatch.setenv("FASTSR_WEIGHTS_URL", server.url)
+        monkeypatch.setitem(weights.OFFICIAL_FILES, "r16f64x3", name)
+        src = tmp_path / "a.png"
+        PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(src)
+        out = tmp_path / "o"
+        assert cli.main(["upscale", str(src), "-o", str(out), "-s", "3", "-w", "official"]) == 0
+        assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o2"), "-w", str(weights.default_weights(2))]) == 0
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert "r16f64x3 from " in err and name in err
+    assert PILImage.open(out / "a_x3.png").size == (21, 27)
+    assert PILImage.open(tmp_path / "o2" / "a_x2.png").size == (14, 18)  # x2: the file's scale
+
+    mdsr = fastsr.checkpoints.save_safetensors(fastsr.MDSR((2, 4), 1, 8), tmp_path / "m.safetensors")
+    assert cli.main(["upscale", str(src), "-o", str(out), "-w", str(mdsr)]) == 1
+    assert cli.main(["upscale", str(src), "-o", str(out), "-w", "official"]) == 1
+    assert cli.main(["upscale", str(src), "-o", str(out), "-s", "2", "-w", "default", "--model", "edsr"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 3, errors
+    assert "an MDSR with scales 2, 4: pass --scale" in errors[0]
+    assert "--weights official needs --scale" in errors[1]
+    assert "ships EDSR-baseline x2/x3/x4 weights only, not r32f256x2" in errors[2]

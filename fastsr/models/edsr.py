@@ -12,8 +12,8 @@ checkpoints load with `strict=True`:
     pre_process.{s}.{0,1}.body.{0,2}  MDSR: two 5x5 residual blocks per scale index s
     upsample.{s}.{0,2}              MDSR: upsampler per scale index s
 
-Inputs are (N, 3, H, W) float in 0..rgb_range; outputs (N, 3, s*H, s*W), same range
-(not clamped). `fused=True` runs the same math through fastsr's fused ops
+Inputs are (N, 3, H, W) float in 0..input_range (rgb_range, the weights' range, unless
+given); outputs (N, 3, s*H, s*W), same range (not clamped). `fused=True` runs the same math through fastsr's fused ops
 (fastsr.models.fused); `backend` forces one of them by name ("triton", "cpu",
 "reference"); `dtype` sets the fused path's compute dtype (e.g. torch.bfloat16 on a
 CPU with bf16 instructions). After each forward, `model.backend` names what ran.
@@ -191,24 +191,41 @@ class _FusedMixin:
         self._backend = value
 
     def _check_range(self, x: torch.Tensor) -> None:
-        """Once per model: warn when a 0..255 model (rgb_range 255) gets what looks like 0..1
-        input (the torchvision / BasicSR habit), which silently gives values far off range."""
+        """Once per model: warn when a model taking 0..255 (input_range 255) gets what looks
+        like 0..1 input (the torchvision / BasicSR habit), which silently gives values far off range."""
         self._range_checked = True
-        if self.rgb_range <= 1 or x.numel() == 0 or torch.compiler.is_compiling():
+        if self.input_range <= 1 or x.numel() == 0 or torch.compiler.is_compiling():
             return
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # no host sync inside a CUDA graph capture
         with torch.no_grad():  # not x.detach(): no view of the caller's input is made
             low = float(x.amax()) <= 1.0
         if low:
-            warnings.warn(f"this model takes 0..{self.rgb_range:g} input (rgb_range={self.rgb_range:g}) and got "
-                          "values in 0..1: multiply by 255, or build it with rgb_range=1 (checked once per model)",
+            warnings.warn(f"this model takes 0..{self.input_range:g} input and got values in 0..1: multiply by "
+                          f"{self.input_range:g}, or build it with input_range=1 (checked once per model)",
                           stacklevel=3)
+
+    def _init_input_range(self, input_range: float | None) -> None:
+        """input_range: the range forward takes and returns (default rgb_range, the range the
+        weights were trained on); another is scaled to rgb_range going in and back coming out,
+        e.g. input_range=1 runs official 0..255 weights on 0..1 tensors."""
+        value = self.rgb_range if input_range is None else input_range
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"input_range must be a positive number (1 for 0..1 input, 255 for 0..255), got {input_range!r}")
+        self.input_range = float(value)
 
     def _forward_dispatch(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
         _check_input(x)
         if not self._range_checked:
             self._check_range(x)
+        gain = self.rgb_range / self.input_range
+        if gain != 1.0:
+            x = x * gain
+        out = self._forward_network(x, scale_idx)
+        return out * (1.0 / gain) if gain != 1.0 else out
+
+    def _forward_network(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
+        """x in 0..rgb_range -> output in 0..rgb_range, fused or eager; sets self.backend."""
         if not self.fused or _onnx_exporting():
             # ONNX export records the eager modules' graph of the same weights: standard ops
             # every runtime has, where the fused ops are fastsr's own (see fastsr.export).
@@ -246,7 +263,7 @@ def _check_input(x: torch.Tensor) -> None:
 
 
 class EDSR(_FusedMixin, nn.Module):
-    """Single-scale EDSR. x: (N, 3, H, W) float in 0..rgb_range -> (N, 3, sH, sW)."""
+    """Single-scale EDSR. x: (N, 3, H, W) float in 0..input_range -> (N, 3, sH, sW), same range."""
 
     def __init__(
         self,
@@ -255,6 +272,7 @@ class EDSR(_FusedMixin, nn.Module):
         n_feats: int = 64,
         res_scale: float = 1.0,
         rgb_range: float = 255.0,
+        input_range: float | None = None,
         fused: bool = False,
         backend: str | None = None,
         dtype: torch.dtype | None = None,
@@ -273,6 +291,7 @@ class EDSR(_FusedMixin, nn.Module):
         )
         self.tail = nn.Sequential(Upsampler(self.scale, n_feats), default_conv(n_feats, 3, 3))
         self.add_mean = MeanShift(rgb_range, sign=1)
+        self._init_input_range(input_range)
         self._init_fused(fused, backend, dtype, recompute)
         self._init_weights(weights)
 
@@ -282,7 +301,7 @@ class EDSR(_FusedMixin, nn.Module):
         return f"r{self.n_resblocks}f{self.n_feats}x{self.scale}"
 
     def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
-        """Super-resolve x: (N, 3, H, W) float32 (or the model's dtype) RGB in 0..rgb_range
+        """Super-resolve x: (N, 3, H, W) float32 (or the model's dtype) RGB in 0..input_range
         (0..255 by default) -> (N, 3, scale*H, scale*W), same dtype and device, not clamped.
 
         scale: optional, must equal the model's (checked; MDSR uses it to pick its branch).
@@ -315,7 +334,7 @@ class EDSR(_FusedMixin, nn.Module):
 class MDSR(_FusedMixin, nn.Module):
     """Multi-scale MDSR: shared head/body/tail, per-scale 5x5 pre-processing and upsamplers.
 
-    x: (N, 3, H, W) float in 0..rgb_range; `forward(x, scale=s)` runs only scale s's branches.
+    x: (N, 3, H, W) float in 0..input_range; `forward(x, scale=s)` runs only scale s's branches.
     """
 
     def __init__(
@@ -324,6 +343,7 @@ class MDSR(_FusedMixin, nn.Module):
         n_resblocks: int = 16,
         n_feats: int = 64,
         rgb_range: float = 255.0,
+        input_range: float | None = None,
         fused: bool = False,
         backend: str | None = None,
         dtype: torch.dtype | None = None,
@@ -348,6 +368,7 @@ class MDSR(_FusedMixin, nn.Module):
         self.upsample = nn.ModuleList([Upsampler(s, n_feats) for s in self.scales])
         self.tail = nn.Sequential(default_conv(n_feats, 3, 3))
         self.add_mean = MeanShift(rgb_range, sign=1)
+        self._init_input_range(input_range)
         self._init_fused(fused, backend, dtype, recompute)
         self._init_weights(weights)
 
@@ -361,7 +382,7 @@ class MDSR(_FusedMixin, nn.Module):
         return self.scales.index(scale)
 
     def forward(self, x: torch.Tensor, scale: int | None = None) -> torch.Tensor:
-        """Super-resolve x: (N, 3, H, W) float RGB in 0..rgb_range (0..255 by default) at one
+        """Super-resolve x: (N, 3, H, W) float RGB in 0..input_range (0..255 by default) at one
         of `self.scales` -> (N, 3, scale*H, scale*W), same dtype and device, not clamped.
 
         scale: required; only that scale's pre-processing blocks and upsampler run. With
@@ -398,7 +419,9 @@ _FACTORY_KWARGS = """
     False: the eager reference modules); backend="triton" | "cpu" | "reference" forces one
     (implies fused); dtype=torch.bfloat16 / float16 is the fused path's compute dtype (the
     image stays float32 in and out); recompute=True/False trades activation memory for
-    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the input's range.
+    backward work (None: off on CPU, on for GPUs); rgb_range=255 is the range the weights
+    were trained on; input_range (default rgb_range) the range forward takes and returns,
+    e.g. input_range=1 runs 0..255 weights on 0..1 tensors.
     weights=None (random init), "default" (the shipped EDSR-baseline x2/x3/x4 files),
     "official" (the EDSR-PyTorch release, downloaded once into torch.hub's cache and
     hash-checked), "hf://owner/repo[/file]" (needs fastsr[hub]) or a checkpoint path;
