@@ -7,7 +7,7 @@ alpha in 0..255:
     L, 1, I;16, I          gray, replicated to RGB (I: only if every value fits 0..65535)
     LA, RGBA, P + tRNS     RGB + alpha (16-bit gray / RGB + tRNS too: the key color is transparent)
     CMYK, YCbCr, ...       converted to RGB by Pillow
-    EXIF orientation       applied;  animations: the first frame
+    EXIF orientation       applied;  animations: the first frame (all: `read_animation`)
 
 16-bit files keep their precision (value / 65535 * 255). Pillow decodes 16-bit gray
 natively but truncates 16-bit RGB / RGBA / gray+alpha to their high bytes; for PNG and
@@ -128,6 +128,80 @@ def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], int] | N
             return (im.size[1], im.size[0], 4 if alpha else 3), 16 if deep else 8
     except _DECODE_ERRORS:
         return None
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """Frames in an animated GIF / WebP from its header, else 1 (also for unreadable files:
+    the decode that follows says why)."""
+    try:
+        with _open_lazily(Path(path)) as im:
+            return int(getattr(im, "n_frames", 1)) if im.format in ("GIF", "WEBP") else 1
+    except _DECODE_ERRORS:
+        return 1
+
+
+@dataclass
+class Animation:
+    """The frames of an animated GIF / WebP: (H, W, 3 or 4) uint8 arrays (4: some frame has
+    transparency), each shown `durations[i]` milliseconds; loop: 0 forever, N times, None once."""
+
+    frames: list[np.ndarray]
+    durations: list[int]
+    loop: int | None
+
+
+def read_animation(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Animation:
+    """Decode every frame of an animated GIF / WebP (Pillow composes each onto the ones before).
+
+    max_pixels bounds width * height * frames, checked from the header before decoding.
+    Raises ImageReadError as `read_pixels` does.
+    """
+    path = Path(path)
+    read_pixels(path, max_pixels)  # the file's own checks and one-line errors, on its first frame
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open_lazily(path) as im:
+                n = int(getattr(im, "n_frames", 1))
+                width, height = im.size
+                if width * height * n > max_pixels:
+                    raise ImageReadError(
+                        f"{path}: {n} frames of {width}x{height} ({width * height * n:,} pixels) exceed the limit "
+                        f"of {max_pixels:,} pixels; raise max_pixels / --max-pixels to read it")
+                frames, durations = [], []
+                for i in range(n):
+                    im.seek(i)
+                    im.load()
+                    frames.append(im.convert("RGBA"))
+                    durations.append(int(im.info.get("duration") or 100))
+                loop = im.info.get("loop")
+    except ImageReadError:
+        raise
+    except _DECODE_ERRORS as e:
+        raise ImageReadError(f"{path}: corrupt, truncated or unsupported animation ({_one_line(e)})") from None
+    arrays = [np.asarray(f) for f in frames]
+    if all(a[..., 3].min() == 255 for a in arrays):
+        arrays = [np.ascontiguousarray(a[..., :3]) for a in arrays]
+    return Animation(arrays, durations, None if loop is None else int(loop))
+
+
+def write_animation(path: str | os.PathLike, animation: Animation) -> Path:
+    """Write an Animation as a GIF (palette per frame, Pillow's quantizer) or a lossless WebP,
+    by path's suffix, atomically; OSError on failure."""
+    path = Path(path)
+    fmt = {".gif": "GIF", ".webp": "WEBP"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"an animation is written as .gif or .webp, not {path.name}")
+    images = [PILImage.fromarray(np.ascontiguousarray(f)) for f in animation.frames]
+    extra = {"lossless": True} if fmt == "WEBP" else {"disposal": 2 if images[0].mode == "RGBA" else 0}
+    if animation.loop is not None:
+        extra["loop"] = animation.loop
+
+    def write(tmp: str) -> None:
+        images[0].save(tmp, format=fmt, save_all=True, append_images=images[1:],
+                       duration=animation.durations, **extra)
+
+    return atomic_write(path, write)
 
 
 def _low_byte_rawmode(im: PILImage.Image) -> str | None:
@@ -389,10 +463,11 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def list_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
     """Expand files and folders into a list of image paths, without duplicates.
 
-    Folders are scanned non-recursively for image extensions (sorted by name). Other
+    Folders are scanned for image extensions (sorted by name); recursive: their subfolders
+    too (depth first, sorted; hidden ones skipped), else only the folder itself. Other
     paths are kept as given, even when missing or oddly named: the caller reads them and
     reports whatever is wrong with each.
     """
@@ -400,10 +475,22 @@ def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     seen: set[Path] = set()
     for item in inputs:
         path = Path(item)
-        found = sorted(c for c in path.iterdir() if c.is_file() and is_image_name(c)) if path.is_dir() else [path]
+        found = _folder_images(path, recursive) if path.is_dir() else [path]
         for p in found:
             key = p.resolve() if p.exists() else p
             if key not in seen:
                 seen.add(key)
                 out.append(p)
     return out
+
+
+def _folder_images(folder: Path, recursive: bool, visited: set[Path] | None = None) -> list[Path]:
+    visited = set() if visited is None else visited
+    visited.add(folder.resolve())
+    entries = sorted(folder.iterdir())
+    found = [c for c in entries if c.is_file() and is_image_name(c)]
+    if recursive:
+        for sub in entries:  # a folder reached twice (a symlink loop) is read once
+            if sub.is_dir() and not sub.name.startswith(".") and sub.resolve() not in visited:
+                found += _folder_images(sub, True, visited)
+    return found

@@ -277,6 +277,44 @@ def _tile_windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[tup
             yield (y0, y1, x0, x1), (max(0, y0 - overlap), min(h, y1 + overlap), max(0, x0 - overlap), min(w, x1 + overlap))
 
 
+def tile_count(lr_size: tuple[int, int], tile: int | None) -> int:
+    """How many tiles `upscale_rows` cuts an (H, W) image into (tile None: 1)."""
+    h, w = lr_size
+    return len(_spans(h, tile)) * len(_spans(w, tile)) if tile else 1
+
+
+def tile_cost(lr_size: tuple[int, int], tile: int | None, overlap: int) -> float:
+    """Work of tiled over untiled: LR pixels the network runs on (each tile with its context,
+    clipped at the border) over the image's pixels. 1.0 untiled; the recompute factor."""
+    h, w = lr_size
+    if not tile:
+        return 1.0
+    rows = sum(min(h, y1 + overlap) - max(0, y0 - overlap) for y0, y1 in _spans(h, tile))
+    cols = sum(min(w, x1 + overlap) - max(0, x0 - overlap) for x0, x1 in _spans(w, tile))
+    return rows * cols / (h * w)
+
+
+# An image that fits in memory whole is still cut into tiles when that costs at most this much
+# recomputed context, so that it gets a progress bar with an ETA: up to _PROGRESS_TILES tiles
+# (fewer, larger ones when the image is too small for that many within the cost).
+_PROGRESS_COST = 1.15
+_PROGRESS_TILES = 8
+
+
+def progress_tile(lr_size: tuple[int, int], overlap: int) -> int | None:
+    """The largest tile (a multiple of 8) cutting the image into at least _PROGRESS_TILES tiles
+    at a `tile_cost` of at most _PROGRESS_COST; failing that, the one giving the most tiles
+    within that cost; None when no split into 2 or more is that cheap."""
+    side = max(lr_size)
+    fits = [(t, tile_count(lr_size, t)) for t in range(side - 1 - (side - 1) % 8, _MIN_TILE - 1, -8)
+            if t > 0 and tile_cost(lr_size, t, overlap) <= _PROGRESS_COST]
+    fits = [(t, n) for t, n in fits if n >= 2]
+    if not fits:
+        return None
+    enough = [t for t, n in fits if n >= _PROGRESS_TILES]
+    return max(enough) if enough else max(fits, key=lambda tn: (tn[1], tn[0]))[0]
+
+
 def _tile_part(piece: torch.Tensor, window: tuple[tuple[int, ...], tuple[int, ...]], scale: int) -> torch.Tensor:
     """The tile's own output in `piece`, the output of its context window (..., s*ch, s*cw)."""
     (y0, y1, x0, x1), (cy0, _, cx0, _) = window
@@ -366,8 +404,9 @@ def upscale(
     """Super-resolve x (N, 3, H, W) float 0..255 -> (N, 3, scale*H, scale*W), x's dtype and device.
 
     model(x, scale=scale) must accept the scale keyword (EDSR checks it, MDSR selects
-    its branches with it); model and x must already share device and dtype. A model with
-    rgb_range != 255 is fed x scaled to its range and its output scaled back to 0..255.
+    its branches with it); model and x must already share device and dtype. A model taking
+    another range (input_range, else rgb_range != 255) is fed x scaled to it and its output
+    scaled back to 0..255.
     tile: None (whole image), an LR tile size, or "auto" (`auto_tile_size`).
     tile_overlap: LR context pixels per tile side; None = the receptive-field radius,
     which makes tiled == untiled. The output is not clamped or quantized.
@@ -384,8 +423,8 @@ def upscale(
         raise ValueError(f"tile must be a positive int, 'auto' or None, got {tile!r}")
     overlap = receptive_field_radius(model, scale) if tile_overlap is None else int(tile_overlap)
 
-    # x is 0..255; a model trained on another range (official --rgb_range 1: 0..1) gets its own.
-    to_model = float(getattr(model, "rgb_range", 255.0)) / 255.0
+    # x is 0..255; a model taking another range (official --rgb_range 1, input_range=1) gets its own.
+    to_model = float(getattr(model, "input_range", getattr(model, "rgb_range", 255.0))) / 255.0
 
     def call(p: torch.Tensor) -> torch.Tensor:
         if to_model == 1.0:
@@ -463,7 +502,7 @@ class Upscaler:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             h, w = lr.shape[-2:]
-            hint = "try a smaller --tile" if self.tile is not None else "try --max-memory SIZE, --tile auto or --tile 256"
+            hint = "try a smaller --tile" if isinstance(self.tile, int) else "try --max-memory SIZE or --tile 256"
             raise FastSRError(f"{name}: out of memory on {self.device} for a {w}x{h} input; {hint}") from None
 
     @property
@@ -498,7 +537,8 @@ class Upscaler:
         Without a limit: self.tile, "auto" resolved by `auto_tile_size` (peak None). With a
         limit on the process's memory (base: what it holds before this image): a fixed tile
         is checked against it, otherwise the largest tile within it (`tile_for_memory`);
-        FastSRError when the bound cannot be kept.
+        FastSRError when the bound cannot be kept. "auto" on a network cuts an image that fits
+        whole into `progress_tile` tiles when that is cheap, so that it can show progress.
         """
         h, w, _ = shape
         if limit is None:
@@ -506,14 +546,17 @@ class Upscaler:
                 return self.tile, None
             if self.model is None:
                 return None, None
-            return auto_tile_size(self.model, self.device, self.dtype, lr_size=(h, w), scale=self.scale,
-                                  tile_overlap=self.tile_overlap), None
+            tile = auto_tile_size(self.model, self.device, self.dtype, lr_size=(h, w), scale=self.scale,
+                                  tile_overlap=self.tile_overlap)
+            return (progress_tile((h, w), self.context) if tile is None else tile), None
 
         def peak(tile: int | None) -> int:
             return base + self.peak_bytes(shape, bit_depth, tile)
 
         fixed = isinstance(self.tile, int)
         tile = self.tile if fixed else tile_for_memory(limit, peak, (h, w))
+        if tile is None and self.tile == "auto" and self.model is not None:
+            tile = progress_tile((h, w), self.context)  # smaller than whole: within the bound too
         if peak(tile) > limit:
             how = f"with --tile {tile}" if fixed else "even in small tiles"
             raise FastSRError(

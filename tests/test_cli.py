@@ -9,7 +9,7 @@ import torch
 from PIL import Image as PILImage
 
 import fastsr.weights
-from testenv import shared_set
+from testenv import shared_set, tiny_random
 from fastsr import cli
 from fastsr.checkpoints import save_safetensors
 from fastsr.cli.common import parse_size
@@ -18,19 +18,6 @@ from fastsr.inference import Upscaler
 from fastsr.models import EDSR, MDSR
 
 RNG = np.random.default_rng(7)
-
-
-def _tiny(model):
-    g = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = torch.randn(p.shape, generator=g) * 0.05
-    return model
-
-
-@pytest.fixture
-def weights_x2(tmp_path):
-    return save_safetensors(_tiny(EDSR(2, n_resblocks=1, n_feats=8)), tmp_path / "tiny_x2.safetensors")
 
 
 @pytest.fixture
@@ -99,7 +86,7 @@ def test_upscale_all_good_exit_zero_and_matches_library(tmp_path, weights_x2, ca
     assert (got - expected.clamp(0, 255).round()).abs().max() <= 1
 
 
-def test_a_tiled_image_gets_a_progress_bar_over_its_bands(tmp_path, weights_x2, monkeypatch):
+def test_a_tiled_image_gets_a_progress_bar_over_its_tiles(tmp_path, weights_x2, monkeypatch):
     import tqdm
 
     bars = []
@@ -114,8 +101,8 @@ def test_a_tiled_image_gets_a_progress_bar_over_its_bands(tmp_path, weights_x2, 
     PILImage.fromarray(_photo(11, 13)).save(src)
     assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "2", "-w", str(weights_x2),
                      "--tile", "4"]) == 0
-    band_bars = [kw for kw in bars if kw.get("unit") == "band"]
-    assert band_bars == [dict(total=3, desc="a.png", unit="band", leave=False, disable=None, file=sys.stderr)]
+    tile_bars = [kw for kw in bars if kw.get("unit") == "tile"]
+    assert tile_bars == [dict(total=3 * 4, desc="a.png", unit="tile", leave=False, disable=None, file=sys.stderr)]
 
 
 def test_upscale_without_weights_is_loud_bicubic(tmp_path, no_shipped_weights, capsys):
@@ -166,7 +153,7 @@ def test_bad_checkpoint_is_one_line(tmp_path, capsys):
 
 
 def test_mdsr_weights_pass_the_scale(tmp_path, capsys):
-    weights = save_safetensors(_tiny(MDSR((2, 3), n_resblocks=1, n_feats=8)), tmp_path / "mdsr.safetensors")
+    weights = save_safetensors(tiny_random(MDSR((2, 3), n_resblocks=1, n_feats=8)), tmp_path / "mdsr.safetensors")
     src = tmp_path / "a.png"
     PILImage.fromarray(_photo(7, 9)).save(src)
     assert cli.main(["upscale", str(src), "-o", str(tmp_path / "o"), "-s", "3", "-w", str(weights)]) == 0
@@ -523,7 +510,7 @@ def test_max_pixels_is_checked_before_the_memory_bound(tmp_path, weights_x2, cap
 def test_layout_and_a_guessed_res_scale_on_the_command_line(tmp_path, capsys):
     """--layout super-image runs super-image's network (0..1, no mean shift); a res_scale the
     file does not store is said in one `fastsr: warning:` line, not Python's warning text."""
-    model = _tiny(EDSR(2, n_resblocks=1, n_feats=8))
+    model = tiny_random(EDSR(2, n_resblocks=1, n_feats=8))
     path = tmp_path / "pytorch_model_2x.pt"
     torch.save(model.state_dict(), path)  # official key names, no metadata
     src = tmp_path / "a.png"

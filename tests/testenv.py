@@ -36,3 +36,12 @@ def shared_set(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not present (../shared/data is only beside the project on dev/CI machines)")
     return path
+
+
+def tiny_random(model):
+    """`model` with small random weights (seeded): outputs that differ by input, for CLI tests."""
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    return model

@@ -8,17 +8,19 @@ the exit status.
 
 Exit status: 0 all good; 1 a user-level failure (bad weights, unreadable image, ...:
 one line `fastsr: error: ...` on stderr, other files still processed); 2 usage errors
-(argparse); 130 interrupted. Anything else that escapes is a bug and keeps its traceback.
+(argparse); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: cleaned up as
+after Ctrl-C). Anything else that escapes is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from typing import Sequence
 
 from fastsr.cli import evaluate, train, upscale
-from fastsr.cli.common import PROG, Command, error, info
+from fastsr.cli.common import PROG, Command, Terminated, error, info, sigterm_as_interrupt
 from fastsr.errors import FastSRError
 
 COMMANDS: dict[str, Command] = {
@@ -56,13 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: a command is required ({', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sigterm_as_interrupt():
             # Library warnings (a guessed res_scale, ...) as one line each, not file:line text.
             warnings.showwarning = lambda message, *rest: info(f"warning: {message}")
             return args.run(args)
     except FastSRError as e:
         error(str(e))
         return 1
+    except Terminated:
+        print(f"\n{PROG}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130

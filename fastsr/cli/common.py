@@ -4,11 +4,14 @@ arguments (--weights, --model, --device, --tile, ...) with their resolution into
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -50,6 +53,28 @@ def info(message: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: whatever a Ctrl-C cleans up (a half-written
+    output's temp file, ...) is cleaned up the same way."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside: SIGTERM raises Terminated in the main thread (elsewhere: left as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,8 +163,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "eager", "triton", "cpu", "reference"), default="auto",
                    help="how the network runs: auto = fastsr's fused path with the best backend for the device "
                         "(default); eager = the official PyTorch modules; or force a fused backend by name")
-    p.add_argument("--tile", type=tile_arg, metavar="N|auto",
-                   help="process the LR image in N x N tiles (or 'auto': only when it would not fit in memory)")
+    p.add_argument("--tile", type=tile_arg, default="auto", metavar="N|auto",
+                   help="process the LR image in N x N tiles; auto (default): tiles when the whole image would "
+                        "not fit in the memory found, or (at most 15%% more work) to show progress on a big one")
     p.add_argument("--tile-overlap", type=non_negative_int, metavar="N",
                    help="LR context pixels per tile side (default: the receptive-field radius, "
                         "which makes tiled output identical to untiled; smaller is faster but not exact)")
@@ -232,6 +258,6 @@ def describe(up: Upscaler) -> str:
     extras = [str(up.device), str(up.compute_dtype).replace("torch.", "")]
     if up.self_ensemble:
         extras.append("self-ensemble")
-    if up.tile is not None:
+    if isinstance(up.tile, int):
         extras.append(f"tile {up.tile}")
     return f"x{up.scale} with {up.label} ({', '.join(extras)})"

@@ -3,10 +3,9 @@ tile by tile, within --max-memory when given."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,43 +23,95 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The upscale command's arguments."""
     from fastsr.imageio import DEFAULT_MAX_PIXELS
 
-    p.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders (not recursive)")
-    p.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder: OUT/<stem>_x<S>.png")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders")
+    p.add_argument("--output", "-o", required=True, metavar="OUT",
+                   help="output folder: OUT/<stem>_x<S>.png (animated GIF / WebP: OUT/<stem>_x<S>.gif / .webp)")
+    p.add_argument("--recursive", "-r", action="store_true",
+                   help="also read the folders' subfolders, writing OUT/<subfolder>/<stem>_x<S>.png")
     add_model_arguments(p)
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"refuse inputs with more pixels, checked before decoding (default {DEFAULT_MAX_PIXELS:,})")
+                   help=f"refuse inputs with more pixels (all frames of an animation together), checked before "
+                        f"decoding (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--max-memory", type=size_arg, metavar="SIZE",
                    help="keep the process's peak resident memory under SIZE (e.g. 2GiB, 1500MB): picks the tile "
                         "size from it; an image that cannot fit is refused before it is decoded")
     p.add_argument("--skip-existing", action="store_true",
-                   help="skip inputs whose output PNG exists (outputs are written atomically, so one that "
+                   help="skip inputs whose output exists (outputs are written atomically, so one that "
                         "exists is complete): resumes an interrupted run")
 
 
-def _collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
+class _Job(NamedTuple):
+    path: Path
+    target: Path
+    frames: int  # > 1: an animated GIF / WebP, written as one
+
+
+def _collect_inputs(inputs: Sequence[str], recursive: bool, out_dir: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(image, its folder relative to the input folder it was found in) pairs, and errors.
+    The output folder is never read as input (it may sit inside an input folder)."""
     from fastsr.imageio import IMAGE_EXTENSIONS, list_images
 
-    paths: list[Path] = []
+    found_all: list[tuple[Path, Path]] = []
     errors: list[str] = []
+    seen: set[Path] = set()
+    out_resolved = out_dir.resolve()
     for item in inputs:
-        found = list_images([item])
-        if Path(item).is_dir() and not found:
-            errors.append(f"{item}: folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})")
-        paths += [p for p in found if p not in paths]
-    return paths, errors
+        root = Path(item)
+        found = list_images([root], recursive=recursive)
+        if root.is_dir():
+            found = [p for p in found if not p.resolve().is_relative_to(out_resolved)]
+            if not found:
+                errors.append(f"{item}: folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})"
+                              + ("" if recursive else "; --recursive reads its subfolders too"))
+            if not recursive:
+                subs = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
+                if subs:
+                    info(f"{item}: {len(subs)} subfolder(s) not read (--recursive reads them)")
+        for p in found:
+            if p not in seen:
+                seen.add(p)
+                found_all.append((p, p.parent.relative_to(root) if root.is_dir() else Path()))
+    return found_all, errors
+
+
+def _plan(paths: list[tuple[Path, Path]], out_dir: Path, scale: int) -> tuple[list[_Job], int]:
+    """One job per input with its output name; two inputs writing one output: the second is
+    reported and skipped (a.png and a.jpg, or two folders). Returns (jobs, problems)."""
+    from fastsr.imageio import frame_count
+
+    targets: dict[Path, Path] = {}
+    jobs: list[_Job] = []
+    problems = 0
+    for path, rel in paths:
+        frames = frame_count(path) if path.suffix.lower() in (".gif", ".webp") else 1
+        suffix = path.suffix.lower() if frames > 1 else ".png"
+        target = out_dir / rel / f"{path.stem}_x{scale}{suffix}"
+        if target in targets:
+            error(f"{path}: skipped, its output {target} would overwrite the output of {targets[target]}")
+            problems += 1
+            continue
+        targets[target] = path
+        jobs.append(_Job(path, target, frames))
+    return jobs, problems
 
 
 def _crop_upscaler(up: Upscaler, bit_depth: int, name: str) -> Callable[[np.ndarray], torch.Tensor]:
-    """crop (h, w, C) samples -> (3 or 4, s*h, s*w) float32: the network on RGB, bicubic on alpha."""
+    """crop (h, w, C) samples -> (C, s*h, s*w) float32: the network on RGB (gray: on gray copied
+    to RGB, its output back to gray with Pillow's L = 0.299 R + 0.587 G + 0.114 B), bicubic on alpha."""
     from fastsr.imresize import imresize
+
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
     def run(crop: np.ndarray) -> torch.Tensor:
         data = torch.from_numpy(crop.astype(np.float32)).permute(2, 0, 1)
         if bit_depth == 16:
             data = data * (255.0 / 65535.0)  # as read_image
         channels = data.shape[0]
-        rgb = data[:1].expand(3, -1, -1) if channels in (1, 2) else data[:3]
+        gray = channels in (1, 2)
+        rgb = data[:1].expand(3, -1, -1) if gray else data[:3]
         sr = up.run_guarded(rgb.contiguous()[None], name)[0]
+        if gray:
+            sr = (sr * luma).sum(0, keepdim=True)
         if channels in (2, 4):
             # Alpha is not something the network was trained on: plain bicubic, clamped.
             alpha = imresize(data[-1].contiguous(), scale=up.scale).clamp_(0, 255)
@@ -70,36 +121,107 @@ def _crop_upscaler(up: Upscaler, bit_depth: int, name: str) -> Callable[[np.ndar
     return run
 
 
-def _upscale_file(up: Upscaler, path: Path, target: Path, args: argparse.Namespace) -> None:
+class _Notes:
+    """Warnings given once per run, not once per image."""
+
+    def __init__(self) -> None:
+        self.given: set[str] = set()
+
+    def once(self, key: str, message: str) -> None:
+        if key not in self.given:
+            self.given.add(key)
+            info(f"warning: {message}")
+
+
+# A tile whose context makes the run this many times the untiled work gets a warning.
+_OVERLAP_WARN_COST = 2.0
+
+
+def _tile_for(up: Upscaler, name: str, shape: tuple[int, int, int], bit_depth: int,
+              args: argparse.Namespace, base: int, notes: _Notes) -> int | None:
+    """`Upscaler.choose_tile`, announced when the memory bound picked it, with a warning
+    when the tiles' overlap costs more than _OVERLAP_WARN_COST times the untiled work."""
+    from fastsr.inference import tile_cost
+
+    limit = args.max_memory
+    tile, peak = up.choose_tile(name, shape, bit_depth, limit, base)
+    h, w = shape[:2]
+    if peak is not None and tile is not None and tile < max(h, w):
+        info(f"{name}: {tile}x{tile} tiles for --max-memory {format_size(limit)} (estimated peak {format_size(peak)})")
+    cost = tile_cost((h, w), tile, up.context)
+    if cost > _OVERLAP_WARN_COST:
+        fix = "use a larger --tile or --tile auto" if isinstance(up.tile, int) else "raise --max-memory"
+        notes.once("overlap", f"{name}: {tile}x{tile} tiles, each run with {up.context} px of context per side, "
+                              f"cost about {cost:.1f}x the work of an untiled run (the overlap dominates); {fix}")
+    return tile
+
+
+def _bar(total: int, name: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit=unit, leave=False, disable=None, file=sys.stderr)
+
+
+def _upscale_file(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Notes) -> None:
     """Decode, upscale tile by tile and stream the PNG out; FastSRError / OSError on failure.
 
     Peak memory: the decoded samples, one band of output rows and one tile's work (see
     `fastsr.inference.upscale_peak_bytes`); with --max-memory the tile comes from the bound,
-    and the bound is checked from the header before decoding.
+    and the bound is checked from the header before decoding. Gray (+ alpha) stays gray.
     """
     from fastsr.atomic import remove_stale_temps
     from fastsr.imageio import read_header, read_pixels
-    from fastsr.inference import upscale_rows
+    from fastsr.inference import tile_count, upscale_rows
     from fastsr.pngstream import write_png_rows
 
+    path, target = job.path, job.target
     limit = args.max_memory
     base = inference.process_memory_bytes() if limit is not None else 0
     header = read_header(path) if limit is not None else None
     if header is not None and header[0][0] * header[0][1] <= args.max_pixels:  # else: read_pixels refuses
         up.choose_tile(str(path), *header, limit, base)  # refuses before decoding
     pixels, bit_depth = read_pixels(path, args.max_pixels)
-    tile, peak = up.choose_tile(str(path), pixels.shape, bit_depth, limit, base)
+    tile = _tile_for(up, str(path), pixels.shape, bit_depth, args, base, notes)
     h, w, channels = pixels.shape
-    if peak is not None and tile is not None and tile < max(h, w):
-        info(f"{path}: {tile}x{tile} tiles for --max-memory {format_size(limit)} (estimated peak {format_size(peak)})")
-    rows = upscale_rows(_crop_upscaler(up, bit_depth, str(path)), pixels, up.scale, tile, up.context, bit_depth)
-    bands = math.ceil(h / tile) if tile else 1
-    if bands > 1:  # a tiled image takes a while on its own: a bar over its bands of tiles
-        from tqdm import tqdm
+    process = _crop_upscaler(up, bit_depth, str(path))
+    tiles = tile_count((h, w), tile)
+    bar = _bar(tiles, path.name, "tile") if tiles > 1 else None  # one image taking a while: its ETA
 
-        rows = tqdm(rows, total=bands, desc=path.name, unit="band", leave=False, disable=None, file=sys.stderr)
+    def counted(crop: np.ndarray) -> torch.Tensor:
+        out = process(crop)
+        bar.update(1)
+        return out
+
+    rows = upscale_rows(counted if bar is not None else process, pixels, up.scale, tile, up.context, bit_depth)
     remove_stale_temps(target)  # left by a killed earlier run
-    write_png_rows(target, rows, w * up.scale, h * up.scale, 4 if channels in (2, 4) else 3, bit_depth)
+    try:
+        write_png_rows(target, rows, w * up.scale, h * up.scale, channels, bit_depth)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _upscale_animation(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Notes) -> None:
+    """Every frame of an animated GIF / WebP, written as one of the same format, durations and
+    loop count (GIF: Pillow's palette per frame). The frames are held in memory."""
+    from fastsr.atomic import remove_stale_temps
+    from fastsr.imageio import Animation, read_animation, write_animation
+    from fastsr.inference import upscale_rows
+
+    base = inference.process_memory_bytes() if args.max_memory is not None else 0
+    anim = read_animation(job.path, args.max_pixels)
+    tile = _tile_for(up, str(job.path), anim.frames[0].shape, 8, args, base, notes)
+    process = _crop_upscaler(up, 8, str(job.path))
+    out = []
+    bar = _bar(len(anim.frames), job.path.name, "frame")
+    try:
+        for frame in anim.frames:
+            out.append(np.concatenate(list(upscale_rows(process, frame, up.scale, tile, up.context))))
+            bar.update(1)
+    finally:
+        bar.close()
+    remove_stale_temps(job.target)
+    write_animation(job.target, Animation(out, anim.durations, anim.loop))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,27 +231,16 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise FastSRError(f"{out_dir}: exists and is not a folder (-o/--output names a folder)")
-    paths, errors = _collect_inputs(args.inputs)
+    paths, errors = _collect_inputs(args.inputs, args.recursive, out_dir)
     for message in errors:
         error(message)
-    failures = len(errors)
-
-    # Two inputs with the same stem (a.png, a.jpg, or two folders) would overwrite each other.
-    targets: dict[Path, Path] = {}
-    jobs: list[tuple[Path, Path]] = []
-    for path in paths:
-        target = out_dir / f"{path.stem}_x{args.scale}.png"
-        if target in targets:
-            error(f"{path}: skipped, its output {target} would overwrite the output of {targets[target]}")
-            failures += 1
-            continue
-        targets[target] = path
-        jobs.append((path, target))
+    jobs, problems = _plan(paths, out_dir, args.scale)
+    failures = len(errors) + problems
     if not jobs:
         raise FastSRError("no input images to upscale")
     skipped = 0
     if args.skip_existing:
-        todo = [(path, target) for path, target in jobs if not target.exists()]
+        todo = [job for job in jobs if not job.target.exists()]
         skipped = len(jobs) - len(todo)
         if skipped:
             info(f"skipping {skipped} image(s) whose output exists (--skip-existing)")
@@ -142,15 +253,16 @@ def run(args: argparse.Namespace) -> int:
     if args.max_memory is not None:
         up.check_memory_floor(args.max_memory)
     done = 0
-    for path, target in tqdm(jobs, desc=PROG, unit="img", disable=None, file=sys.stderr):
+    notes = _Notes()
+    for job in tqdm(jobs, desc=PROG, unit="img", disable=None, file=sys.stderr):
         try:
-            _upscale_file(up, path, target, args)
+            (_upscale_animation if job.frames > 1 else _upscale_file)(up, job, args, notes)
         except FastSRError as e:
             error(str(e))
             failures += 1
             continue
         except OSError as e:
-            error(f"{target}: cannot write ({e.strerror or e})")
+            error(f"{job.target}: cannot write ({e.strerror or e})")
             failures += 1
             continue
         done += 1

@@ -1,0 +1,202 @@
+"""`fastsr upscale` as a user runs it: --tile auto by default, progress, the overlap warning,
+gray stays gray, animations keep every frame, --recursive, SIGTERM cleans up (issue 18)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+import fastsr.inference as inference
+from fastsr import cli
+from fastsr.checkpoints import model_from_checkpoint
+from fastsr.imageio import encode_png16, read_image
+
+
+def _photo(h, w, phase=0.0):
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 100 * np.sin(x / 5.0 + phase), 128 + 100 * np.cos(y / 7.0 + phase), (x + y) % 256], -1)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _library_sr(weights, rgb):
+    """What the library gives untiled: the reference every tiled CLI output must equal."""
+    model = model_from_checkpoint(weights).eval()
+    return inference.upscale(model, rgb[None], 2)[0].clamp(0, 255).round()
+
+
+def _upscale(*args):
+    return cli.main(["upscale", *map(str, args)])
+
+
+def test_tile_auto_is_the_default_and_tiles_only_when_needed(tmp_path, weights_x2, monkeypatch, capsys):
+    args = cli.build_parser().parse_args(["upscale", "a.png", "-o", "o", "-s", "2"])
+    assert args.tile == "auto"
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(40, 52)).save(src)
+    chosen = []
+    real = inference.Upscaler.choose_tile
+    monkeypatch.setattr(inference.Upscaler, "choose_tile", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    assert _upscale(src, "-o", tmp_path / "whole", "-s", 2, "-w", weights_x2) == 0
+    assert chosen[-1] == (None, None)  # small and fits: one piece
+    # Pretend only 1 MiB is free: auto tiles, and the output is still the untiled one.
+    monkeypatch.setattr(inference, "free_memory_bytes", lambda device: 1 << 20)
+    assert _upscale(src, "-o", tmp_path / "tiled", "-s", 2, "-w", weights_x2) == 0
+    assert chosen[-1][0] is not None and chosen[-1][0] < 52
+    expected = _library_sr(weights_x2, read_image(src).rgb)
+    for folder in ("whole", "tiled"):
+        got = read_image(tmp_path / folder / "a_x2.png").rgb
+        assert (got - expected).abs().max() <= 1, folder
+
+
+def test_progress_tile_is_cheap_and_gives_steps():
+    for size in [(3000, 4000), (1000, 1000), (8192, 8192), (600, 800)]:
+        tile = inference.progress_tile(size, 36)
+        assert tile is not None and inference.tile_count(size, tile) >= 2
+        assert inference.tile_cost(size, tile, 36) <= inference._PROGRESS_COST
+    assert inference.tile_count((3000, 4000), inference.progress_tile((3000, 4000), 36)) >= 8
+    assert inference.progress_tile((128, 128), 36) is None  # any split would cost > 15%
+    assert inference.tile_cost((128, 128), None, 36) == 1.0
+    assert inference.tile_cost((10, 10), 5, 2) == pytest.approx((7 + 7) ** 2 / 100)
+
+
+def test_a_big_image_that_fits_gets_a_bar_over_its_tiles(tmp_path, weights_x2, monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Recording(tqdm.tqdm):  # bars are off when stderr is not a terminal: record what they are told
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.kw, self.count = kw, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.count += n
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    src = tmp_path / "big.png"
+    PILImage.fromarray(_photo(150, 200)).save(src)
+    assert _upscale(src, "-o", tmp_path / "o", "-s", 2, "-w", weights_x2) == 0
+    tile_bars = [b for b in bars if b.kw.get("unit") == "tile"]
+    assert len(tile_bars) == 1
+    bar = tile_bars[0]
+    # A total (what the ETA is computed from), every tile counted.
+    assert bar.kw["total"] >= 2 and bar.count == bar.kw["total"] and bar.kw["desc"] == "big.png"
+    expected = _library_sr(weights_x2, read_image(src).rgb)
+    assert (read_image(tmp_path / "o" / "big_x2.png").rgb - expected).abs().max() <= 1
+
+
+def test_tiles_dominated_by_their_overlap_are_warned_about_once(tmp_path, weights_x2, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "b.png"):
+        PILImage.fromarray(_photo(24, 24)).save(d / name)
+    assert _upscale(d, "-o", tmp_path / "o", "-s", 2, "-w", weights_x2, "--tile", 3) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "the overlap dominates" in line]
+    radius = inference.receptive_field_radius(model_from_checkpoint(weights_x2), 2)
+    cost = inference.tile_cost((24, 24), 3, radius)
+    assert len(warnings) == 1 and f"about {cost:.1f}x the work" in warnings[0] and "--tile" in warnings[0]
+    assert _upscale(d, "-o", tmp_path / "o2", "-s", 2, "-w", weights_x2, "--tile", 24) == 0
+    assert "the overlap dominates" not in capsys.readouterr().err
+
+
+def test_gray_stays_gray(tmp_path, weights_x2):
+    d = tmp_path / "in"
+    d.mkdir()
+    gray = _photo(13, 17)[..., 0]
+    PILImage.fromarray(gray).save(d / "g.png")
+    PILImage.fromarray(np.stack([gray, 255 - gray], -1), "LA").save(d / "ga.png")
+    deep = (gray.astype(np.uint16) * 257)[..., None]
+    (d / "g16.png").write_bytes(encode_png16(deep))
+    PILImage.fromarray(_photo(13, 17)).save(d / "rgb.png")
+    out = tmp_path / "o"
+    assert _upscale(d, "-o", out, "-s", 2, "-w", weights_x2) == 0
+    modes = {p.name: PILImage.open(p).mode for p in out.iterdir()}
+    assert modes["g_x2.png"] == "L" and modes["ga_x2.png"] == "LA" and modes["rgb_x2.png"] == "RGB"
+    assert modes["g16_x2.png"].startswith("I")  # 16-bit gray: I;16 (or I, by Pillow version)
+    assert read_image(out / "g16_x2.png").bit_depth == 16
+    # The gray output is the luma of what the network gives the gray copied to RGB.
+    rgb_sr = inference.upscale(model_from_checkpoint(weights_x2).eval(), read_image(d / "g.png").rgb[None], 2)[0]
+    luma = (rgb_sr.clamp(0, 255) * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0)
+    got = torch.from_numpy(np.asarray(PILImage.open(out / "g_x2.png")).astype(np.float32))
+    assert got.shape == (26, 34) and (got - luma).abs().max() <= 1
+    two = np.asarray(PILImage.open(out / "ga_x2.png"))
+    assert two.shape == (26, 34, 2) and np.array_equal(two[..., 0], np.asarray(PILImage.open(out / "g_x2.png")))
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp"])
+def test_animations_keep_every_frame(tmp_path, weights_x2, suffix):
+    frames = [PILImage.fromarray(_photo(10, 12, phase=k)) for k in range(3)]
+    src = tmp_path / f"anim{suffix}"
+    extra = {"lossless": True} if suffix == ".webp" else {}
+    frames[0].save(src, save_all=True, append_images=frames[1:], duration=[40, 80, 120], loop=0, **extra)
+    out = tmp_path / "o"
+    assert _upscale(src, "-o", out, "-s", 2, "-w", weights_x2) == 0
+    assert [p.name for p in out.iterdir()] == [f"anim_x2{suffix}"]
+    with PILImage.open(out / f"anim_x2{suffix}") as im:
+        assert im.n_frames == 3 and im.size == (24, 20)
+        durations, pictures = [], []
+        for k in range(3):
+            im.seek(k)
+            im.load()
+            durations.append(im.info["duration"])
+            pictures.append(np.asarray(im.convert("RGB")).astype(np.float32))
+    assert durations == [40, 80, 120]
+    expected = []
+    with PILImage.open(src) as im:
+        for k in range(3):
+            im.seek(k)
+            frame = torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32)).permute(2, 0, 1)
+            expected.append(_library_sr(weights_x2, frame).permute(1, 2, 0).numpy())
+    for k in range(3):  # each frame is that frame's SR, not another's (GIF: up to its palette)
+        errors = [np.abs(pictures[k] - e).mean() for e in expected]
+        assert errors[k] == min(errors) and errors[k] < 0.5 * min(e for j, e in enumerate(errors) if j != k)
+        if suffix == ".webp":  # lossless
+            assert np.abs(pictures[k] - expected[k]).max() <= 1
+
+
+def test_recursive_keeps_the_folder_structure(tmp_path, capsys):
+    d = tmp_path / "in"
+    (d / "a").mkdir(parents=True)
+    (d / "b" / "c").mkdir(parents=True)
+    (d / ".hidden").mkdir()
+    for rel in ("top.png", "a/x.png", "b/c/x.png", ".hidden/no.png"):
+        PILImage.fromarray(_photo(6, 7)).save(d / rel)
+    out = d / "out"  # inside the input folder: never read back as input
+    assert _upscale(d, "-o", out, "-s", 2, "--bicubic") == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["top_x2.png"]
+    assert "2 subfolder(s) not read (--recursive reads them)" in capsys.readouterr().err  # a, b (out is new)
+    assert _upscale(d, "-o", out, "-s", 2, "--bicubic", "--recursive") == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a/x_x2.png", "b/c/x_x2.png", "top_x2.png"]
+    assert "out/" not in capsys.readouterr().err
+
+
+def test_sigterm_leaves_no_temp_file(tmp_path, weights_x2):
+    """The real entry point in a child process: SIGTERM mid-write removes the temp file (as
+    Ctrl-C does), exit status 143, one line, no traceback."""
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(96, 96)).save(src)
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastsr", "upscale", str(src), "-o", str(out), "-s", "2",
+                             "-w", str(weights_x2), "--tile", "2"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and any(p.name.endswith(".tmp") for p in out.iterdir())):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no temp file appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
