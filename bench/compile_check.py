@@ -319,7 +319,7 @@ def _nvidia_tool(name: str) -> str:
     return str(path)
 
 
-_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?)\s*;")
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 # Integer arithmetic and predicate instructions: the address and mask work that competes with
@@ -330,6 +330,7 @@ _INT_OPS = {"IADD3", "IADD", "IADD32I", "IMAD", "IMUL", "IMUL32I", "IMNMX", "VIM
             "USHF", "USEL", "UISETP", "UIMNMX", "USGXT", "UPRMT", "UFLO", "UPOPC", "UBMSK", "UBREV", "ULOP",
             "USHL", "USHR", "UIADD3", "UIMAD", "UIABS", "VIADD"}
 _PRED_OPS = {"PLOP3", "PSETP", "P2R", "R2P", "UPLOP3", "UPSETP", "UP2UR", "UR2UP", "VOTE", "VOTEU"}
+_HGMMA_SHAPE = re.compile(r"HGMMA\.(\d+x\d+x\d+)")
 _WIDTH = re.compile(r"\.(128|64|32|U16|S16|U8|S8)\b")
 _WIDTH_BYTES = {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
@@ -404,6 +405,11 @@ def sass_facts(instrs: list[dict]) -> dict:
                           int_pred_per_mma=round((n_int + n_pred) / n_mma, 1), addr=instrs[a]["addr"],
                           unrolled=unrolled))
     hot = max(loops, key=lambda lp: (lp["mma"], lp["int_pred_per_mma"]), default=None)
+    # wgmma shape (m64nNk16) and where its A operand lives: "gdesc" first = A and B both
+    # from shared memory (a descriptor), a register first = A from registers.
+    shapes = [(m.group(1), ins["operands"].split(",")[1].strip().startswith("gdesc"))
+              for ins in instrs if ins["op"] == "HGMMA" for m in [_HGMMA_SHAPE.match(ins["opcode"])] if m]
+    common = max(set(shapes), key=shapes.count) if shapes else None
     return dict(
         mma=mma, hgmma=count.get("HGMMA", 0), hmma=count.get("HMMA", 0), ffma=count.get("FFMA", 0),
         instructions=len(instrs),
@@ -416,6 +422,7 @@ def sass_facts(instrs: list[dict]) -> dict:
         narrowest_store=min(st_widths, default=0),
         loads_by_width={str(w): (ldg_widths + cp_widths).count(w) for w in sorted(set(ldg_widths + cp_widths))},
         stores_by_width={str(w): st_widths.count(w) for w in sorted(set(st_widths))},
+        hgmma_shape=common[0] if common else None, hgmma_a_from_smem=common[1] if common else None,
         hot_loop_mma=mma_op if hot else None,
         int_pred_per_hgmma=hot["int_pred_per_mma"] if hot and mma_op == "HGMMA" else None,
         hot_loop=hot, mma_loops=loops,
@@ -784,16 +791,28 @@ def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: 
     meta = {**meta, "compile_s": round(compile_s, 1), "kernels_compiled": len(vs)}
     if out_dir is not None:
         manifest = {"arch": arch, **meta, "kernels": entries, "launches": records}
-        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-        (out_dir / "sass_report.json").write_text(json.dumps(
-            {"arch": arch, **meta, "rows": [{k: r[k] for k in r if k != "config_text"} for r in rows]},
-            indent=1, default=str))
+        (out_dir / "manifest.json").write_text(_json_lines(manifest))
+        (out_dir / "sass_report.json").write_text(_json_lines(
+            {"arch": arch, **meta, "rows": [{k: r[k] for k in r if k != "config_text"} for r in rows]}))
         (out_dir / "sass_report.txt").write_text(_report_text(rows, meta, arch, problems))
     elif scratch.exists():
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
     return rows, problems
+
+
+def _json_lines(obj: dict) -> str:
+    """JSON with one top-level key per line and each element of a top-level list on its own
+    line, compact inside: small files that still diff line by line."""
+    parts = []
+    for k, v in obj.items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            items = ",\n  ".join(json.dumps(x, separators=(",", ":"), default=str) for x in v)
+            parts.append(f"{json.dumps(k)}: [\n  {items}\n ]")
+        else:
+            parts.append(f"{json.dumps(k)}: {json.dumps(v, default=str)}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"
 
 
 def _report_text(rows: list[dict], meta: dict, arch: int, problems: list[str]) -> str:

@@ -61,6 +61,32 @@ def test_model_emission_quick_form(tmp_path):
     body = [r for r in rows if r["role"] == "body" and r["dtype"] == "bf16"]
     assert body and all(r["sass"]["widest_load"] == 16 and r["sass"]["mma"] == "HGMMA" for r in body), body
     assert all(r["sass"]["regs"] > 0 for r in rows)
+    _check_static_model(tmp_path)
+
+
+def _check_static_model(emit_dir):
+    """bench/static_model.py reads the emission: per launch, FLOPs that are the layer's, bounds,
+    a prediction; inference and training phases both covered."""
+    out = emit_dir / "model.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "static_model.py"), str(emit_dir),
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "measured" in proc.stdout and "assumed" in proc.stdout  # the ceilings are labelled
+    got = json.loads(out.read_text())
+    inf = got["inference"]["launches"]
+    assert [e["role"] for e in inf] == ["head"] + ["block"] * 16 + ["body", "upsampler", "tail"]
+    body = next(e for e in inf if e["role"] == "body")
+    h, w = 36, 64
+    assert body["best"]["work"]["useful_flops"] == 2 * h * w * 9 * 64 * 64
+    for phase in ("inference", "train"):
+        for e in got[phase]["launches"]:
+            b = e["best"]
+            assert b["predicted_s"] > 0 and b["binds"] in b["times_s"], e
+            assert b["predicted_s"] == max(b["times_s"].values())
+        totals = got[phase]["totals"]
+        assert totals["predicted_s"] >= totals["per_layer_floor_s"] > 0
+    roles = {e["role"] for e in got["train"]["launches"]}
+    assert {"dgrad", "wgrad", "reduce"} <= roles, roles
 
 
 @needs_compiler
