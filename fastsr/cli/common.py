@@ -253,6 +253,16 @@ def load_upscaler(args: argparse.Namespace) -> Upscaler:
     return Upscaler(model, label, dtype=dtype, **common)
 
 
+def protocol_upscale(up: Upscaler) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 LR (1, 3, h, w) -> quantized SR float 0..255, as the papers' protocol wants
+    (`fastsr.evaluation.evaluate_image`'s sr_fn)."""
+    from fastsr.metrics import quantize
+
+    if up.model is None:
+        return lambda lr: up(lr).float()  # MATLAB's uint8 bicubic: already on the 256 levels
+    return lambda lr: quantize(up(lr.float()))
+
+
 def describe(up: Upscaler) -> str:
     """'x2 with <weights> (cpu, float32, tile 256)': what a run announces."""
     extras = [str(up.device), str(up.compute_dtype).replace("torch.", "")]

@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-from fastsr.cli.common import BICUBIC_WARNING, PROG, Command, add_model_arguments, describe, error, info, load_upscaler
+from fastsr.cli.common import (
+    BICUBIC_WARNING, PROG, Command, add_model_arguments, describe, error, info, load_upscaler, protocol_upscale,
+)
 from fastsr.errors import FastSRError
-from fastsr.inference import Upscaler
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,15 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-images", metavar="DIR",
                    help="write each SR image as DIR/<dataset>/x<scale>/<name>.png")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
-
-
-def _sr_function(up: Upscaler):
-    """uint8 LR (1, 3, h, w) -> quantized SR float 0..255, as the protocol wants."""
-    from fastsr.metrics import quantize
-
-    if up.model is None:
-        return lambda lr: up(lr).float()  # MATLAB's uint8 bicubic: already on the 256 levels
-    return lambda lr: quantize(up(lr.float()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for s in scales:
         up = upscalers[s]
         info(f"evaluating {', '.join(str(f) for f, _ in datasets)} {describe(up)}, protocol {protocol.name}")
-        sr_fn = _sr_function(up)
+        sr_fn = protocol_upscale(up)
         for folder, paths in datasets:
             rows, failed = [], []
             for path in paths:
