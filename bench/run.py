@@ -13,7 +13,9 @@ Providers, side by side in one process:
     eager_nchw   the official EDSR-PyTorch way: NCHW eager modules
     eager_cl     the same modules channels-last (cuDNN / oneDNN's preferred layout)
     compile      torch.compile of the eager model (GPU also: compile_max, max-autotune)
-    fused        fastsr's fused path (backend recorded per row)
+    fused        fastsr's fused path, each layer's implementation the measured choice
+                 (fastsr.ops.dispatch: the Triton kernels or the aten floor on GPU)
+    fused_triton (GPU) the fused path with the Triton kernels forced everywhere: their own speed
 each at fp32 and bf16 (and fp16 on GPU). Rows: median and quartiles of the time, the
 ratio of each provider's median to the fused one's (>1: fused is faster), FLOP/s and
 bytes/s against peaks measured in the same run (the best of square matmuls from 2048 up on
@@ -43,7 +45,7 @@ import torch.nn as nn
 
 import fastsr
 from fastsr.memory import TensorMemory, activation_bytes
-from fastsr.ops.conv import conv2d, resblock
+from fastsr.ops import conv2d, resblock
 from fastsr.ops.reference import conv2d_ref, resblock_ref
 
 CL = torch.channels_last
@@ -239,9 +241,12 @@ def _kernel_workloads(device: str, quick: bool) -> list[Workload]:
             if provider == "compile":
                 f = torch.compile(ref_fn)
                 return lambda: f(xc, *args)
-            backend = "triton" if device == "cuda" else "cpu"
+            if provider == "fused_triton" and device != "cuda":
+                return None  # the Triton kernels' own speed: a GPU row only (the interpreter is not timed)
+            # fused: the measured choice (fastsr.ops.dispatch); fused_triton: the Triton kernels forced.
+            backend = "triton" if provider == "fused_triton" else None
             run = lambda: fused_fn(xc, *args, backend)
-            run.backend = backend
+            run.backend = "triton" if backend else ("auto" if device == "cuda" else "cpu")
             return run
 
         out.append(Workload(name, "kernel", "forward", f"{n}x{cin}x{h}x{w}", flops, nbytes_el * 2, make))
@@ -279,13 +284,16 @@ def _model_make(build, h, w, scale, mode):
         x = (torch.rand(16 if mode != "forward" or h == 48 else 1, 3, h, w) * 255).to(device)
         if provider == "fused_graph" and (device != "cuda" or mode != "forward"):
             return None  # CUDA graphs: inference on a GPU only
-        fused = provider in ("fused", "fused_graph")
-        model = build(fused=fused, dtype=dtype if fused and dtype != torch.float32 else None).to(device)
+        if provider == "fused_triton" and device != "cuda":
+            return None
+        fused = provider in ("fused", "fused_graph", "fused_triton")
+        model = build(fused=fused, dtype=dtype if fused and dtype != torch.float32 else None,
+                      backend="triton" if provider == "fused_triton" else None).to(device)
         if mode == "forward":
             model.eval()
         if provider in ("eager_nchw", "eager_cl", "compile", "compile_max") and dtype != torch.float32:
             model = model.to(dtype)
-        if provider in ("eager_cl", "compile", "compile_max", "fused", "fused_graph"):
+        if provider in ("eager_cl", "compile", "compile_max", "fused", "fused_graph", "fused_triton"):
             model = model.to(memory_format=CL)
         xin = x if (fused or dtype == torch.float32) else x.to(dtype)
         if provider != "eager_nchw":
@@ -373,7 +381,7 @@ def _io_bytes(model: nn.Module, n: int, h: int, w: int, scale: int) -> float:
 
 def _providers(device: str) -> list[str]:
     gpu = ["compile_max"] if device == "cuda" else []
-    return ["eager_nchw", "eager_cl", "compile"] + gpu + ["fused"] + (["fused_graph"] if gpu else [])
+    return ["eager_nchw", "eager_cl", "compile"] + gpu + ["fused"] + (["fused_triton", "fused_graph"] if gpu else [])
 
 
 def _dtypes(device: str) -> list[torch.dtype]:
@@ -500,7 +508,7 @@ def _data_rows(args, dev_name: str, date: str, triton_version: str) -> list[dict
 def _backend_of(fn, provider: str, device: str) -> str:
     if provider == "fused_graph":
         return f"{fn.model.backend}+graph" if fn.model.graphs.last_replayed else "NOT-REPLAYED"
-    if provider != "fused":
+    if provider not in ("fused", "fused_triton"):
         return {"eager_nchw": "aten", "eager_cl": "aten", "compile": "inductor", "compile_max": "inductor"}[provider]
     model = getattr(fn, "model", None)
     if model is not None:
@@ -814,7 +822,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small subset (about a minute on CPU)")
     p.add_argument("--only", help="regex: run only workloads whose name matches")
     p.add_argument("--dtype", nargs="*", help="subset of float32 bfloat16 float16")
-    p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max fused fused_graph")
+    p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max fused fused_triton fused_graph")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--no-data", action="store_true",
                    help="skip the C++ data-path rows (imresize, patch sampler, uint8 output; never in --quick)")

@@ -33,16 +33,8 @@ from fastsr.kernels.conv2d_backward import (
     pack_weight_dgrad,
     resblock_backward_nhwc,
 )
-from fastsr.ops.conv import (
-    BACKWARD_BACKEND,
-    backward_backend,
-    conv2d,
-    conv2d_backward_op,
-    conv2d_op,
-    resblock,
-    resblock_backward_op,
-    resblock_op,
-)
+from fastsr.ops.conv2d import backward_request, conv2d, conv2d_backward_op, conv2d_op
+from fastsr.ops.resblock import resblock, resblock_backward_op, resblock_op
 from fastsr.ops.dispatch import unsupported_reasons
 from fastsr.ops.reference import conv2d_ref, resblock_ref
 from parity import assert_parity
@@ -238,11 +230,19 @@ def test_backward_launchers_reject_bad_inputs():
 # --------------------------------------------------------------------------------------
 
 
-def test_backward_backend_follows_the_forward():
-    assert backward_backend("triton") == "triton" and backward_backend("cpu") == "aten"
-    assert dict(BACKWARD_BACKEND) == {"triton": "triton", "cpu": "aten"}
+def test_backward_follows_a_forced_forward_and_is_its_own_choice_otherwise():
+    from fastsr.ops import dispatch
+
+    assert backward_request(None) == "auto"  # measured separately from the forward
+    assert backward_request("triton") == backward_request("triton_block") == "triton"
+    x, w = torch.zeros(1, 8, 4, 4), torch.zeros(8, 8, 3, 3)
+    sig = dispatch.Signature.of("conv2d_backward", x, w)
+    assert dispatch.choose("conv2d_backward", sig, "cpu").name == "aten"  # the cpu forward's gradients
+    assert dispatch.choose("conv2d_backward", sig, None).name == "aten"   # auto on CPU: never the interpreter
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert dispatch.choose("conv2d_backward", sig, "triton").name == "triton"
     with pytest.raises(ValueError, match="backend must be one of"):
-        backward_backend("cudnn")
+        backward_request("cudnn")
 
 
 OP_EPILOGUES = [
@@ -334,9 +334,9 @@ def test_opcheck_triton_autograd():
     w = _weight(gen, 16, 4, 3).requires_grad_()
     b = _randn(gen, 16).requires_grad_()
     s = _randn(gen, 4).requires_grad_()
-    torch.library.opcheck(conv2d_op, (x, w, b, s, None, True, 0.5, 2, "triton"), test_utils=tests)
+    torch.library.opcheck(conv2d_op, (x, w, b, s, None, True, 0.5, 2, "triton_conv", "triton"), test_utils=tests)
     blk = [t.requires_grad_() for t in _block_inputs(gen, 1, 3, 5, 4, 3)]
-    torch.library.opcheck(resblock_op, (*blk, 0.1, "triton"), test_utils=tests)
+    torch.library.opcheck(resblock_op, (*blk, 0.1, "triton_block", "triton"), test_utils=tests)
     # The backward ops themselves (called by the autograd formulas above).
     g = _randn(gen, 1, 4, 6, 10).contiguous(memory_format=CL)
     fwd = ("test_schema", "test_faketensor")

@@ -14,7 +14,7 @@ import torch
 import fastsr
 from fastsr.kernels.conv2d import pack_weight
 from fastsr.models.fused import get_plan, kernel_layout
-from fastsr.ops.conv import conv2d, resblock
+from fastsr.ops import conv2d, resblock
 from testenv import TRITON_DEVICE
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastsr.errors import BackendUnavailable
-from fastsr.ops.conv import conv2d, conv2d_op, resblock, resblock_op
+from fastsr.ops.conv2d import conv2d, conv2d_op
+from fastsr.ops.resblock import resblock, resblock_op
 from fastsr.ops.dispatch import choose_backend, unsupported_reasons
 from fastsr.ops.reference import conv2d_ref, resblock_ref
 
@@ -121,10 +122,11 @@ def test_opcheck(backend):
     x = x.contiguous(memory_format=CL).requires_grad_()
     skip = rand(2, 8, 5, 6, seed=3).contiguous(memory_format=CL)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration")
-    torch.library.opcheck(conv2d_op, (x, wt, b, None, skip, True, 0.5, 1, backend), test_utils=tests)
-    torch.library.opcheck(conv2d_op, (x, rand(32, 8, 3, 3), b.repeat(4), rand(8), None, False, 1.0, 2, backend),
-                          test_utils=tests)
-    torch.library.opcheck(resblock_op, (x, wt, b, wt.clone(), b.clone(), 0.1, backend), test_utils=tests)
+    conv_impl, block_impl = {"cpu": ("cpu", "cpu"), "triton": ("triton_conv", "triton_block")}[backend]
+    torch.library.opcheck(conv2d_op, (x, wt, b, None, skip, True, 0.5, 1, conv_impl, backend), test_utils=tests)
+    torch.library.opcheck(conv2d_op, (x, rand(32, 8, 3, 3), b.repeat(4), rand(8), None, False, 1.0, 2, conv_impl,
+                                      "auto"), test_utils=tests)
+    torch.library.opcheck(resblock_op, (x, wt, b, wt.clone(), b.clone(), 0.1, block_impl, backend), test_utils=tests)
 
 
 @pytest.mark.parametrize("backend", ["cpu"])

@@ -127,6 +127,9 @@ class _FusedMixin:
         self._range_checked = False       # the one-time 0..1-input check (see _check_range)
         self._graphs_warned = False       # the one-time "cuda_graphs cannot apply" warning
         self.graphs = None  # a fastsr.cuda_graphs.GraphedForward once prepare_for_inference(cuda_graphs=True)
+        # The fused path's last forward, one mapping per conv / block layer: "layer" (module
+        # name), "implementation", "backend" (its family), "times_ms" where timing chose it.
+        self.plan: list[dict] = []
 
     def _init_weights(self, weights: str | os.PathLike | None) -> None:
         """weights=None keeps the random initialization; "default", "official", "hf://..." or
@@ -172,9 +175,11 @@ class _FusedMixin:
 
     @property
     def backend(self) -> str:
-        """What runs the network: the backend the last forward ran ("eager" for the reference
-        modules, else "triton", "cpu" or "reference"); before any call, the one a float32
-        input on the model's device would get (the forced `backend=` if one was given)."""
+        """What runs the network: the backend family the last forward ran ("eager" for the
+        reference modules, else "triton", "aten", "cpu", "reference", or "mixed" when the
+        measured choice ran layers on different families: `self.plan` lists each layer's
+        implementation); before any call, the family a float32 input on the model's device
+        would get (the forced `backend=` if one was given)."""
         if self._backend is not None:
             return self._backend
         if not self.fused:

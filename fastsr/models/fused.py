@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from fastsr.ops.conv import BACKWARD_BACKEND, conv2d, resblock
+from fastsr.ops.conv2d import apply_conv, backward_request, conv2d_choice
 from fastsr.ops.dispatch import choose_backend
+from fastsr.ops.resblock import apply_block, resblock_choice
 
 Conv = tuple[torch.Tensor, torch.Tensor]  # (weight, bias)
 
@@ -142,23 +143,72 @@ def recomputes(model: nn.Module, backend: str) -> bool:
     return backend != "cpu" if choice is None else bool(choice)
 
 
-def _block(x: torch.Tensor, c1: Conv, c2: Conv, res_scale: float, backend: str, saving: bool) -> torch.Tensor:
-    """One residual block: the one-op block, or (saving) its two fused convs, whose autograd
-    keeps conv1's output instead of recomputing it."""
-    if saving:
-        t = conv2d(x, *c1, relu=True, backend=backend)
-        return conv2d(t, *c2, res_scale=res_scale, skip=x, backend=backend)
-    return resblock(x, *c1, *c2, res_scale, backend=backend)
+class _Layers:
+    """Runs the network's convs and blocks through the chooser, recording what ran.
+
+    `plan`: one mapping per conv or block layer, in execution order: "layer" (its module
+    name, e.g. "body.3"), "implementation" (e.g. "triton_block", "aten", "cpu"), "backend"
+    (its family), and "times_ms" when timing chose it."""
+
+    def __init__(self, model: nn.Module, requested: str | None):
+        self.requested, self.backward = requested, backward_request(requested)
+        self.names = _layer_names(model)
+        self.plan: list[dict] = []
+
+    def _record(self, module: nn.Module, choice) -> None:
+        entry = {"layer": self.names[module], "implementation": choice.name, "backend": choice.family}
+        if choice.times_ms is not None:
+            entry["times_ms"] = dict(choice.times_ms)
+        self.plan.append(entry)
+
+    def conv(self, module: nn.Module, x: torch.Tensor, w: torch.Tensor, b, *, in_shift=None, relu=False,
+             res_scale=1.0, skip=None, shuffle=1) -> torch.Tensor:
+        with torch.no_grad():
+            choice = conv2d_choice(x, w, b, in_shift, skip, relu, shuffle, self.requested)
+        self._record(module, choice)
+        return apply_conv(choice, self.backward, x, w, b, in_shift=in_shift, relu=relu, res_scale=res_scale,
+                          skip=skip, shuffle=shuffle)
+
+    def block(self, module: nn.Module, x: torch.Tensor, c1: Conv, c2: Conv, res_scale: float,
+              saving: bool) -> torch.Tensor:
+        """One residual block: the one-op block, or (saving) its two fused convs, whose
+        autograd keeps conv1's output instead of recomputing it."""
+        if saving:
+            t = self.conv(module.body[0], x, *c1, relu=True)
+            return self.conv(module.body[2], t, *c2, res_scale=res_scale, skip=x)
+        with torch.no_grad():
+            choice = resblock_choice(x, *c1, *c2, self.requested)
+        self._record(module, choice)
+        return apply_block(choice, self.backward, x, *c1, *c2, res_scale)
+
+    def family(self) -> str:
+        """The backend family that ran every layer, or "mixed"."""
+        families = {entry["backend"] for entry in self.plan}
+        return families.pop() if len(families) == 1 else "mixed"
 
 
-def _upsample_tail(plan: FusedPlan, r: torch.Tensor, scale_idx: int, backend: str) -> torch.Tensor:
-    for conv, shuffle in plan.up[scale_idx]:
-        r = conv2d(r, *conv, shuffle=shuffle, backend=backend)
-    return conv2d(r, *plan.tail, backend=backend)
+def _layer_names(model: nn.Module) -> dict[nn.Module, str]:
+    names = getattr(model, "_fused_layer_names", None)
+    if names is None:
+        names = {m: name for name, m in model.named_modules()}
+        model._fused_layer_names = names
+    return names
+
+
+def _upsample_tail(layers: _Layers, plan: FusedPlan, modules: list[nn.Module], r: torch.Tensor,
+                   scale_idx: int) -> torch.Tensor:
+    for module, (conv, shuffle) in zip(modules, plan.up[scale_idx]):
+        r = layers.conv(module, r, *conv, shuffle=shuffle)
+    return layers.conv(modules[-1], r, *plan.tail)
 
 
 def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[torch.Tensor, str]:
-    """Run `model` on x: (N, 3, H, W) float through the fused ops. Returns (output, backend).
+    """Run `model` on x: (N, 3, H, W) float through the fused ops. Returns (output, backend):
+    the backend family that ran every layer ("triton", "aten", "cpu", "reference") or
+    "mixed"; `model.plan` then lists each conv / block layer with its implementation.
+
+    Each layer's implementation is fastsr.ops.dispatch's choice for its shapes (measured on
+    CUDA; `model.backend_request` restricts it to one family).
 
     Everything after the head computes in `model.compute_dtype`, else in the autocast dtype
     when torch.autocast is on for x's device, else in x's dtype (weights are cast once per
@@ -174,27 +224,32 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     convs (conv1 + ReLU, then conv2 + res_scale + skip), which save conv1's output for
     backward, and nothing is checkpointed: eager autograd's memory, and no recomputed work.
     """
-    backend = choose_backend(x, model.backend_request)
+    requested = model.backend_request
+    family = choose_backend(x, requested)  # a forced backend that cannot run x fails here, with every reason
+    layers = _Layers(model, requested)
     compute = model.compute_dtype or autocast_dtype(x.device) or x.dtype
     # The dtypes are chosen above; inside, autocast must not recast the ops' arguments.
     with torch.autocast(x.device.type, enabled=False):
         plan = get_plan(model, compute, x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        h = conv2d(x, *plan.head, in_shift=plan.in_shift.to(x.device), backend=backend).to(compute)
-        saving = torch.is_grad_enabled() and not recomputes(model, backend)
-        for (c1, c2) in plan.pre[scale_idx]:
-            h = _block(h, c1, c2, 1.0, backend, saving)
+        h = layers.conv(model.head[0], x, *plan.head, in_shift=plan.in_shift.to(x.device)).to(compute)
+        saving = torch.is_grad_enabled() and not recomputes(model, family)
+        for module, (c1, c2) in zip(model.pre_blocks(scale_idx), plan.pre[scale_idx]):
+            h = layers.block(module, h, c1, c2, 1.0, saving)
         r = h
-        for (c1, c2) in plan.body:
-            r = _block(r, c1, c2, plan.res_scale, backend, saving)
-        r = conv2d(r, *plan.body_last, skip=h, backend=backend)
+        for module, (c1, c2) in zip(list(model.body)[:-1], plan.body):
+            r = layers.block(module, r, c1, c2, plan.res_scale, saving)
+        r = layers.conv(model.body[-1], r, *plan.body_last, skip=h)
+        ups = [m for m in model.upsampler(scale_idx) if isinstance(m, nn.Conv2d)] + [model.tail_conv()]
         if r.requires_grad and not saving:
-            out = checkpoint(_upsample_tail, plan, r, scale_idx, backend, use_reentrant=False)
+            out = checkpoint(_upsample_tail, layers, plan, ups, r, scale_idx, use_reentrant=False)
         else:
-            out = _upsample_tail(plan, r, scale_idx, backend)
+            out = _upsample_tail(layers, plan, ups, r, scale_idx)
         if plan.out_shift is not None:
             out = out.to(x.dtype).add_(plan.out_shift.view(1, 3, 1, 1))
-    return out, backend
+    # Recomputed in backward, the checkpointed upsampler and tail record themselves again.
+    model.plan = layers.plan[: len(layers.plan)]
+    return out, layers.family()
 
 
-__all__ = ["BACKWARD_BACKEND", "FusedPlan", "autocast_dtype", "kernel_layout", "build_plan", "fused_forward", "get_plan", "recomputes", "weights_key"]
+__all__ = ["FusedPlan", "autocast_dtype", "kernel_layout", "build_plan", "fused_forward", "get_plan", "recomputes", "weights_key"]

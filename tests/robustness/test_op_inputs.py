@@ -22,7 +22,7 @@ import fastsr
 from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
 from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
 from fastsr.kernels.resblock import resblock_nhwc
-from fastsr.ops.conv import conv2d, resblock
+from fastsr.ops import conv2d, resblock
 from testenv import TRITON_DEVICE
 
 CL = torch.channels_last

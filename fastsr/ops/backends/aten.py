@@ -1,0 +1,133 @@
+"""The aten implementation of the fused ops: forward and backward.
+
+Forward: one aten convolution per conv (oneDNN on the CPU, cuDNN on CUDA) in channels-last,
+with the epilogues (ReLU, res_scale, skip, pixel shuffle) applied in place on its fresh
+output. Backward: aten.convolution_backward called directly on the saved inputs, with the
+epilogues' backward around it (pixel unshuffle, res_scale, the ReLU mask, the skip); nothing
+but the block's conv1 + ReLU is recomputed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastsr.ops.checks import CL, autocast_off
+from fastsr.ops.reference import conv2d_ref
+
+
+def conv(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, shuffle=1):
+    """fastsr::conv2d's math with an aten convolution; channels-last output in x's dtype."""
+    x = x.contiguous(memory_format=CL)
+    if in_shift is not None:
+        x = x - in_shift.to(x.dtype).view(1, -1, 1, 1)
+    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=weight.shape[-1] // 2)
+    # Epilogues in place on the fresh conv output: one extra read/write each, no new buffers.
+    if relu:
+        y.relu_()
+    if skip is not None:
+        if res_scale == 1.0:
+            y.add_(skip)
+        else:
+            torch.add(skip, y, alpha=res_scale, out=y)  # skip + s*y in one pass
+    elif res_scale != 1.0:
+        y.mul_(res_scale)
+    if shuffle > 1:
+        y = F.pixel_shuffle(y, shuffle)
+    return y.contiguous(memory_format=CL)
+
+
+def resblock(x, w1, b1, w2, b2, res_scale):
+    """fastsr::resblock as two aten convs: conv + ReLU, then conv + res_scale + skip."""
+    h = conv(x, w1, b1, relu=True)
+    return conv(h, w2, b2, res_scale=res_scale, skip=x.contiguous(memory_format=CL))
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def grads_through(fn, inputs: tuple, grad_out: torch.Tensor, needs) -> tuple:
+    """Eager gradients of fn(*inputs) for the inputs flagged in `needs` (None elsewhere)."""
+    needs = [t is not None and bool(n) for t, n in zip(inputs, needs)]
+    if not any(needs):
+        return tuple(None for _ in inputs)
+    if grad_out.shape[0] == 0:  # an empty batch: zero gradients, without running aten on it
+        return zero_grads(inputs, needs)
+    with torch.enable_grad(), autocast_off(grad_out.device):
+        detached = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(inputs, needs)]
+        out = fn(*detached)
+        wrt = [t for t, n in zip(detached, needs) if n]
+        got = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
+    return tuple(next(got) if n else None for n in needs)
+
+
+def zero_grads(inputs: tuple, needs) -> tuple:
+    """The gradients of an empty batch: zeros for the inputs flagged in `needs`."""
+    return tuple(torch.zeros_like(t) if t is not None and n else None for t, n in zip(inputs, needs))
+
+
+def in_shift_grad(dx: torch.Tensor, in_shift: torch.Tensor) -> torch.Tensor:
+    """d in_shift = -(sum of dx over N, H, W): the shift is subtracted from every input pixel."""
+    return dx.sum(dim=(0, 2, 3), dtype=torch.float32).neg().to(in_shift.dtype)
+
+
+def _conv_grads(g, x, weight, need_x: bool, need_w: bool, need_b: bool) -> tuple:
+    """(dx, dW, db) of a stride-1 "same" conv with output gradient g, by aten's convolution
+    backward: no forward is recomputed. x, weight: the conv's input and weight, in x's
+    dtype; results in x's dtype (None where not needed)."""
+    k = weight.shape[-1]
+    bias_sizes = [weight.shape[0]] if need_b else None
+    return torch.ops.aten.convolution_backward(
+        g, x, weight, bias_sizes, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 1, [need_x, need_w, need_b])
+
+
+def _cast(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or like is None else t.to(like.dtype)
+
+
+def conv_backward(grad, x, weight, bias, in_shift, opts, needs, out=None) -> tuple:
+    """Gradients of fastsr::conv2d: (dx, dW, db, d_in_shift), each None where not needed.
+
+    opts: relu, res_scale, shuffle. out: the forward's output when it was saved for the ReLU
+    mask (see fastsr.ops.conv2d); a ReLU conv without it is recomputed through the reference."""
+    need_x, need_w, need_b, need_s = (bool(n) and t is not None for n, t in zip(needs, (x, weight, bias, in_shift)))
+    if opts["relu"] and out is not None:
+        grad = grad * (out > 0)  # ReLU's backward; then the conv's as without an activation
+    elif opts["relu"]:  # the ReLU mask needs the output: recompute it through the reference
+        f = lambda x, weight, bias, in_shift: conv2d_ref(x, weight, bias, in_shift=in_shift, **opts)
+        return grads_through(f, (x, weight, bias, in_shift), grad, (need_x, need_w, need_b, need_s))
+    if not (need_x or need_w or need_b or need_s):
+        return None, None, None, None
+    if grad.shape[0] == 0:
+        return zero_grads((x, weight, bias, in_shift), (need_x, need_w, need_b, need_s))
+    g = grad if opts["shuffle"] == 1 else F.pixel_unshuffle(grad, opts["shuffle"])
+    if opts["res_scale"] != 1.0:
+        g = g * opts["res_scale"]
+    xs = x if in_shift is None else x - in_shift.to(x.dtype).view(1, -1, 1, 1)
+    g = g.to(x.dtype).contiguous(memory_format=CL)
+    dx, dw, db = _conv_grads(g, xs.contiguous(memory_format=CL), weight.to(x.dtype), need_x or need_s, need_w, need_b)
+    ds = in_shift_grad(dx, in_shift) if need_s else None
+    return (dx if need_x else None), _cast(dw, weight), _cast(db, bias), ds
+
+
+def resblock_backward(grad, x, w1, b1, w2, b2, res_scale: float, needs) -> tuple:
+    """Gradients of fastsr::resblock from its input alone: (dx, dW1, db1, dW2, db2). conv1 +
+    ReLU is recomputed (one conv), then both convs' backward run directly (conv2's forward
+    is not needed: its gradients depend only on its input and the output gradient)."""
+    saved = (x, w1, b1, w2, b2)
+    need_x, need_w1, need_b1, need_w2, need_b2 = (bool(n) and t is not None for n, t in zip(needs, saved))
+    if not any((need_x, need_w1, need_b1, need_w2, need_b2)):
+        return (None,) * 5
+    if grad.shape[0] == 0:
+        return zero_grads(saved, (need_x, need_w1, need_b1, need_w2, need_b2))
+    xc = x.contiguous(memory_format=CL)
+    w1c, w2c = w1.to(x.dtype), w2.to(x.dtype)
+    h = conv(xc, w1c, b1, relu=True)
+    g2 = (grad * res_scale if res_scale != 1.0 else grad).to(x.dtype).contiguous(memory_format=CL)
+    need_h = need_x or need_w1 or need_b1
+    dh, dw2, db2 = _conv_grads(g2, h, w2c, need_h, need_w2, need_b2)
+    dx = dw1 = db1 = None
+    if need_h:
+        dh = dh.mul_(h > 0).contiguous(memory_format=CL)  # ReLU: h > 0 exactly where conv1 + b1 > 0
+        dx1, dw1, db1 = _conv_grads(dh, xc, w1c, need_x, need_w1, need_b1)
+        dx = grad.to(x.dtype) + dx1 if need_x else None  # the skip path adds the output gradient
+    return dx, _cast(dw1, w1), _cast(db1, b1), _cast(dw2, w2), _cast(db2, b2)
