@@ -63,6 +63,7 @@ import triton.runtime.autotuner as autotuner  # noqa: E402
 import triton.runtime.jit as jit  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # Shared memory a block may use, by compute capability (the opt-in maximum).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
@@ -116,10 +117,12 @@ def _kernel_callers() -> tuple[str, ...]:
 
 
 class Recorder:
-    """Collects launches; `phase` labels the ones made while it is set."""
+    """Collects launches; `phase` labels the ones made while it is set. `torch_ops` collects
+    the PyTorch (non-Triton) ops that do device work between them (see TorchOps)."""
 
     def __init__(self) -> None:
         self.launches: list[Launch] = []
+        self.torch_ops: list[dict] = []
         self.phase = ""
 
     def add(self, fn, args, kwargs, configs, grid) -> None:
@@ -151,6 +154,43 @@ def recording(launches: list[Launch] | Recorder) -> Iterator[Recorder]:
         autotuner.Autotuner.run, jit.JITFunction.run = saved
 
 
+# Ops that allocate or describe memory without a kernel (a view shares its input's storage and
+# is found by that; these make fresh storage without writing it).
+_NO_KERNEL = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+              "set_", "resize_", "detach", "alias", "_local_scalar_dense", "is_same_size")
+
+
+class TorchOps(TorchDispatchMode):
+    """Records the aten ops of a forward/backward that would be CUDA kernels of their own: not
+    the Triton launches (recorded by `recording`), not views, not bare allocations. Each entry:
+    phase, op, bytes read and written (its tensor inputs and outputs once), output shapes, and
+    how many Triton launches came before it. Ops inside fastsr's registered ops are not seen
+    when the dispatcher runs those ops (a mode is off inside its own handler), so the
+    registered fastsr ops themselves are skipped: their work is in the Triton launches."""
+
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if func.namespace == "fastsr" or name in _NO_KERNEL:
+            return out
+        ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not outs:
+            return out
+        in_storage = {t.untyped_storage().data_ptr() for t in ins}
+        if not name.endswith("_") and all(t.untyped_storage().data_ptr() in in_storage for t in outs):
+            return out  # a view, or an op that handed its input back (contiguous() of a contiguous tensor)
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        self.rec.torch_ops.append(dict(phase=self.rec.phase, op=f"{func.namespace}.{name}", after_launch=len(
+            self.rec.launches), bytes_read=nbytes(ins), bytes_written=nbytes(outs),
+            shapes=[list(t.shape) for t in outs], dtypes=[str(t.dtype).replace("torch.", "") for t in outs]))
+        return out
+
+
 @contextlib.contextmanager
 def gpu_code_path(sms: int = H200["sms"]) -> Iterator[None]:
     """Let the fused ops take the Triton backend's GPU path on CPU tensors, for recording.
@@ -158,7 +198,8 @@ def gpu_code_path(sms: int = H200["sms"]) -> Iterator[None]:
     The kernels chose their code path at import (TRITON_INTERPRET unset: the GPU one); only
     the dispatcher's gate (which lets CPU tensors through to Triton only under the interpreter)
     is opened here, and the launchers size their persistent grids and split-K for `sms`
-    multiprocessors (an H200's 132) instead of the 64 they assume off a GPU."""
+    multiprocessors (an H200's 132) instead of the 64 they assume off a GPU, and the fused
+    plan lays its weights out as it does on CUDA."""
     import fastsr.kernels.conv2d as conv_mod
     import fastsr.kernels.conv2d_backward as bwd_mod
     import fastsr.kernels.resblock as block_mod
@@ -166,13 +207,18 @@ def gpu_code_path(sms: int = H200["sms"]) -> Iterator[None]:
 
     if conv_mod._INTERPRET or bwd_mod._INTERPRET or block_mod._INTERPRET:
         raise RuntimeError("fastsr.kernels was imported under TRITON_INTERPRET=1: no GPU code path to record")
-    saved = dispatch.triton_interpreting, conv_mod._multiprocessor_count
+    import fastsr.models.fused as fused
+
+    saved = dispatch.triton_interpreting, conv_mod._multiprocessor_count, fused._plan_weight
     dispatch.triton_interpreting = lambda: True
     conv_mod._multiprocessor_count = lambda device: sms
+    # The fused plan keeps weights in the kernels' packed layout on CUDA (the per-call pack
+    # is then a free view), in the usual one on the CPU: take the CUDA branch.
+    fused._plan_weight = fused.kernel_layout
     try:
         yield
     finally:
-        dispatch.triton_interpreting, conv_mod._multiprocessor_count = saved
+        dispatch.triton_interpreting, conv_mod._multiprocessor_count, fused._plan_weight = saved
 
 
 # ----------------------------------------------------------------- the JIT's specialization
@@ -555,10 +601,11 @@ def build_model(name: str, scale: int, dtype: torch.dtype) -> torch.nn.Module:
 
 def drive_model(name: str, scale: int, lr_size: tuple[int, int], dtype: torch.dtype,
                 train_batch: int = TRAIN_BATCH, train_patch: tuple[int, int] = TRAIN_PATCH,
-                train: bool = True) -> list[Launch]:
+                train: bool = True) -> Recorder:
     """Record every launch of one fused inference forward (batch 1, lr_size) and one fused
     training step (train_batch LR patches of train_patch, L1 loss, forward + backward) of the
-    preset, with what the model itself runs: fused=True, backend='triton', the GPU path.
+    preset, with what the model itself runs: fused=True, backend='triton', the GPU path; and
+    the PyTorch ops around them (Recorder.torch_ops).
 
     Nothing is computed (launches are recorded, outputs stay uninitialized): the tensors only
     carry shapes, dtypes and storage layouts, on the CPU."""
@@ -566,19 +613,27 @@ def drive_model(name: str, scale: int, lr_size: tuple[int, int], dtype: torch.dt
     with gpu_code_path(), recording(rec):
         model = build_model(name, scale, dtype)
         fwd = (lambda x: model(x, scale=scale)) if name.startswith("mdsr") else model
-        rec.phase = "inference"
+        image = torch.rand(1, 3, *lr_size) * 255
+        patches = torch.rand(train_batch, 3, *train_patch) * 255
+        # Building the model and its inputs is not part of a step, nor is the first inference
+        # call's one-time work (the folded weights are built then cached; the input range is
+        # checked once): one forward first, its record dropped, then the steady state watched.
         model.eval()
         with torch.no_grad():
-            fwd(torch.rand(1, 3, *lr_size) * 255)
-        if train:
-            model.train()
-            rec.phase = "train.forward"
-            lr = torch.rand(train_batch, 3, *train_patch) * 255
-            out = fwd(lr)
-            loss = torch.nn.functional.l1_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
-            rec.phase = "train.backward"
-            loss.backward()
-    return rec.launches
+            fwd(image)
+        rec.launches.clear()
+        with TorchOps(rec):
+            rec.phase = "inference"
+            with torch.no_grad():
+                fwd(image)
+            if train:
+                model.train()
+                rec.phase = "train.forward"
+                out = fwd(patches)
+                loss = torch.nn.functional.l1_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
+                rec.phase = "train.backward"
+                loss.backward()
+    return rec
 
 
 # -------------------------------------------------------------------------------- compiling
@@ -748,7 +803,7 @@ def check_wide_loads(rows: list[dict]) -> list[str]:
 
 
 def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: bool, jobs: int,
-         meta: dict) -> tuple[list[dict], list[str]]:
+         meta: dict, torch_ops: list[dict] = ()) -> tuple[list[dict], list[str]]:
     """Compile, read the SASS, and (out_dir) write cubins, manifest.json, sass_report.{json,txt}.
     Returns the table rows and the problems found."""
     vs, records = variants(launches, arch, first_config, meta.get("jit_attrs", True))
@@ -790,7 +845,7 @@ def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: 
     problems += [f"NARROW {p}" for p in check_wide_loads(rows)] if meta.get("check_wide_loads") else []
     meta = {**meta, "compile_s": round(compile_s, 1), "kernels_compiled": len(vs)}
     if out_dir is not None:
-        manifest = {"arch": arch, **meta, "kernels": entries, "launches": records}
+        manifest = {"arch": arch, **meta, "kernels": entries, "launches": records, "torch_ops": list(torch_ops)}
         (out_dir / "manifest.json").write_text(_json_lines(manifest))
         (out_dir / "sass_report.json").write_text(_json_lines(
             {"arch": arch, **meta, "rows": [{k: r[k] for k in r if k != "config_text"} for r in rows]}))
@@ -823,6 +878,39 @@ def _report_text(rows: list[dict], meta: dict, arch: int, problems: list[str]) -
                  else "compiled WITHOUT the JIT's specialization (--no-specialize: no GPU launch runs these)\n"))
     return head + _TABLE_NOTES + "\n\n" + table_text(rows) + "\n\n" + (
         "\n".join(problems) if problems else "no problems") + "\n"
+
+
+_COMPARED = ("mma", "hgmma_shape", "regs", "spill_store_bytes", "stack_bytes", "smem_bytes", "ctas", "tma_loads",
+             "cp_async", "widest_load", "widest_store", "narrowest_store", "int_pred_per_hgmma")
+
+
+def compare_reports(a: dict, b: dict) -> str:
+    """Two sass_report.json (two Triton versions, say) side by side: per kernel (role, phase,
+    shape, config) the facts that differ, and which facts never differ."""
+
+    def index(rep):
+        out = {}
+        for r in rep["rows"]:
+            cfg = {k: v for k, v in r["config"].items() if k != "num_ctas"}
+            key = (r["role"], r["name"], r["dtype"], _shape_text(r["constexprs"]), json.dumps(cfg, sort_keys=True),
+                   "+".join(r["phases"]))
+            out[key] = r["sass"]
+        return out
+
+    ia, ib = index(a), index(b)
+    common = [k for k in ia if k in ib]
+    lines = [f"A: triton {a.get('triton')}  B: triton {b.get('triton')}  ({len(common)} kernels in both, "
+             f"{len(ia) - len(common)} only in A, {len(ib) - len(common)} only in B)"]
+    same = set(_COMPARED)
+    for k in common:
+        diffs = [f"{f} {ia[k].get(f)} -> {ib[k].get(f)}" for f in _COMPARED if ia[k].get(f) != ib[k].get(f)]
+        same -= {d.split()[0] for d in diffs}
+        if diffs:
+            role, name, dtype, shape, cfg, phases = k
+            cfg_text = " ".join(f"{x}={y}" for x, y in json.loads(cfg).items())
+            lines.append(f"{role:<10} {shape:<18} {cfg_text:<50} {phases:<28} " + "; ".join(diffs))
+    lines.append("identical in every kernel: " + ", ".join(f for f in _COMPARED if f in same))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- main
@@ -858,22 +946,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-specialize", action="store_true",
                    help="compile without the attributes the JIT derives from real arguments (the old, wrong way)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile threads")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
+                   help="compare two sass_report.json (e.g. two Triton versions) and exit")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare_reports(*(json.loads(f.read_text()) for f in args.compare)))
+        return 0
     t0 = time.perf_counter()
     if args.model:
-        launches = drive_model(args.model, args.scale, args.lr_size, _DTYPES[args.dtype],
-                               args.train_batch, args.train_patch, train=not args.no_train)
+        rec = drive_model(args.model, args.scale, args.lr_size, _DTYPES[args.dtype],
+                          args.train_batch, args.train_patch, train=not args.no_train)
+        launches, torch_ops = rec.launches, rec.torch_ops
         meta = dict(model=args.model, scale=args.scale, lr_size=list(args.lr_size), dtype=args.dtype,
                     train_batch=args.train_batch, train_patch=list(args.train_patch), train=not args.no_train)
     else:
-        launches = drive(args.quick)
+        launches, torch_ops = drive(args.quick), []
         meta = dict(model=None, quick=args.quick)
     meta.update(triton=triton.__version__, torch=torch.__version__, first_config=args.first_config,
                 check_wide_loads=args.check_wide_loads, jit_attrs=not args.no_specialize,
                 launches_recorded=len(launches))
     if args.emit:
         args.emit.mkdir(parents=True, exist_ok=True)
-    rows, problems = emit(launches, args.arch, args.emit, args.first_config, args.jobs, meta)
+    rows, problems = emit(launches, args.arch, args.emit, args.first_config, args.jobs, meta, torch_ops)
     print(_TABLE_NOTES + "\n\n" + table_text(rows))
     for line in problems:
         print(line)

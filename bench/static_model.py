@@ -309,9 +309,42 @@ def render(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def summary(entries: list[dict], manifest: dict, phase_name: str) -> tuple[str, dict]:
+def torch_op_rows(manifest: dict, phases: tuple[str, ...]) -> list[dict]:
+    """The PyTorch ops between the Triton launches (casts, copies, the loss, weight folding),
+    grouped by op: each is a memory pass, timed at the DRAM rate (a lower bound: no kernel of
+    theirs does better than one read and one write at copy bandwidth)."""
+    rows: dict[tuple, dict] = {}
+    for op in manifest.get("torch_ops", []):
+        if op["phase"] not in phases:
+            continue
+        key = (op["phase"], op["op"])
+        r = rows.setdefault(key, dict(phase=op["phase"], op=op["op"], count=0, bytes=0))
+        r["count"] += 1
+        r["bytes"] += op["bytes_read"] + op["bytes_written"]
+    for r in rows.values():
+        r["seconds"] = r["bytes"] / ceiling("dram")
+    return sorted(rows.values(), key=lambda r: -r["bytes"])
+
+
+def render_torch_ops(rows: list[dict]) -> str:
+    lines = [f"PyTorch ops between the launches (each at the DRAM rate, a lower bound; {len(rows)} kinds):",
+             f"  {'op':<28} {'n':>4} {'MB':>9} {'us':>8}"]
+    for r in rows:
+        if r["bytes"] >= 1e5:
+            lines.append(f"  {_phase_tag(r['phase']) + r['op']:<28} {r['count']:>4} {r['bytes'] / 1e6:>9.1f} "
+                         f"{r['seconds'] * 1e6:>8.1f}")
+    small = [r for r in rows if r["bytes"] < 1e5]
+    if small:
+        lines.append(f"  ({len(small)} more kinds under 0.1 MB each, {sum(r['count'] for r in small)} ops: "
+                     + ", ".join(sorted({r['op'].split('.')[-1] for r in small})) + ")")
+    return "\n".join(lines)
+
+
+def summary(entries: list[dict], manifest: dict, phase_name: str, ops: list[dict] = ()) -> tuple[str, dict]:
     """The whole phase against its floors."""
     total = sum(e["best"]["predicted"] for e in entries)
+    ops_s = sum(r["seconds"] for r in ops)
+    n_ops = sum(r["count"] for r in ops)
     gaps = len(entries) * ceiling("launch_gap")
     useful = sum(e["best"]["work"].useful_flops for e in entries)
     issued = sum(e["best"]["work"].issued_flops for e in entries)
@@ -327,6 +360,7 @@ def summary(entries: list[dict], manifest: dict, phase_name: str) -> tuple[str, 
     text = "\n".join([
         f"{phase_name}: {len(entries)} launches; predicted {total * ms:.3f} ms of kernel time "
         f"(+ {gaps * ms:.3f} ms of launch gaps at {ceiling('launch_gap') * 1e6:.0f} us each without CUDA graphs)",
+        f"  + {n_ops} PyTorch ops between them: {ops_s * ms:.3f} ms at the DRAM rate (+ their launch gaps)",
         f"  useful {useful / 1e9:.1f} GFLOP, issued {issued / 1e9:.1f} GFLOP ({issued / useful:.2f}x), "
         f"minimum DRAM {dram / 1e6:.0f} MB over the launches",
         f"  floor: useful FLOPs at the tensor-core rate {flop_floor * ms:.3f} ms; sum of per-layer floors "
@@ -335,7 +369,8 @@ def summary(entries: list[dict], manifest: dict, phase_name: str) -> tuple[str, 
         "  predicted time by binding term: " + ", ".join(f"{k} {v * ms:.3f} ms" for k, v in by_term.items() if v),
         "  predicted time by role: " + ", ".join(f"{k} {v * ms:.3f} ms" for k, v in by_role.items()),
     ])
-    return text, dict(launches=len(entries), predicted_s=total, launch_gaps_s=gaps, useful_flops=useful,
+    return text, dict(launches=len(entries), predicted_s=total, launch_gaps_s=gaps, torch_ops=n_ops,
+                      torch_ops_s=ops_s, useful_flops=useful,
                       issued_flops=issued, dram_bytes=dram, flop_floor_s=flop_floor,
                       per_layer_floor_s=per_layer_floor, by_term_s=by_term, by_role_s=by_role)
 
@@ -526,15 +561,16 @@ def main(argv: list[str] | None = None) -> int:
         what = (f"inference, batch 1 at {m.get('lr_size')} LR" if ph == "inference"
                 else f"one training step, batch {m.get('train_batch')} of {m.get('train_patch')} LR patches")
         parts.append(render(group(entries), f"== {what}: per layer, the best predicted config of each launch =="))
-        text, totals = summary(entries, manifest, what)
-        parts += ["", text, ""]
+        ops = torch_op_rows(manifest, wanted)
+        text, totals = summary(entries, manifest, what, ops)
+        parts += ["", render_torch_ops(ops), "", text, ""]
         if args.measure:
             measured = measure_launches(manifest, ph, args.reps)
             table, rows = measured_table(entries, measured)
             parts += [f"== {what}: measured on {_device_name()} (median of {args.reps}, CUDA events per launch) "
                       "beside the prediction for the config the autotuner chose ==", table, ""]
             dump.setdefault("measured", {})[ph] = rows
-        dump[ph] = dict(totals=totals, launches=[
+        dump[ph] = dict(totals=totals, torch_ops=ops, launches=[
             dict(index=e["index"], phase=e["phase"], role=e["role"], kernel=e["kernel"], label=e["label"],
                  best=_entry_json(e["best"]), configs=[_entry_json(c) for c in e["configs"]]) for e in entries])
     if args.measure:
