@@ -195,7 +195,8 @@ def test_output_problems_are_one_line(tmp_path, capsys):
 
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "--scale", "2", "--tile", "0"]) == 2
-    assert cli.main(["upscale", "x.png", "-o", str(tmp_path)]) == 2  # --scale missing
+    assert cli.main(["upscale", "x.png", "-o", str(tmp_path)]) == 1  # --scale missing: no weights file to give it
+    assert "--scale is required without --weights" in capsys.readouterr().err
     assert cli.main(["upscale", "x.png", "-o", str(tmp_path), "-s", "5"]) == 2
     assert cli.main(["eval", str(tmp_path), "-s", "2", "--bicubic", "--weights", "w.pt"]) == 2
     assert cli.main([]) == 2

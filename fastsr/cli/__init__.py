@@ -1,7 +1,7 @@
-"""The `fastsr` command line: `fastsr upscale ...`, `fastsr eval ...`, `fastsr train ...`.
+"""The `fastsr` command line: `fastsr upscale ...`, `eval ...`, `train ...`, `compare ...`, `export ...`.
 
-One module per command (`fastsr.cli.upscale`, `.evaluate`, `.train`, `.compare`), each defining
-`COMMAND = Command(help, add_arguments, run)`; `COMMANDS` below lists them, and a new
+One module per command (`fastsr.cli.upscale`, `.evaluate`, `.train`, `.export`, `.compare`),
+each defining `COMMAND = Command(help, add_arguments, run)`; `COMMANDS` below lists them, and a new
 command joins with one line there. What the commands share (messages, argument types,
 the model arguments and `load_upscaler`) is in `fastsr.cli.common`. `run(args)` returns
 the exit status.
@@ -19,7 +19,7 @@ import sys
 import warnings
 from typing import Sequence
 
-from fastsr.cli import compare, evaluate, train, upscale
+from fastsr.cli import compare, evaluate, export, train, upscale
 from fastsr.cli.common import PROG, Command, Terminated, error, info, sigterm_as_interrupt
 from fastsr.errors import FastSRError
 
@@ -27,6 +27,7 @@ COMMANDS: dict[str, Command] = {
     "upscale": upscale.COMMAND,
     "eval": evaluate.COMMAND,
     "train": train.COMMAND,
+    "export": export.COMMAND,
     "compare": compare.COMMAND,
 }
 

@@ -145,10 +145,15 @@ def device_arg(text: str) -> str:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments `load_upscaler` reads: --scale, --weights/--bicubic, --layout, --model,
     --device, --half, --backend, --tile, --tile-overlap, --self-ensemble."""
-    p.add_argument("--scale", "-s", type=int, required=True, choices=SUPPORTED_SCALES, help="upscaling factor")
+    p.add_argument("--scale", "-s", type=int, choices=SUPPORTED_SCALES,
+                   help="upscaling factor (default: the --weights file's own scale; required without --weights "
+                        "and for MDSR files, which hold several)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--weights", "-w", metavar="FILE",
-                       help="checkpoint: official EDSR/MDSR .pt, BasicSR .pth or fastsr .safetensors")
+    which.add_argument("--weights", "-w", metavar="WEIGHTS",
+                       help="a checkpoint file (official EDSR/MDSR .pt, BasicSR .pth, fastsr .safetensors), "
+                            "'default' (the shipped EDSR-baseline files; also what runs without --weights), "
+                            "'official' (the EDSR-PyTorch release for --model and --scale, downloaded once into "
+                            "torch.hub's cache and hash-checked), or hf://OWNER/REPO[/FILE] (needs fastsr[hub])")
     which.add_argument("--bicubic", action="store_true", help="plain MATLAB-style bicubic instead of a network")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="how --weights is laid out: auto (official, BasicSR or fastsr, told by key names; "
@@ -215,29 +220,52 @@ def _check_model(model: nn.Module, source: str, scale: int, preset: str | None) 
         )
 
 
+def weights_file(spec: str, preset: str | None, scale: int | None) -> Path:
+    """--weights text -> a local file (fastsr.weights.resolve_weights). The words "default"
+    and "official" name the file by the preset's architecture (default edsr_baseline) at
+    `scale`, which EDSR presets need."""
+    from fastsr.weights import WEIGHT_WORDS, resolve_weights
+
+    if spec not in WEIGHT_WORDS:
+        return resolve_weights(spec)
+    preset = preset or "edsr_baseline"
+    if scale is None and "scale" in inspect.signature(PRESETS[preset]).parameters:
+        raise FastSRError(f"--weights {spec} needs --scale (the file is chosen by --model and scale)")
+    return resolve_weights(spec, _preset_reference(preset, scale).arch)
+
+
 def load_upscaler(args: argparse.Namespace) -> Upscaler:
-    """Resolve --weights / --model / --bicubic / --device / --half into an Upscaler.
+    """Resolve --weights / --model / --scale / --bicubic / --device / --half into an Upscaler.
 
     Never random weights: without --weights and without shipped weights it is bicubic,
-    with BICUBIC_WARNING on stderr.
+    with BICUBIC_WARNING on stderr. Without --scale, a --weights file's own scale is used.
     """
     from fastsr.checkpoints import model_arch_tag, model_from_checkpoint
     from fastsr.weights import default_weights
 
     scale = args.scale
     device = pick_device(args.device)
-    common = dict(device=device, scale=scale, tile=args.tile, tile_overlap=args.tile_overlap,
-                  self_ensemble=args.self_ensemble)
+    spec = args.weights
+    if scale is None and args.bicubic:
+        raise FastSRError("--bicubic needs --scale")
+    if scale is None and spec is None:
+        raise FastSRError("--scale is required without --weights (the shipped EDSR-baseline weights are x2, x3, x4)")
+
+    def upscaler(model: nn.Module | None, label: str, dtype: torch.dtype, at: int) -> Upscaler:
+        return Upscaler(model, label, dtype=dtype, device=device, scale=at, tile=args.tile,
+                        tile_overlap=args.tile_overlap, self_ensemble=args.self_ensemble)
+
     if args.bicubic:
-        return Upscaler(None, "bicubic", dtype=torch.float32, **common)
-    weights = Path(args.weights) if args.weights else None
-    if weights is None:
+        return upscaler(None, "bicubic", torch.float32, scale)
+    if spec is None:
         if args.model not in (None, "edsr_baseline"):
-            raise FastSRError(f"no weights ship for --model {args.model}; pass --weights FILE")
+            raise FastSRError(f"no weights ship for --model {args.model}; pass --weights official or a file")
         weights = default_weights(scale)
         if weights is None:
             info(BICUBIC_WARNING)
-            return Upscaler(None, "bicubic (no weights)", dtype=torch.float32, **common)
+            return upscaler(None, "bicubic (no weights)", torch.float32, scale)
+    else:
+        weights = weights_file(spec, args.model, scale)
     half = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else None
     backend = getattr(args, "backend", "auto")
     if backend == "eager":
@@ -247,10 +275,14 @@ def load_upscaler(args: argparse.Namespace) -> Upscaler:
         model = model_from_checkpoint(weights, layout=args.layout, fused=True,
                                       backend=None if backend == "auto" else backend, dtype=half)
         dtype = torch.float32
+    if scale is None:
+        if isinstance(model, MDSR):
+            raise FastSRError(f"{weights} is an MDSR with scales {', '.join(map(str, model.scales))}: pass --scale")
+        scale = model.scale
     _check_model(model, str(weights), scale, args.model)
     model = model.to(device=device, dtype=dtype).eval()
     label = f"{model_arch_tag(model)} from {weights}, {'eager' if backend == 'eager' else 'fused'}"
-    return Upscaler(model, label, dtype=dtype, **common)
+    return upscaler(model, label, dtype, scale)
 
 
 def protocol_upscale(up: Upscaler) -> Callable[[torch.Tensor], torch.Tensor]:

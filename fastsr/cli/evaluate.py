@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from fastsr.imageio import list_images, read_image, write_png
 
     protocol = get_protocol(args.protocol)
-    scales = list(dict.fromkeys(args.scale))  # in the order given, once each
+    scales = list(dict.fromkeys(args.scale or []))  # in the order given, once each
     datasets = []
     for d in args.datasets:
         folder = Path(d)
@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
         if not paths:
             raise FastSRError(f"{folder}: no image files in this folder")
         datasets.append((folder, paths))
-    upscalers = {s: load_upscaler(argparse.Namespace(**{**vars(args), "scale": s})) for s in scales}
+    if not scales:  # no --scale: the weights file's own
+        up = load_upscaler(args)
+        scales, upscalers = [up.scale], {up.scale: up}
+    else:
+        upscalers = {s: load_upscaler(argparse.Namespace(**{**vars(args), "scale": s})) for s in scales}
     images = {}  # decoded once, reused for every scale
     results = []
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from fastsr.cli.common import (
     BICUBIC_WARNING, PROG, Command, add_model_arguments, describe, error, info, load_upscaler,
     positive_int, size_arg,
 )
+from fastsr.distributed import Dist
 from fastsr.errors import FastSRError
 from fastsr import inference
 from fastsr.inference import Upscaler, format_size
@@ -122,10 +123,12 @@ def _crop_upscaler(up: Upscaler, bit_depth: int, name: str) -> Callable[[np.ndar
 
 
 class _Notes:
-    """Warnings given once per run, not once per image."""
+    """Warnings given once per run, not once per image; bars: whether this process draws
+    progress bars (under torchrun, rank 0 alone)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bars: bool = True) -> None:
         self.given: set[str] = set()
+        self.bars = bars
 
     def once(self, key: str, message: str) -> None:
         if key not in self.given:
@@ -156,10 +159,10 @@ def _tile_for(up: Upscaler, name: str, shape: tuple[int, int, int], bit_depth: i
     return tile
 
 
-def _bar(total: int, name: str, unit: str):
+def _bar(total: int, name: str, unit: str, notes: _Notes):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=name, unit=unit, leave=False, disable=None, file=sys.stderr)
+    return tqdm(total=total, desc=name, unit=unit, leave=False, disable=None if notes.bars else True, file=sys.stderr)
 
 
 def _upscale_file(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Notes) -> None:
@@ -185,7 +188,7 @@ def _upscale_file(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Not
     h, w, channels = pixels.shape
     process = _crop_upscaler(up, bit_depth, str(path))
     tiles = tile_count((h, w), tile)
-    bar = _bar(tiles, path.name, "tile") if tiles > 1 else None  # one image taking a while: its ETA
+    bar = _bar(tiles, path.name, "tile", notes) if tiles > 1 else None  # one image taking a while: its ETA
 
     def counted(crop: np.ndarray) -> torch.Tensor:
         out = process(crop)
@@ -213,7 +216,7 @@ def _upscale_animation(up: Upscaler, job: _Job, args: argparse.Namespace, notes:
     tile = _tile_for(up, str(job.path), anim.frames[0].shape, 8, args, base, notes)
     process = _crop_upscaler(up, 8, str(job.path))
     out = []
-    bar = _bar(len(anim.frames), job.path.name, "frame")
+    bar = _bar(len(anim.frames), job.path.name, "frame", notes)
     try:
         for frame in anim.frames:
             out.append(np.concatenate(list(upscale_rows(process, frame, up.scale, tile, up.context))))
@@ -224,13 +227,9 @@ def _upscale_animation(up: Upscaler, job: _Job, args: argparse.Namespace, notes:
     write_animation(job.target, Animation(out, anim.durations, anim.loop))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Upscale every input; exit status 1 when any input or output had a problem."""
-    from tqdm import tqdm
-
-    out_dir = Path(args.output)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FastSRError(f"{out_dir}: exists and is not a folder (-o/--output names a folder)")
+def _plan_run(args: argparse.Namespace, out_dir: Path) -> tuple[list[_Job], int]:
+    """The jobs (after --skip-existing) and the problems already reported; FastSRError when
+    there is nothing to upscale."""
     paths, errors = _collect_inputs(args.inputs, args.recursive, out_dir)
     for message in errors:
         error(message)
@@ -238,23 +237,69 @@ def run(args: argparse.Namespace) -> int:
     failures = len(errors) + problems
     if not jobs:
         raise FastSRError("no input images to upscale")
-    skipped = 0
     if args.skip_existing:
         todo = [job for job in jobs if not job.target.exists()]
-        skipped = len(jobs) - len(todo)
-        if skipped:
-            info(f"skipping {skipped} image(s) whose output exists (--skip-existing)")
+        if len(todo) < len(jobs):
+            info(f"skipping {len(jobs) - len(todo)} image(s) whose output exists (--skip-existing)")
         jobs = todo
-        if not jobs:
-            return 1 if failures else 0
+    return jobs, failures
 
-    up = load_upscaler(args)
-    info(f"upscaling {len(jobs)} image(s) {describe(up)} into {out_dir}")
+
+def run(args: argparse.Namespace) -> int:
+    """Upscale every input; exit status 1 when any input or output had a problem.
+
+    Under torchrun (WORLD_SIZE > 1) the ranks share the work: rank 0 lists and plans the
+    files, every rank upscales its share (job i on rank i mod WORLD_SIZE), each on its own
+    device (cuda:LOCAL_RANK with --device auto or cuda), and rank 0 reports the totals.
+    """
+    from fastsr import distributed
+
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FastSRError(f"{out_dir}: exists and is not a folder (-o/--output names a folder)")
+    dist = distributed.from_env()
+    if dist.world > 1:
+        if args.device != "cuda" or torch.cuda.is_available():  # else load_upscaler says why not
+            args.device = str(distributed.rank_device(args.device, dist))
+        distributed.start(dist, torch.device("cuda" if args.device.startswith("cuda") else "cpu"))
+    try:
+        return _run(args, out_dir, dist)
+    finally:
+        distributed.stop(dist)
+
+
+def _run(args: argparse.Namespace, out_dir: Path, dist: Dist) -> int:
+    from tqdm import tqdm
+
+    up = None
+    if args.scale is None:  # the weights file's own scale names the outputs: load it first
+        up = load_upscaler(args)
+        args.scale = up.scale
+    plan: tuple[list[_Job], int] | str | None = None
+    if dist.main:
+        try:
+            plan = _plan_run(args, out_dir)
+        except FastSRError as e:
+            plan = str(e)
+    plan = dist.broadcast(plan)
+    if isinstance(plan, str):  # rank 0 reports it; the other ranks only follow
+        if dist.main:
+            raise FastSRError(plan)
+        return 1
+    jobs, planned = plan  # problems rank 0 found (and reported) while listing
+    if not jobs:
+        return 1 if planned else 0
+    mine = jobs[dist.rank::dist.world]
+
+    up = up or load_upscaler(args)
+    if dist.main:
+        ranks = f" over {dist.world} ranks" if dist.world > 1 else ""
+        info(f"upscaling {len(jobs)} image(s){ranks} {describe(up)} into {out_dir}")
     if args.max_memory is not None:
         up.check_memory_floor(args.max_memory)
-    done = 0
-    notes = _Notes()
-    for job in tqdm(jobs, desc=PROG, unit="img", disable=None, file=sys.stderr):
+    done = failures = 0
+    notes = _Notes(bars=dist.main)
+    for job in tqdm(mine, desc=PROG, unit="img", disable=None if dist.main else True, file=sys.stderr):
         try:
             (_upscale_animation if job.frames > 1 else _upscale_file)(up, job, args, notes)
         except FastSRError as e:
@@ -266,9 +311,12 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             continue
         done += 1
-    info(f"wrote {done} of {len(jobs)} image(s) to {out_dir}" + (f"; {failures} problem(s) reported" if failures else ""))
-    if up.model is None and up.label != "bicubic":
-        info(BICUBIC_WARNING)
+    counts = dist.gather((done, failures))
+    done, failures = sum(c[0] for c in counts), planned + sum(c[1] for c in counts)
+    if dist.main:
+        info(f"wrote {done} of {len(jobs)} image(s) to {out_dir}" + (f"; {failures} problem(s) reported" if failures else ""))
+        if up.model is None and up.label != "bicubic":
+            info(BICUBIC_WARNING)
     return 1 if failures else 0
 
 
