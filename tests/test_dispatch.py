@@ -164,3 +164,18 @@ def test_model_plan_under_the_interpreter_reports_the_triton_kernels():
         ("head.0", "triton_conv"), ("body.0", "triton_block"), ("body.1", "triton_conv"),
         ("tail.0.0", "triton_conv"), ("tail.1", "triton_conv")]
     assert model.backend == "triton"
+
+
+def test_plan_check_script_prints_and_writes_the_plan(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "plan_check.py"
+    spec = importlib.util.spec_from_file_location("plan_check", path)
+    plan_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_check)
+    out = tmp_path / "plan.json"
+    assert plan_check.main(["--device", "cpu", "--lr-size", "6x7", "--dtype", "float32", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["backend"] == "cpu" and len(data["plan"]) == 1 + 16 + 1 + 1 + 1  # head, blocks, body conv, up, tail
+    assert "body.15" in capsys.readouterr().out

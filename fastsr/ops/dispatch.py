@@ -277,7 +277,8 @@ def cuda_event_timer(runs: Mapping[str, Callable[[], object]], warmup: int = 2, 
 
 # The timer is replaceable (tests inject fake timings; see set_timer).
 _timer: Callable[[Mapping[str, Callable[[], object]]], dict[str, float]] = cuda_event_timer
-_memory: dict[str, Choice] = {}
+_memory: dict[str, Choice] = {}   # timed choices, by cache key
+_settled: dict[tuple, Choice] = {}  # choices with a single eligible candidate (no timing to do)
 
 
 def set_timer(timer: Callable | None) -> None:
@@ -289,6 +290,7 @@ def set_timer(timer: Callable | None) -> None:
 def clear_cache() -> None:
     """Forget every choice made in this process (the disk cache is left as it is)."""
     _memory.clear()
+    _settled.clear()
 
 
 def choose(op: str, sig: Signature, requested: str | None = None,
@@ -299,6 +301,9 @@ def choose(op: str, sig: Signature, requested: str | None = None,
     shapes; needed when the choice may be timed (CUDA, several candidates)."""
     if requested == "reference":
         return Choice("reference", "reference")
+    settled = (op, sig, requested, triton_interpreting())
+    if settled in _settled:  # one eligible candidate: no state but the interpreter flag changes it
+        return _settled[settled]
     ok, reasons = _eligible(op, requested, sig)
     if not ok:
         if requested is None:  # auto: the reference always runs
@@ -306,7 +311,8 @@ def choose(op: str, sig: Signature, requested: str | None = None,
         raise BackendUnavailable(f"backend {requested!r} cannot run {op} on a {sig.device_type} "
                                  f"{str(sig.dtype).replace('torch.', '')} tensor: " + "; ".join(reasons))
     if len(ok) == 1:
-        return Choice(ok[0].name, ok[0].family)
+        _settled[settled] = Choice(ok[0].name, ok[0].family)
+        return _settled[settled]
     key = f"{sig.key()}|{requested}"
     if key in _memory:
         return _memory[key]
