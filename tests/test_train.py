@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from fastsr.errors import FastSRError
 from fastsr.train import ConfigError, TrainConfig, load_config, load_train_checkpoint, train
+from testenv import GLOO_THREADS_REPORT, torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,21 +195,15 @@ DDP_DRIVER = r"""
 import os, sys
 from fastsr.train import main
 code = main(sys.argv[1:])
-names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-print(f"rank {os.environ['RANK']} gloo threads left: {[n for n in names if 'gloo' in n]}", flush=True)
-sys.exit(code)
-"""
+""" + GLOO_THREADS_REPORT
 
 
 def test_two_process_gloo_ddp_ends_with_identical_weights(photos, tmp_path):
     run = tmp_path / "ddp"
     driver = tmp_path / "ddp_driver.py"
     driver.write_text(DDP_DRIVER)
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*launcher, "--standalone", "--nproc-per-node", "2", str(driver),
-                        *cli_args(photos, run, steps=4, batch_size=4)],
+    r = subprocess.run([*torchrun_command(2, driver), *cli_args(photos, run, steps=4, batch_size=4)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     if Path("/proc/self/task").is_dir():

@@ -1,6 +1,7 @@
 """`fastsr upscale` as a user runs it: --tile auto by default, progress, the overlap warning,
 gray stays gray, animations keep every frame, --recursive, SIGTERM cleans up (issue 18)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import fastsr.inference as inference
 from fastsr import cli
 from fastsr.checkpoints import model_from_checkpoint
 from fastsr.imageio import encode_png16, read_image
+from testenv import GLOO_THREADS_REPORT, torchrun_command
 
 
 def _photo(h, w, phase=0.0):
@@ -200,3 +202,53 @@ def test_sigterm_leaves_no_temp_file(tmp_path, weights_x2):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+# `fastsr upscale` under torchrun, every PNG write logged with the rank that made it, then
+# the names of the gloo threads still running in this process.
+TORCHRUN_DRIVER = r"""
+import os, sys
+import fastsr.pngstream as pngstream
+from fastsr.cli import main
+
+real = pngstream.atomic_write
+def logged(path, write):
+    with open(os.path.join(os.environ["WRITE_LOG"], f"rank{os.environ['RANK']}.txt"), "a") as f:
+        f.write(f"{path}\n")
+    return real(path, write)
+pngstream.atomic_write = logged
+code = main(sys.argv[1:])
+""" + GLOO_THREADS_REPORT
+
+
+def test_torchrun_splits_the_files_over_two_gloo_ranks(tmp_path, weights_x2):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(9):
+        PILImage.fromarray(_photo(8 + i, 9, phase=i)).save(d / f"img{i}.png")
+    (d / "broken.png").write_text("not a png\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(TORCHRUN_DRIVER)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WRITE_LOG": str(logs)}
+    r = subprocess.run([*torchrun_command(2, driver), "upscale", str(d), "-o", str(out), "-s", "2", "-w", str(weights_x2)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0, r.stderr[-3000:]  # broken.png: a problem reported, on both ranks
+    writes = {rank: (logs / f"rank{rank}.txt").read_text().split() for rank in (0, 1)}
+    assert all(writes.values()), writes  # both ranks did some of the work
+    every = writes[0] + writes[1]
+    assert sorted(every) == sorted(str(out / f"img{i}_x2.png") for i in range(9))  # each output once
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"img{i}_x2.png" for i in range(9))
+    for i in (0, 8):
+        expected = _library_sr(weights_x2, read_image(d / f"img{i}.png").rgb)
+        assert (read_image(out / f"img{i}_x2.png").rgb - expected).abs().max() <= 1
+    err = r.stderr
+    assert err.count("upscaling 10 image(s) over 2 ranks") == 1
+    assert err.count("wrote 9 of 10 image(s)") == 1 and err.count("1 problem(s) reported") == 1
+    assert len([line for line in err.splitlines() if line.startswith("fastsr: error:") and "broken.png" in line]) == 1
+    # torchrun prints its own traceback (ChildFailedError) for a rank's exit status 1: none from fastsr.
+    assert not re.search(r'File "[^"]*fastsr/', err), err
+    if os.path.isdir("/proc/self/task"):  # the process group ended with the command: gloo's threads joined
+        assert r.stdout.count("gloo threads left: []") == 2, r.stdout

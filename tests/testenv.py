@@ -8,6 +8,8 @@ read when a kernel is decorated, so it is set here, before anything imports the 
 (tests/conftest.py imports this module first).
 """
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,19 @@ def tiny_random(model):
         if p.requires_grad:
             p.data = torch.randn(p.shape, generator=g) * 0.05
     return model
+
+
+# The end of a torchrun driver script: exit with `code`, after printing the names of the gloo
+# threads still running in this rank (none once the process group is destroyed).
+GLOO_THREADS_REPORT = r"""
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']} gloo threads left: {[n for n in names if 'gloo' in n]}", flush=True)
+sys.exit(code)
+"""
+
+
+def torchrun_command(nproc: int, script: Path) -> list[str]:
+    """torchrun (or python -m torch.distributed.run) --standalone with nproc ranks on script."""
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--standalone", "--nproc-per-node", str(nproc), str(script)]
