@@ -136,7 +136,8 @@ def test_cpu_is_chosen_without_timing():
                                                            torch.zeros(8, 3, 3, 3)), None).name == "reference"
 
 
-def test_model_plan_names_every_layer_and_what_ran():
+def test_model_plan_names_every_layer_and_what_ran(monkeypatch):
+    monkeypatch.setenv("FASTSR_DETERMINISTIC", "1")  # fastsr's own ops, not a timed OpenVINO run
     model = fastsr.EDSR(4, n_resblocks=2, n_feats=8, fused=True).eval()
     with torch.no_grad():
         model(torch.rand(1, 3, 5, 6) * 255)
@@ -166,7 +167,8 @@ def test_model_plan_under_the_interpreter_reports_the_triton_kernels():
     assert model.backend == "triton"
 
 
-def test_plan_check_script_prints_and_writes_the_plan(tmp_path, capsys):
+def test_plan_check_script_prints_and_writes_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTSR_DETERMINISTIC", "1")
     import importlib.util
     from pathlib import Path
 

@@ -229,6 +229,39 @@ class _FusedMixin:
         out = self._forward_network(x, scale_idx)
         return out * (1.0 / gain) if gain != 1.0 else out
 
+    def _whole_model_choice_applies(self, x: torch.Tensor) -> bool:
+        """CPU inference (eval mode, no gradients), auto or backend="openvino": the whole
+        network is one choice between fastsr's fused ops and OpenVINO (fastsr.ops.dispatch)."""
+        return (x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
+                and self.backend_request in (None, "openvino") and not torch.compiler.is_compiling())
+
+    def _forward_whole(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor | None:
+        """OpenVINO's output when the measured choice (or backend="openvino") says so, else None."""
+        from fastsr.models.fused import fused_forward
+        from fastsr.ops import dispatch
+        from fastsr.ops.backends.openvino import PRECISIONS, openvino_forward
+
+        compute = self.compute_dtype or x.dtype
+        sig = dispatch.Signature("model", "cpu", dispatch.device_name(x.device), compute, tuple(x.shape),
+                                 self.n_feats, 3, (self.arch, scale_idx))
+
+        def make_run(name: str):  # fresh data of the real shape
+            fresh = torch.rand_like(x) * self.rgb_range
+            if name == "openvino":
+                return lambda: openvino_forward(self)(fresh, scale_idx, PRECISIONS[compute])
+            return lambda: fused_forward(self, fresh, scale_idx)
+
+        choice = dispatch.choose("model", sig, self.backend_request, make_run)
+        if choice.name != "openvino":
+            return None
+        out = openvino_forward(self)(x, scale_idx, PRECISIONS[compute])
+        self.backend = "openvino"
+        entry = {"layer": "", "implementation": "openvino", "backend": "openvino"}
+        if choice.times_ms is not None:
+            entry["times_ms"] = dict(choice.times_ms)
+        self.plan = [entry]
+        return out
+
     def _forward_network(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor:
         """x in 0..rgb_range -> output in 0..rgb_range, fused or eager; sets self.backend."""
         if not self.fused or _onnx_exporting():
@@ -238,6 +271,10 @@ class _FusedMixin:
             return self._forward_eager(x, scale_idx)
         from fastsr.models.fused import fused_forward
 
+        if self._whole_model_choice_applies(x):
+            out = self._forward_whole(x, scale_idx)
+            if out is not None:
+                return out
         graphs = getattr(self, "graphs", None)
         if graphs is not None and graphs.applies(x):
             out, backend = graphs(x, scale_idx)

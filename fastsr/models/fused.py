@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from fastsr.errors import BackendUnavailable
 from fastsr.ops.conv2d import apply_conv, backward_request, conv2d_choice
 from fastsr.ops.dispatch import choose_backend
 from fastsr.ops.resblock import apply_block, resblock_choice
@@ -225,6 +226,9 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     backward, and nothing is checkpointed: eager autograd's memory, and no recomputed work.
     """
     requested = model.backend_request
+    if requested == "openvino":
+        raise BackendUnavailable("backend='openvino' runs CPU inference only: a CPU input, the model in eval "
+                                 "mode, no gradients (torch.no_grad() or torch.inference_mode())")
     family = choose_backend(x, requested)  # a forced backend that cannot run x fails here, with every reason
     layers = _Layers(model, requested)
     compute = model.compute_dtype or autocast_dtype(x.device) or x.dtype

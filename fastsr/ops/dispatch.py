@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -44,7 +45,7 @@ import torch
 
 from fastsr.errors import BackendUnavailable
 
-BACKENDS = ("triton", "aten", "cpu", "reference")
+BACKENDS = ("triton", "aten", "cpu", "openvino", "reference")
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -75,6 +76,8 @@ def machine_reasons(backend: str) -> list[str]:
     if backend == "triton" and not torch.cuda.is_available() and not triton_interpreting():
         reasons.append("no CUDA device is available (torch.cuda.is_available() is False), and CPU tensors need "
                        "TRITON_INTERPRET=1 (the Triton interpreter, slow, for testing)")
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        reasons.append("openvino is not installed (pip install 'fastsr[openvino]')")
     if backend == "aten" and not torch.cuda.is_available():
         reasons.append("the aten backend is the CUDA floor (cuDNN); no CUDA device is available (use 'cpu')")
     return reasons
@@ -115,13 +118,31 @@ _DEVICE_NAMES: dict[int, str] = {}
 
 
 def device_name(device: torch.device) -> str:
-    """"NVIDIA H200"-style name of a CUDA device (cached), else the device type."""
+    """"NVIDIA H200"-style name of a CUDA device, the CPU's model name (from /proc/cpuinfo
+    where there is one) for the CPU, else the device type. Cached."""
+    if device.type == "cpu":
+        return _cpu_name()
     if device.type != "cuda":
         return device.type
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _DEVICE_NAMES:
         _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
     return _DEVICE_NAMES[index]
+
+
+_CPU_NAME: list[str] = []
+
+
+def _cpu_name() -> str:
+    if not _CPU_NAME:
+        name = "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+        _CPU_NAME.append(f"cpu {name} x{torch.get_num_threads()}")
+    return _CPU_NAME[0]
 
 
 # ------------------------------------------------------------------------- candidates
@@ -177,6 +198,12 @@ def _block_kernel_reasons(sig: Signature) -> list[str]:
     return []
 
 
+def _openvino_reasons(sig: Signature) -> list[str]:
+    if importlib.util.find_spec("openvino") is None:
+        return ["openvino is not installed (pip install 'fastsr[openvino]')"]
+    return [] if sig.shape[0] > 0 else ["an empty batch"]
+
+
 _TRITON = dict(devices=("cuda",), needs_triton=True, interpreted=True)
 _ATEN = _FLOAT + (torch.float64,)  # aten's convolutions take float64 too (gradcheck runs there)
 # In declared order: the pinned (deterministic) choice is the first that can run.
@@ -191,6 +218,16 @@ CANDIDATES: Mapping[str, tuple[Candidate, ...]] = {
         Candidate("triton_convs", "resblock", "triton", **_TRITON),
         Candidate("aten", "resblock", "aten", devices=("cuda",), dtypes=_ATEN),
         Candidate("cpu", "resblock", "cpu", devices=("cpu",), dtypes=_ATEN),
+    ),
+    # The whole network at once, for CPU inference only (a module in eval mode, no
+    # gradients): fastsr's fused ops (each layer then its own choice) or OpenVINO's compile
+    # of the eager graph (fastsr.ops.backends.openvino). Timed on the CPU too: it is one
+    # choice per input shape and dtype, and the two are close enough that only a
+    # measurement can tell (issue table: OpenVINO 1.2-1.8x faster on a Zen 5).
+    "model": (
+        Candidate("fused", "model", "cpu", devices=("cpu",)),
+        Candidate("openvino", "model", "openvino", devices=("cpu",), dtypes=(torch.float32, torch.bfloat16),
+                  extra=_openvino_reasons),
     ),
     "conv2d_backward": (
         Candidate("triton", "conv2d_backward", "triton", **_TRITON),
@@ -251,7 +288,7 @@ def deterministic() -> bool:
 
 
 def _timing_allowed(sig: Signature) -> bool:
-    if sig.device_type != "cuda" or deterministic() or torch.compiler.is_compiling():
+    if (sig.device_type != "cuda" and sig.op != "model") or deterministic() or torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -275,8 +312,22 @@ def cuda_event_timer(runs: Mapping[str, Callable[[], object]], warmup: int = 2, 
     return {name: statistics.median(t) for name, t in samples.items()}
 
 
-# The timer is replaceable (tests inject fake timings; see set_timer).
-_timer: Callable[[Mapping[str, Callable[[], object]]], dict[str, float]] = cuda_event_timer
+def wall_timer(runs: Mapping[str, Callable[[], object]], warmup: int = 1, reps: int = 3) -> dict[str, float]:
+    """Median wall-clock milliseconds of each callable (CPU work), interleaved rounds."""
+    for run in runs.values():
+        for _ in range(warmup):  # the first call also converts / compiles
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in samples.items()}
+
+
+# The timer is replaceable (tests inject fake timings; see set_timer); None: by device.
+_timer: Callable[[Mapping[str, Callable[[], object]]], dict[str, float]] | None = None
 _memory: dict[str, Choice] = {}   # timed choices, by cache key
 _settled: dict[tuple, Choice] = {}  # choices with a single eligible candidate (no timing to do)
 
@@ -284,7 +335,7 @@ _settled: dict[tuple, Choice] = {}  # choices with a single eligible candidate (
 def set_timer(timer: Callable | None) -> None:
     """Use `timer(runs) -> {name: ms}` for timed choices (None: the CUDA-event timer)."""
     global _timer
-    _timer = timer or cuda_event_timer
+    _timer = timer
 
 
 def clear_cache() -> None:
@@ -317,11 +368,12 @@ def choose(op: str, sig: Signature, requested: str | None = None,
     if key in _memory:
         return _memory[key]
     if not _timing_allowed(sig) or make_run is None:
-        found = _load_disk().get(key) if sig.device_type == "cuda" and not deterministic() else None
+        found = _load_disk().get(key) if not deterministic() else None
         return found or Choice(ok[0].name, ok[0].family)  # the pinned choice: declared order
     found = _load_disk().get(key)
     if found is None:
-        times = _timer({c.name: make_run(c.name) for c in ok})
+        timer = _timer or (cuda_event_timer if sig.device_type == "cuda" else wall_timer)
+        times = timer({c.name: make_run(c.name) for c in ok})
         best = min(ok, key=lambda c: times[c.name])
         found = Choice(best.name, best.family, {name: round(float(ms), 4) for name, ms in times.items()})
         _memory[key] = found

@@ -1,0 +1,99 @@
+"""The openvino backend (CPU inference): parity, caching, and the whole-model choice."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastsr
+from fastsr.errors import BackendUnavailable
+from fastsr.ops import dispatch
+from fastsr.ops.backends.openvino import openvino_forward
+from testenv import shared_set
+
+pytest.importorskip("openvino")
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The measured choice on (tests pin it: testenv), with fake timings."""
+    monkeypatch.delenv("FASTSR_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("FASTSR_PLAN_CACHE", raising=False)
+    dispatch.clear_cache()
+    yield
+    dispatch.set_timer(None)
+    dispatch.clear_cache()
+
+
+def _pair(**kw):
+    torch.manual_seed(0)
+    model = fastsr.EDSR(2, n_resblocks=2, n_feats=8, res_scale=0.5, **kw).eval()
+    eager = fastsr.EDSR(2, n_resblocks=2, n_feats=8, res_scale=0.5).eval()
+    eager.load_state_dict(model.state_dict())
+    return model, eager
+
+
+def test_fp32_matches_the_eager_model_and_compiles_once_per_shape():
+    model, eager = _pair(backend="openvino")
+    runner = openvino_forward(model)
+    with torch.no_grad():
+        for shape in [(1, 3, 9, 7), (2, 3, 5, 11), (1, 3, 9, 7)]:
+            x = torch.rand(*shape) * 255
+            out, ref = model(x), eager(x)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * 255)
+    assert model.backend == "openvino" and model.plan[0]["implementation"] == "openvino"
+    assert len(runner._compiled) == 2 and len(runner._converted) == 1  # per shape; one conversion
+    with torch.no_grad():
+        model.tail[1].bias.add_(1.0)  # new weights: converted again, never the stale graph
+        torch.testing.assert_close(model(x), eager(x) + 1.0, rtol=1e-4, atol=1e-4 * 255)
+    assert len(runner._converted) == 1
+
+
+def test_forced_openvino_refuses_training_and_gradients():
+    model, _ = _pair(backend="openvino")
+    x = torch.rand(1, 3, 6, 6) * 255
+    with pytest.raises(BackendUnavailable, match="CPU inference only"):
+        model(x)  # gradients on
+    with torch.no_grad(), pytest.raises(BackendUnavailable, match="CPU inference only"):
+        model.train()(x)
+
+
+def test_the_measured_choice_picks_openvino_when_faster_and_never_for_training(measured):
+    model, eager = _pair(fused=True)
+    x = torch.rand(1, 3, 6, 7) * 255
+    dispatch.set_timer(lambda runs: {"fused": 5.0, "openvino": 2.0})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4 * 255)
+    assert model.backend == "openvino" and model.plan[0]["times_ms"] == {"fused": 5.0, "openvino": 2.0}
+    out = model.train()(x)  # training: fastsr's fused ops, whatever the timings say
+    assert model.backend == "cpu" and out.requires_grad
+    model.eval()
+    dispatch.clear_cache()
+    dispatch.set_timer(lambda runs: {"fused": 1.0, "openvino": 2.0})
+    with torch.no_grad():
+        model(x)
+    assert model.backend == "cpu" and [e["layer"] for e in model.plan][0] == "head.0"
+    pinned = fastsr.EDSR(2, 1, 8, backend="cpu").eval()
+    dispatch.set_timer(lambda runs: pytest.fail("backend='cpu' is not a choice to time"))
+    with torch.no_grad():
+        pinned(x)
+    assert pinned.backend == "cpu"
+
+
+def test_bf16_set5_psnr_within_0_05_db_of_fp32():
+    """The shipped x2 weights on Set5 through OpenVINO: bf16 (its bf16 inference) against fp32."""
+    from fastsr.evaluation import evaluate_image
+    from fastsr.imageio import list_images, read_image
+    from fastsr.metrics import quantize
+
+    paths = list_images([shared_set("Set5")])
+    scores = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = fastsr.edsr_baseline(2, weights="default", backend="openvino",
+                                     dtype=None if dtype == torch.float32 else dtype).eval()
+        with torch.no_grad():
+            rows = [evaluate_image(lambda lr: quantize(model(lr.float())), read_image(p).rgb, 2, "paper")
+                    for p in paths]
+        scores[dtype] = sum(r.psnr for r in rows) / len(rows)
+    print(f"Set5 x2 through OpenVINO: fp32 {scores[torch.float32]:.3f} dB, bf16 {scores[torch.bfloat16]:.3f} dB")
+    assert scores[torch.float32] > 37.0
+    assert abs(scores[torch.bfloat16] - scores[torch.float32]) <= 0.05
