@@ -457,16 +457,17 @@ def write_png(
 # ---------------------------------------------------------------------------------------
 
 
-def is_image_name(path: Path) -> bool:
-    """True for a visible file name with a known image extension (case-insensitive)."""
+def is_image_name(path: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    """True for a visible file name with one of `extensions` (case-insensitive)."""
     # Dot files are skipped: macOS "._x.png" AppleDouble files and our own temp files.
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in extensions and not path.name.startswith(".")
 
 
-def list_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+def list_images(inputs: Iterable[str | os.PathLike], recursive: bool = False,
+                extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
     """Expand files and folders into a list of image paths, without duplicates.
 
-    Folders are scanned for image extensions (sorted by name); recursive: their subfolders
+    Folders are scanned for `extensions` (sorted by name); recursive: their subfolders
     too (depth first, sorted; hidden ones skipped), else only the folder itself. Other
     paths are kept as given, even when missing or oddly named: the caller reads them and
     reports whatever is wrong with each.
@@ -475,7 +476,7 @@ def list_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) ->
     seen: set[Path] = set()
     for item in inputs:
         path = Path(item)
-        found = _folder_images(path, recursive) if path.is_dir() else [path]
+        found = _folder_images(path, recursive, extensions) if path.is_dir() else [path]
         for p in found:
             key = p.resolve() if p.exists() else p
             if key not in seen:
@@ -484,13 +485,14 @@ def list_images(inputs: Iterable[str | os.PathLike], recursive: bool = False) ->
     return out
 
 
-def _folder_images(folder: Path, recursive: bool, visited: set[Path] | None = None) -> list[Path]:
+def _folder_images(folder: Path, recursive: bool, extensions: tuple[str, ...],
+                   visited: set[Path] | None = None) -> list[Path]:
     visited = set() if visited is None else visited
     visited.add(folder.resolve())
     entries = sorted(folder.iterdir())
-    found = [c for c in entries if c.is_file() and is_image_name(c)]
+    found = [c for c in entries if c.is_file() and is_image_name(c, extensions)]
     if recursive:
         for sub in entries:  # a folder reached twice (a symlink loop) is read once
             if sub.is_dir() and not sub.name.startswith(".") and sub.resolve() not in visited:
-                found += _folder_images(sub, True, visited)
+                found += _folder_images(sub, True, extensions, visited)
     return found

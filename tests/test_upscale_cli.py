@@ -252,3 +252,72 @@ def test_torchrun_splits_the_files_over_two_gloo_ranks(tmp_path, weights_x2):
     assert not re.search(r'File "[^"]*fastsr/', err), err
     if os.path.isdir("/proc/self/task"):  # the process group ended with the command: gloo's threads joined
         assert r.stdout.count("gloo threads left: []") == 2, r.stdout
+
+
+# ----------------------------------------------------------------------------- video
+
+
+def _write_clip(path, frames, rate, audio_seconds=0.5):
+    """A test clip: H.264 frames (N, H, W, 3) uint8 at `rate` fps, and an AAC sine track."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=rate)
+        video.height, video.width = frames.shape[1:3]
+        video.pix_fmt, video.options = "yuv420p", {"crf": "0"}
+        audio = out.add_stream("aac", rate=8000)
+        for pixels in frames:
+            for packet in video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        t = np.arange(int(8000 * audio_seconds)) / 8000
+        tone = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+                                          format="fltp", layout="mono")
+        tone.sample_rate, tone.pts = 8000, 0
+        for packet in [*audio.encode(tone), *audio.encode()]:
+            out.mux(packet)
+
+
+def _decode(path):
+    """(frames (N, H, W, 3) uint8, their pts, average rate, audio packets (pts, bytes)) of a clip."""
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames, pts = zip(*[(f.to_ndarray(format="rgb24"), f.pts) for f in c.decode(v)])
+        rate = v.average_rate
+    with av.open(str(path)) as c:
+        audio = [(p.pts, bytes(p)) for p in c.demux(c.streams.audio[0]) if p.dts is not None]
+    return np.stack(frames), list(pts), rate, audio
+
+
+def test_video_round_trips_every_frame_at_2x_with_its_audio(tmp_path, weights_x2):
+    frames = np.stack([_photo(20, 24, phase=k) for k in range(6)])
+    src = tmp_path / "clip.mp4"
+    _write_clip(src, frames, rate=12)
+    out = tmp_path / "o"
+    assert _upscale(src, "-o", out, "-s", 2, "-w", weights_x2, "--batch", 4) == 0  # batches of 4 and 2
+    assert [p.name for p in out.iterdir()] == ["clip_x2.mp4"]
+    lr, lr_pts, lr_rate, lr_audio = _decode(src)
+    sr, sr_pts, sr_rate, sr_audio = _decode(out / "clip_x2.mp4")
+    assert sr.shape == (6, 40, 48, 3) and sr_rate == lr_rate == 12
+    assert [p - sr_pts[0] for p in sr_pts] == [p - lr_pts[0] for p in lr_pts]  # same timing
+    assert sr_audio == lr_audio and len(sr_audio) > 0  # copied, not re-encoded
+    for k in range(6):  # each frame is that frame's SR (H.264 at CRF 18: close, not exact)
+        expected = _library_sr(weights_x2, torch.from_numpy(lr[k]).permute(2, 0, 1).float()).permute(1, 2, 0).numpy()
+        errors = [np.abs(sr[k].astype(np.float32) - _library_sr(
+            weights_x2, torch.from_numpy(lr[j]).permute(2, 0, 1).float()).permute(1, 2, 0).numpy()).mean()
+            for j in range(6)]
+        assert np.abs(sr[k] - expected).mean() < 4 and errors[k] == min(errors), (k, errors)
+
+
+def test_video_without_pyav_is_one_line_and_the_images_still_run(tmp_path, monkeypatch, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "clip.mp4").write_bytes(b"\x00" * 64)
+    PILImage.fromarray(_photo(6, 7)).save(d / "a.png")
+    monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
+    assert _upscale(d, "-o", tmp_path / "o", "-s", 2, "--bicubic") == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastsr: error:")]
+    assert len(errors) == 1 and "clip.mp4" in errors[0] and "pip install 'fastsr[video]'" in errors[0]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["a_x2.png"]

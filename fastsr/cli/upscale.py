@@ -24,12 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The upscale command's arguments."""
     from fastsr.imageio import DEFAULT_MAX_PIXELS
 
-    p.add_argument("inputs", nargs="+", metavar="IN", help="image files and/or folders")
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image or video files and/or folders")
     p.add_argument("--output", "-o", required=True, metavar="OUT",
-                   help="output folder: OUT/<stem>_x<S>.png (animated GIF / WebP: OUT/<stem>_x<S>.gif / .webp)")
+                   help="output folder: OUT/<stem>_x<S>.png (animated GIF / WebP: OUT/<stem>_x<S>.gif / .webp; "
+                        "video: OUT/<stem>_x<S>.mp4 etc., same container, frame count and rate, audio copied; "
+                        "needs fastsr[video])")
     p.add_argument("--recursive", "-r", action="store_true",
                    help="also read the folders' subfolders, writing OUT/<subfolder>/<stem>_x<S>.png")
     add_model_arguments(p)
+    p.add_argument("--batch", type=positive_int, default=4, metavar="N",
+                   help="video frames per network call (default 4)")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"refuse inputs with more pixels (all frames of an animation together), checked before "
                         f"decoding (default {DEFAULT_MAX_PIXELS:,})")
@@ -44,13 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class _Job(NamedTuple):
     path: Path
     target: Path
-    frames: int  # > 1: an animated GIF / WebP, written as one
+    kind: str  # "image"; "animation": an animated GIF / WebP, written as one; "video"
 
 
 def _collect_inputs(inputs: Sequence[str], recursive: bool, out_dir: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
     """(image, its folder relative to the input folder it was found in) pairs, and errors.
     The output folder is never read as input (it may sit inside an input folder)."""
     from fastsr.imageio import IMAGE_EXTENSIONS, list_images
+    from fastsr.video import VIDEO_EXTENSIONS
 
     found_all: list[tuple[Path, Path]] = []
     errors: list[str] = []
@@ -58,11 +63,11 @@ def _collect_inputs(inputs: Sequence[str], recursive: bool, out_dir: Path) -> tu
     out_resolved = out_dir.resolve()
     for item in inputs:
         root = Path(item)
-        found = list_images([root], recursive=recursive)
+        found = list_images([root], recursive=recursive, extensions=IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         if root.is_dir():
             found = [p for p in found if not p.resolve().is_relative_to(out_resolved)]
             if not found:
-                errors.append(f"{item}: folder holds no image files ({' '.join(IMAGE_EXTENSIONS)})"
+                errors.append(f"{item}: folder holds no image or video files ({' '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
                               + ("" if recursive else "; --recursive reads its subfolders too"))
             if not recursive:
                 subs = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
@@ -79,20 +84,26 @@ def _plan(paths: list[tuple[Path, Path]], out_dir: Path, scale: int) -> tuple[li
     """One job per input with its output name; two inputs writing one output: the second is
     reported and skipped (a.png and a.jpg, or two folders). Returns (jobs, problems)."""
     from fastsr.imageio import frame_count
+    from fastsr.video import VIDEO_EXTENSIONS
 
     targets: dict[Path, Path] = {}
     jobs: list[_Job] = []
     problems = 0
     for path, rel in paths:
-        frames = frame_count(path) if path.suffix.lower() in (".gif", ".webp") else 1
-        suffix = path.suffix.lower() if frames > 1 else ".png"
+        suffix = path.suffix.lower()
+        if suffix in VIDEO_EXTENSIONS:
+            kind = "video"
+        elif suffix in (".gif", ".webp") and frame_count(path) > 1:
+            kind = "animation"
+        else:
+            kind, suffix = "image", ".png"
         target = out_dir / rel / f"{path.stem}_x{scale}{suffix}"
         if target in targets:
             error(f"{path}: skipped, its output {target} would overwrite the output of {targets[target]}")
             problems += 1
             continue
         targets[target] = path
-        jobs.append(_Job(path, target, frames))
+        jobs.append(_Job(path, target, kind))
     return jobs, problems
 
 
@@ -129,6 +140,7 @@ class _Notes:
     def __init__(self, bars: bool = True) -> None:
         self.given: set[str] = set()
         self.bars = bars
+        self.graphs = False  # the model replays CUDA graphs (videos)
 
     def once(self, key: str, message: str) -> None:
         if key not in self.given:
@@ -227,6 +239,33 @@ def _upscale_animation(up: Upscaler, job: _Job, args: argparse.Namespace, notes:
     write_animation(job.target, Animation(out, anim.durations, anim.loop))
 
 
+def _upscale_video(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Notes) -> None:
+    """Every frame of a video, --batch at a time (one with --max-memory, which picks the tile),
+    into a video of the same container, frame count and rate, audio copied (`fastsr.video`).
+    On CUDA the fused model replays CUDA graphs for the repeated frame shape."""
+    from fastsr.atomic import remove_stale_temps
+    from fastsr.video import probe, upscale_video
+
+    meta = probe(job.path)
+    batch, run_frames = args.batch, up
+    if args.max_memory is not None:
+        base = inference.process_memory_bytes()
+        tile = _tile_for(up, str(job.path), (meta.height, meta.width, 3), 8, args, base, notes)
+        batch, run_frames = 1, lambda lr: up.run(lr, tile)
+    if up.device.type == "cuda" and getattr(up.model, "fused", False) and not notes.graphs:
+        up.model.prepare_for_inference(cuda_graphs=True)
+        notes.graphs = True
+    bar = _bar(meta.frames or None, job.path.name, "frame", notes)
+    remove_stale_temps(job.target)
+    try:
+        upscale_video(run_frames, job.path, job.target, up.scale, batch=batch, on_frames=bar.update)
+    finally:
+        bar.close()
+
+
+_UPSCALE = {"image": _upscale_file, "animation": _upscale_animation, "video": _upscale_video}
+
+
 def _plan_run(args: argparse.Namespace, out_dir: Path) -> tuple[list[_Job], int]:
     """The jobs (after --skip-existing) and the problems already reported; FastSRError when
     there is nothing to upscale."""
@@ -301,7 +340,7 @@ def _run(args: argparse.Namespace, out_dir: Path, dist: Dist) -> int:
     notes = _Notes(bars=dist.main)
     for job in tqdm(mine, desc=PROG, unit="img", disable=None if dist.main else True, file=sys.stderr):
         try:
-            (_upscale_animation if job.frames > 1 else _upscale_file)(up, job, args, notes)
+            _UPSCALE[job.kind](up, job, args, notes)
         except FastSRError as e:
             error(str(e))
             failures += 1

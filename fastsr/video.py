@@ -1,0 +1,134 @@
+"""Upscaling a video file through PyAV (FFmpeg): frames streamed, audio copied.
+
+`upscale_video(run, src, dst, scale)` decodes the first video stream of `src` frame by
+frame, upscales `batch` frames at a time with `run` ((N, 3, H, W) float 0..255 ->
+(N, 3, sH, sW)), and encodes them into `dst` with the same frame count, timestamps and rate
+(H.264 for .mp4/.mkv/.mov/.avi, VP9 for .webm; yuv420p, CRF `crf`); every audio stream is
+copied packet by packet, not re-encoded. At most one batch of frames (in and out) is held
+in memory. The file appears at `dst` only when complete (`fastsr.atomic.atomic_write`).
+
+PyAV is an optional dependency (`pip install 'fastsr[video]'`); without it the functions
+here raise FastSRError saying so.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastsr.atomic import atomic_write
+from fastsr.errors import FastSRError
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".webm", ".avi")
+# FFmpeg muxer and video encoder per output suffix.
+_MUXERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".avi": "avi"}
+_ENCODERS = {".webm": "libvpx-vp9"}
+_DEFAULT_ENCODER = "libx264"
+
+
+def _av(path: str | os.PathLike):
+    try:
+        import av
+    except ImportError:
+        raise FastSRError(f"{path}: reading and writing video needs PyAV: pip install 'fastsr[video]' "
+                          "(or pip install av)") from None
+    return av
+
+
+@dataclass
+class VideoInfo:
+    """The first video stream of a file: size, frame rate, frame count (0: not in the header)."""
+
+    width: int
+    height: int
+    rate: float
+    frames: int
+    audio_streams: int
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Read a video file's header; FastSRError (one line, naming the file) when it is not one."""
+    av = _av(path)
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise FastSRError(f"{path}: no video stream")
+            v = c.streams.video[0]
+            return VideoInfo(v.codec_context.width, v.codec_context.height, float(v.average_rate or 0),
+                             int(v.frames or 0), len(c.streams.audio))
+    except av.FFmpegError as e:
+        raise FastSRError(f"{path}: not a video file PyAV/FFmpeg reads ({e.strerror or e})") from None
+
+
+def upscale_video(run: Callable[[torch.Tensor], torch.Tensor], src: str | os.PathLike, dst: str | os.PathLike,
+                  scale: int, *, batch: int = 4, crf: int = 18,
+                  on_frames: Callable[[int], None] | None = None) -> int:
+    """Upscale every frame of src's first video stream into dst (audio copied); returns the
+    number of frames written. on_frames(n) after each batch of n frames (progress).
+
+    run: (N, 3, H, W) float32 0..255 on the CPU -> (N, 3, scale*H, scale*W), any float
+    dtype and device (clamped and rounded here). FastSRError for unreadable input or an
+    unknown output suffix; the output appears only when complete.
+    """
+    av = _av(src)
+    src, dst = Path(src), Path(dst)
+    suffix = dst.suffix.lower()
+    if suffix not in _MUXERS:
+        raise FastSRError(f"{dst}: a video is written as {', '.join(VIDEO_EXTENSIONS)}, not {suffix or 'no suffix'}")
+    written = 0
+
+    def write(tmp: str) -> None:
+        with av.open(str(src)) as inp, av.open(tmp, "w", format=_MUXERS[suffix]) as out:
+            if not inp.streams.video:
+                raise FastSRError(f"{src}: no video stream")
+            vin = inp.streams.video[0]
+            vout = out.add_stream(_ENCODERS.get(suffix, _DEFAULT_ENCODER), rate=vin.average_rate)
+            vout.width, vout.height = vin.codec_context.width * scale, vin.codec_context.height * scale
+            vout.pix_fmt = "yuv420p"
+            vout.time_base = vin.time_base
+            vout.options = {"crf": str(crf)}
+            audio = {a: out.add_stream_from_template(a) for a in inp.streams.audio}
+            pending: list = []
+
+            def flush() -> None:
+                nonlocal written
+                if not pending:
+                    return
+                lr = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in pending])).permute(0, 3, 1, 2)
+                sr = run(lr.float()).float().clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for frame, pixels in zip(pending, sr):
+                    new = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+                    new.pts, new.time_base = frame.pts, frame.time_base
+                    for packet in vout.encode(new):
+                        out.mux(packet)
+                written += len(pending)
+                if on_frames is not None:
+                    on_frames(len(pending))
+                pending.clear()
+
+            for packet in inp.demux(vin, *audio):
+                if packet.stream is not vin:
+                    if packet.dts is not None:  # the demuxer's flush packets carry nothing
+                        packet.stream = audio[packet.stream]
+                        out.mux(packet)
+                    continue
+                for frame in packet.decode():
+                    pending.append(frame)
+                    if len(pending) >= batch:
+                        flush()
+            flush()
+            for packet in vout.encode():
+                out.mux(packet)
+
+    try:
+        atomic_write(dst, write)
+    except av.FFmpegError as e:
+        raise FastSRError(f"{src}: cannot transcode ({e.strerror or e})") from None
+    return written
+
+
+__all__ = ["VIDEO_EXTENSIONS", "VideoInfo", "probe", "upscale_video"]
