@@ -491,11 +491,11 @@ class Upscaler:
                     self_ensemble=self.self_ensemble)
         return y.float().cpu()
 
-    def run_guarded(self, lr: torch.Tensor, name: str) -> torch.Tensor:
-        """Run on one tile, untiled (the caller tiles); out-of-memory becomes a one-line
-        FastSRError naming `name` and suggesting --tile / --max-memory."""
+    def run_guarded(self, lr: torch.Tensor, name: str, tile: Tile = None) -> torch.Tensor:
+        """`run` with this tiling (default None: the caller tiles); out-of-memory becomes a
+        one-line FastSRError naming `name` and suggesting --tile / --max-memory."""
         try:
-            return self.run(lr, None)
+            return self.run(lr, tile)
         except (*_OOM_ERRORS, RuntimeError) as e:
             if not isinstance(e, _OOM_ERRORS) and not _is_cpu_oom(e):
                 raise
@@ -569,7 +569,7 @@ class Upscaler:
     def check_memory_floor(self, limit: int) -> None:
         """Run a tiny input once, so that what the first call loads (the fused path imports its
         kernels' modules: ~160 MB resident) is part of the baseline; refuse a bound below it."""
-        self.run(torch.zeros(1, 3, 8, 8), None)
+        self.run(torch.full((1, 3, 8, 8), 128.0), None)  # mid-gray: zeros would look like 0..1 input
         base = process_memory_bytes()
         if base >= limit:
             raise FastSRError(f"--max-memory {format_size(limit)} is below what this process holds with the model "

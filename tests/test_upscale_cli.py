@@ -321,3 +321,11 @@ def test_video_without_pyav_is_one_line_and_the_images_still_run(tmp_path, monke
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastsr: error:")]
     assert len(errors) == 1 and "clip.mp4" in errors[0] and "pip install 'fastsr[video]'" in errors[0]
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["a_x2.png"]
+
+
+def test_max_memory_alone_prints_no_warning(tmp_path, weights_x2, capsys):
+    """The floor check's probe input is mid-gray: all-zero input would trip the 0..1-range warning."""
+    src = tmp_path / "a.png"
+    PILImage.fromarray(_photo(16, 16)).save(src)
+    assert _upscale(src, "-o", tmp_path / "o", "-s", 2, "-w", weights_x2, "--max-memory", "8GiB") == 0
+    assert "warning" not in capsys.readouterr().err

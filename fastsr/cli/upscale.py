@@ -1,5 +1,7 @@
-"""`fastsr upscale IN... -o OUT`: images and folders into OUT/<stem>_x<S>.png, streamed
-tile by tile, within --max-memory when given."""
+"""`fastsr upscale IN... -o OUT`: images, animations, videos and folders (--recursive: with
+their subfolders' structure) into OUT. Stills become OUT/<stem>_x<S>.png, streamed tile by
+tile (within --max-memory when given); animated GIF / WebP every frame, in their format;
+videos through `fastsr.video`. Under torchrun the ranks split the files (`run`)."""
 from __future__ import annotations
 
 import argparse
@@ -247,18 +249,18 @@ def _upscale_video(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _No
     from fastsr.video import probe, upscale_video
 
     meta = probe(job.path)
-    batch, run_frames = args.batch, up
+    batch, tile = args.batch, up.tile
     if args.max_memory is not None:
         base = inference.process_memory_bytes()
-        tile = _tile_for(up, str(job.path), (meta.height, meta.width, 3), 8, args, base, notes)
-        batch, run_frames = 1, lambda lr: up.run(lr, tile)
+        batch, tile = 1, _tile_for(up, str(job.path), (meta.height, meta.width, 3), 8, args, base, notes)
     if up.device.type == "cuda" and getattr(up.model, "fused", False) and not notes.graphs:
         up.model.prepare_for_inference(cuda_graphs=True)
         notes.graphs = True
     bar = _bar(meta.frames or None, job.path.name, "frame", notes)
     remove_stale_temps(job.target)
     try:
-        upscale_video(run_frames, job.path, job.target, up.scale, batch=batch, on_frames=bar.update)
+        upscale_video(lambda lr: up.run_guarded(lr, str(job.path), tile), job.path, job.target, up.scale,
+                      batch=batch, on_frames=bar.update)
     finally:
         bar.close()
 
