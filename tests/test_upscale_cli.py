@@ -209,24 +209,30 @@ def test_sigterm_leaves_no_temp_file(tmp_path, weights_x2):
 TORCHRUN_DRIVER = r"""
 import os, sys
 import fastsr.pngstream as pngstream
+import fastsr.video as video
 from fastsr.cli import main
 
-real = pngstream.atomic_write
-def logged(path, write):
+def logged(path, write, real=pngstream.atomic_write):
     with open(os.path.join(os.environ["WRITE_LOG"], f"rank{os.environ['RANK']}.txt"), "a") as f:
         f.write(f"{path}\n")
     return real(path, write)
-pngstream.atomic_write = logged
+pngstream.atomic_write = video.atomic_write = logged
 code = main(sys.argv[1:])
 """ + GLOO_THREADS_REPORT
 
 
 def test_torchrun_splits_the_files_over_two_gloo_ranks(tmp_path, weights_x2):
+    """9 images and a broken file go round 2 gloo ranks; a video's frames are split between them."""
+    import importlib.util
+
     d = tmp_path / "in"
     d.mkdir()
     for i in range(9):
         PILImage.fromarray(_photo(8 + i, 9, phase=i)).save(d / f"img{i}.png")
     (d / "broken.png").write_text("not a png\n")
+    video = importlib.util.find_spec("av") is not None
+    if video:
+        _write_clip(d / "clip.mp4", np.stack([_photo(12, 16, phase=k) for k in range(5)]), rate=10)
     logs = tmp_path / "logs"
     logs.mkdir()
     driver = tmp_path / "driver.py"
@@ -237,16 +243,28 @@ def test_torchrun_splits_the_files_over_two_gloo_ranks(tmp_path, weights_x2):
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0, r.stderr[-3000:]  # broken.png: a problem reported, on both ranks
     writes = {rank: (logs / f"rank{rank}.txt").read_text().split() for rank in (0, 1)}
-    assert all(writes.values()), writes  # both ranks did some of the work
-    every = writes[0] + writes[1]
-    assert sorted(every) == sorted(str(out / f"img{i}_x2.png") for i in range(9))  # each output once
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"img{i}_x2.png" for i in range(9))
+    pngs = {rank: [w for w in writes[rank] if w.endswith(".png")] for rank in (0, 1)}
+    assert all(pngs.values()), writes  # both ranks did some of the images
+    assert sorted(pngs[0] + pngs[1]) == sorted(str(out / f"img{i}_x2.png") for i in range(9))  # each once
+    names = sorted(f"img{i}_x2.png" for i in range(9)) + (["clip_x2.mp4"] if video else [])
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no part file left
+    if video:  # each rank wrote its part of the frames, rank 0 the joined file
+        assert [w for w in writes[1] if w.endswith(".mp4")] == [str(out / ".clip_x2.part1.mp4")]
+        assert [w for w in writes[0] if w.endswith(".mp4")] == [str(out / ".clip_x2.part0.mp4"), str(out / "clip_x2.mp4")]
+        lr, lr_pts, _, lr_audio = _decode(d / "clip.mp4")
+        sr, sr_pts, _, sr_audio = _decode(out / "clip_x2.mp4")
+        assert sr.shape == (5, 24, 32, 3) and sr_audio == lr_audio
+        assert [p - sr_pts[0] for p in sr_pts] == [p - lr_pts[0] for p in lr_pts]
+        for k in range(5):
+            expected = _library_sr(weights_x2, torch.from_numpy(lr[k]).permute(2, 0, 1).float()).permute(1, 2, 0)
+            assert np.abs(sr[k] - expected.numpy()).mean() < 4, k
     for i in (0, 8):
         expected = _library_sr(weights_x2, read_image(d / f"img{i}.png").rgb)
         assert (read_image(out / f"img{i}_x2.png").rgb - expected).abs().max() <= 1
     err = r.stderr
-    assert err.count("upscaling 10 image(s) over 2 ranks") == 1
-    assert err.count("wrote 9 of 10 image(s)") == 1 and err.count("1 problem(s) reported") == 1
+    n = 10 + video
+    assert err.count(f"upscaling {n} image(s) over 2 ranks") == 1
+    assert err.count(f"wrote {n - 1} of {n} image(s)") == 1 and err.count("1 problem(s) reported") == 1
     assert len([line for line in err.splitlines() if line.startswith("fastsr: error:") and "broken.png" in line]) == 1
     # torchrun prints its own traceback (ChildFailedError) for a rank's exit status 1: none from fastsr.
     assert not re.search(r'File "[^"]*fastsr/', err), err

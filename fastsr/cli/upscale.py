@@ -241,10 +241,12 @@ def _upscale_animation(up: Upscaler, job: _Job, args: argparse.Namespace, notes:
     write_animation(job.target, Animation(out, anim.durations, anim.loop))
 
 
-def _upscale_video(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Notes) -> None:
+def _upscale_video(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Notes,
+                   part: tuple[int, int] | None = None) -> None:
     """Every frame of a video, --batch at a time (one with --max-memory, which picks the tile),
-    into a video of the same container, frame count and rate, audio copied (`fastsr.video`).
-    On CUDA the fused model replays CUDA graphs for the repeated frame shape."""
+    into a video of the same container, frame count and rate, audio copied (`fastsr.video`);
+    part (i, n): the i-th of n runs of its frames, for `_upscale_shared_video`. On CUDA the
+    fused model replays CUDA graphs for the repeated frame shape."""
     from fastsr.atomic import remove_stale_temps
     from fastsr.video import probe, upscale_video
 
@@ -256,16 +258,47 @@ def _upscale_video(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _No
     if up.device.type == "cuda" and getattr(up.model, "fused", False) and not notes.graphs:
         up.model.prepare_for_inference(cuda_graphs=True)
         notes.graphs = True
-    bar = _bar(meta.frames or None, job.path.name, "frame", notes)
+    bar = _bar((meta.frames // part[1] if part else meta.frames) or None, job.path.name, "frame", notes)
     remove_stale_temps(job.target)
     try:
         upscale_video(lambda lr: up.run_guarded(lr, str(job.path), tile), job.path, job.target, up.scale,
-                      batch=batch, on_frames=bar.update)
+                      batch=batch, on_frames=bar.update, part=part)
     finally:
         bar.close()
 
 
 _UPSCALE = {"image": _upscale_file, "animation": _upscale_animation, "video": _upscale_video}
+
+
+def _upscale_shared_video(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Notes, dist: Dist) -> bool:
+    """One video over every rank: rank i upscales the i-th run of its frames into a hidden part
+    file beside the output, rank 0 joins the parts (audio copied) and every part is removed.
+    True when the output was written (the same answer on every rank)."""
+    from fastsr.video import join_video_parts
+
+    def part_path(rank: int) -> Path:
+        return job.target.with_name(f".{job.target.stem}.part{rank}{job.target.suffix}")
+
+    message = None
+    try:
+        _upscale_video(up, job._replace(target=part_path(dist.rank)), args, notes, part=(dist.rank, dist.world))
+    except FastSRError as e:
+        message = str(e)
+    except OSError as e:
+        message = f"{job.target}: cannot write ({e.strerror or e})"
+    if message is not None:
+        error(message)
+    ok = all(m is None for m in dist.gather(message))
+    try:
+        if ok and dist.main:
+            join_video_parts([part_path(r) for r in range(dist.world)], job.path, job.target)
+    except (FastSRError, OSError) as e:
+        error(str(e))
+        ok = False
+    finally:
+        dist.barrier()  # rank 0 has read every part
+        part_path(dist.rank).unlink(missing_ok=True)
+    return dist.broadcast(ok)
 
 
 def _plan_run(args: argparse.Namespace, out_dir: Path) -> tuple[list[_Job], int]:
@@ -290,8 +323,9 @@ def run(args: argparse.Namespace) -> int:
     """Upscale every input; exit status 1 when any input or output had a problem.
 
     Under torchrun (WORLD_SIZE > 1) the ranks share the work: rank 0 lists and plans the
-    files, every rank upscales its share (job i on rank i mod WORLD_SIZE), each on its own
-    device (cuda:LOCAL_RANK with --device auto or cuda), and rank 0 reports the totals.
+    files, every rank upscales its share (file i on rank i mod WORLD_SIZE; a video's frames
+    split over all ranks), each on its own device (cuda:LOCAL_RANK with --device auto or
+    cuda), and rank 0 reports the totals.
     """
     from fastsr import distributed
 
@@ -330,7 +364,9 @@ def _run(args: argparse.Namespace, out_dir: Path, dist: Dist) -> int:
     jobs, planned = plan  # problems rank 0 found (and reported) while listing
     if not jobs:
         return 1 if planned else 0
-    mine = jobs[dist.rank::dist.world]
+    # Files go round the ranks; under several ranks each video is shared by all (its frames split).
+    shared = [job for job in jobs if job.kind == "video"] if dist.world > 1 else []
+    mine = [job for job in jobs if job not in shared][dist.rank::dist.world]
 
     up = up or load_upscaler(args)
     if dist.main:
@@ -352,6 +388,10 @@ def _run(args: argparse.Namespace, out_dir: Path, dist: Dist) -> int:
             failures += 1
             continue
         done += 1
+    for job in shared:
+        ok = _upscale_shared_video(up, job, args, notes, dist)
+        if dist.main:  # counted once
+            done, failures = done + ok, failures + (not ok)
     counts = dist.gather((done, failures))
     done, failures = sum(c[0] for c in counts), planned + sum(c[1] for c in counts)
     if dist.main:
