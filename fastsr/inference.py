@@ -537,8 +537,8 @@ class Upscaler:
         Without a limit: self.tile, "auto" resolved by `auto_tile_size` (peak None). With a
         limit on the process's memory (base: what it holds before this image): a fixed tile
         is checked against it, otherwise the largest tile within it (`tile_for_memory`);
-        FastSRError when the bound cannot be kept. "auto" on a network cuts an image that fits
-        whole into `progress_tile` tiles when that is cheap, so that it can show progress.
+        FastSRError when the bound cannot be kept. "auto" on a network on the CPU cuts an image
+        that fits whole into `progress_tile` tiles when that is cheap, so that it shows progress.
         """
         h, w, _ = shape
         if limit is None:
@@ -548,7 +548,7 @@ class Upscaler:
                 return None, None
             tile = auto_tile_size(self.model, self.device, self.dtype, lr_size=(h, w), scale=self.scale,
                                   tile_overlap=self.tile_overlap)
-            return (progress_tile((h, w), self.context) if tile is None else tile), None
+            return (self._progress_tile((h, w)) if tile is None else tile), None
 
         def peak(tile: int | None) -> int:
             return base + self.peak_bytes(shape, bit_depth, tile)
@@ -556,7 +556,7 @@ class Upscaler:
         fixed = isinstance(self.tile, int)
         tile = self.tile if fixed else tile_for_memory(limit, peak, (h, w))
         if tile is None and self.tile == "auto" and self.model is not None:
-            tile = progress_tile((h, w), self.context)  # smaller than whole: within the bound too
+            tile = self._progress_tile((h, w))  # smaller than whole: within the bound too
         if peak(tile) > limit:
             how = f"with --tile {tile}" if fixed else "even in small tiles"
             raise FastSRError(
@@ -565,6 +565,11 @@ class Upscaler:
                 f"raise --max-memory{' or lower --tile' if fixed else ''}"
             )
         return tile, peak(tile)
+
+    def _progress_tile(self, lr_size: tuple[int, int]) -> int | None:
+        """`progress_tile` on the CPU, where an image that fits can take minutes; None elsewhere
+        (a GPU finishes such an image in about a second: no bar is worth the recompute)."""
+        return progress_tile(lr_size, self.context) if self.device.type == "cpu" else None
 
     def check_memory_floor(self, limit: int) -> None:
         """Run a tiny input once, so that what the first call loads (the fused path imports its

@@ -83,8 +83,8 @@ def upscale_video(run: Callable[[torch.Tensor], torch.Tensor], src: str | os.Pat
     run: (N, 3, H, W) float32 0..255 on the CPU -> (N, 3, scale*H, scale*W), any float
     dtype and device (clamped and rounded here). part (i, n): only the i-th of n near-equal
     runs of frames, video only and without B-frames (so that parts follow each other), for
-    `join_video_parts`; a part with no frames writes nothing and returns 0. FastSRError for unreadable input or an unknown output suffix; the
-    output appears only when complete.
+    `join_video_parts`; a part with no frames writes nothing and returns 0. FastSRError for
+    unreadable input or an unknown output suffix; the output appears only when complete.
     """
     av = _av(src)
     src, dst = Path(src), Path(dst)

@@ -239,7 +239,8 @@ def test_torchrun_splits_the_files_over_two_gloo_ranks(tmp_path, weights_x2):
     driver.write_text(TORCHRUN_DRIVER)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WRITE_LOG": str(logs)}
-    r = subprocess.run([*torchrun_command(2, driver), "upscale", str(d), "-o", str(out), "-s", "2", "-w", str(weights_x2)],
+    r = subprocess.run([*torchrun_command(2, driver), "upscale", str(d), "-o", str(out), "-s", "2",
+                        "-w", str(weights_x2)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0, r.stderr[-3000:]  # broken.png: a problem reported, on both ranks
     writes = {rank: (logs / f"rank{rank}.txt").read_text().split() for rank in (0, 1)}
@@ -250,7 +251,7 @@ def test_torchrun_splits_the_files_over_two_gloo_ranks(tmp_path, weights_x2):
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no part file left
     if video:  # each rank wrote its part of the frames, rank 0 the joined file
         assert [w for w in writes[1] if w.endswith(".mp4")] == [str(out / ".clip_x2.part1.mp4")]
-        assert [w for w in writes[0] if w.endswith(".mp4")] == [str(out / ".clip_x2.part0.mp4"), str(out / "clip_x2.mp4")]
+        assert [w for w in writes[0] if w.endswith(".mp4")] == [str(out / n) for n in (".clip_x2.part0.mp4", "clip_x2.mp4")]
         lr, lr_pts, _, lr_audio = _decode(d / "clip.mp4")
         sr, sr_pts, _, sr_audio = _decode(out / "clip_x2.mp4")
         assert sr.shape == (5, 24, 32, 3) and sr_audio == lr_audio

@@ -170,7 +170,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "(default); eager = the official PyTorch modules; or force a fused backend by name")
     p.add_argument("--tile", type=tile_arg, default="auto", metavar="N|auto",
                    help="process the LR image in N x N tiles; auto (default): tiles when the whole image would "
-                        "not fit in the memory found, or (at most 15%% more work) to show progress on a big one")
+                        "not fit in the memory found, or on the CPU (at most 15%% more work) to show progress on "
+                        "a big one")
     p.add_argument("--tile-overlap", type=non_negative_int, metavar="N",
                    help="LR context pixels per tile side (default: the receptive-field radius, "
                         "which makes tiled output identical to untiled; smaller is faster but not exact)")

@@ -93,7 +93,8 @@ def compose(panels: list[tuple[str, torch.Tensor]], crop: tuple[int, int, int], 
         draw.text((left + 2, 3), label, fill="black", font=font)
         view = full if view_w == w else full.resize((view_w, view_h), Image.Resampling.LANCZOS)
         canvas.paste(view, (left, label_h))
-        box = (left + int(x * sx), label_h + int(y * sx), left + int((x + size) * sx) - 1, label_h + int((y + size) * sx) - 1)
+        box = (left + int(x * sx), label_h + int(y * sx),
+               left + int((x + size) * sx) - 1, label_h + int((y + size) * sx) - 1)
         draw.rectangle(box, outline=_RED, width=max(1, round(2 * view_w / 480)))
         top = label_h + view_h + _GAP
         draw.text((left + 2, top + 3), f"{label.split('  ')[0]}, crop x{zoom}", fill="black", font=font)

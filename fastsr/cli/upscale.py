@@ -69,7 +69,8 @@ def _collect_inputs(inputs: Sequence[str], recursive: bool, out_dir: Path) -> tu
         if root.is_dir():
             found = [p for p in found if not p.resolve().is_relative_to(out_resolved)]
             if not found:
-                errors.append(f"{item}: folder holds no image or video files ({' '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})"
+                known = " ".join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+                errors.append(f"{item}: folder holds no image or video files ({known})"
                               + ("" if recursive else "; --recursive reads its subfolders too"))
             if not recursive:
                 subs = [c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
@@ -395,7 +396,8 @@ def _run(args: argparse.Namespace, out_dir: Path, dist: Dist) -> int:
     counts = dist.gather((done, failures))
     done, failures = sum(c[0] for c in counts), planned + sum(c[1] for c in counts)
     if dist.main:
-        info(f"wrote {done} of {len(jobs)} image(s) to {out_dir}" + (f"; {failures} problem(s) reported" if failures else ""))
+        problems = f"; {failures} problem(s) reported" if failures else ""
+        info(f"wrote {done} of {len(jobs)} image(s) to {out_dir}{problems}")
         if up.model is None and up.label != "bicubic":
             info(BICUBIC_WARNING)
     return 1 if failures else 0
