@@ -963,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         launches, torch_ops = drive(args.quick), []
         meta = dict(model=None, quick=args.quick)
     meta.update(triton=triton.__version__, torch=torch.__version__, first_config=args.first_config,
+                pinned_configs=os.environ.get("FASTSR_DETERMINISTIC") == "1",
                 check_wide_loads=args.check_wide_loads, jit_attrs=not args.no_specialize,
                 launches_recorded=len(launches))
     if args.emit:

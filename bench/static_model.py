@@ -121,7 +121,7 @@ def work_block(a: dict, cfg: dict) -> Work:
     e = _BYTES[x["dtype"]]
     n, h, w, c, ks = a["N"], a["H"], a["W"], a["C"], a["KS"]
     pad = ks // 2
-    th, tw, bm, bn, bk = cfg["TILE_H"], cfg["TILE_W"], cfg["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    th, tw, bm, bn, bk = a["TILE_H"], a["TILE_W"], a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
     tiles = n * _cdiv(h, th) * _cdiv(w, tw)
     halo, interior = (th + 2 * pad) * (tw + 2 * pad), th * tw
     steps = ks * ks * _cdiv(c, bk)
@@ -147,7 +147,7 @@ def work_wgrad(a: dict, cfg: dict, grid: list[int]) -> Work:
     e = _BYTES[x["dtype"]]
     m, cin, c_g, ks = a["M"], a["C_IN"], a["C_G"], a["KS"]
     k_rows = ks * ks * cin
-    bkw, bq, bp = a["BLOCK_KW"], a["BLOCK_Q"], cfg["BLOCK_P"]
+    bkw, bq, bp = a["BLOCK_KW"], a["BLOCK_Q"], a["BLOCK_P"]
     kb, qb = _cdiv(k_rows, bkw), _cdiv(c_g, bq)
     programs = grid[0]
     splits = max(1, programs // (kb * qb))
@@ -171,6 +171,8 @@ def work_reduce(a: dict, cfg: dict) -> Work:
 
 
 def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int]) -> Work:
+    """The work of one launch: its recorded arguments with one of its configs (a launch with a
+    pinned config, e.g. wgrad under FASTSR_DETERMINISTIC=1, has its block sizes in the arguments)."""
     a = {**args, **cfg}
     if kernel == "_conv2d_nhwc_kernel":
         return work_conv(a, cfg)

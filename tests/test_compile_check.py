@@ -30,7 +30,8 @@ needs_compiler = pytest.mark.skipif(not _has_cuda_compiler(), reason="this Trito
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the GPU code path
+    # The GPU code path; and the autotuned configs a default run has (testenv pins them).
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSR_DETERMINISTIC")}
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -97,3 +98,16 @@ def test_check_catches_a_compile_without_jit_specialization(tmp_path):
                 "--no-specialize", "--check-wide-loads")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "NARROW body conv" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_gpu_check_script_parses_and_measure_needs_a_gpu():
+    """bench/gpu_check.sh runs only on a lent GPU: here, that it parses, and that the static
+    model's GPU part refuses cleanly without one (the prediction itself is tested above)."""
+    assert subprocess.run(["bash", "-n", str(REPO_ROOT / "bench" / "gpu_check.sh")]).returncode == 0
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu_check.sh is the test")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "static_model.py"), str(REPO_ROOT),
+                           "--measure"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--measure needs a CUDA GPU" in proc.stderr, proc.stderr
