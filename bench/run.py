@@ -16,6 +16,9 @@ Providers, side by side in one process:
     fused        fastsr's fused path, each layer's implementation the measured choice
                  (fastsr.ops.dispatch: the Triton kernels or the aten floor on GPU)
     fused_triton (GPU) the fused path with the Triton kernels forced everywhere: their own speed
+    fused_cpu    (CPU) the fused path with fastsr's native cpu implementation forced (no OpenVINO)
+    openvino, onnxruntime  (CPU, model forward rows, when installed) the CPU engines users could
+                 run instead: OpenVINO (f32 hint / bf16) and ONNX Runtime (fp32) on the same weights
 each at fp32 and bf16 (and fp16 on GPU). Rows: median and quartiles of the time, the
 ratio of each provider's median to the fused one's (>1: fused is faster), FLOP/s and
 bytes/s against peaks measured in the same run (the best of square matmuls from 2048 up on
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import importlib.util
 import json
 import math
 import os
@@ -241,8 +245,8 @@ def _kernel_workloads(device: str, quick: bool) -> list[Workload]:
             if provider == "compile":
                 f = torch.compile(ref_fn)
                 return lambda: f(xc, *args)
-            if provider == "fused_triton" and device != "cuda":
-                return None  # the Triton kernels' own speed: a GPU row only (the interpreter is not timed)
+            if provider == "fused_cpu" or (provider == "fused_triton" and device != "cuda"):
+                return None  # fused_triton: a GPU row only (the interpreter is not timed); fused_cpu: == fused here
             # fused: the measured choice (fastsr.ops.dispatch); fused_triton: the Triton kernels forced.
             backend = "triton" if provider == "fused_triton" else None
             run = lambda: fused_fn(xc, *args, backend)
@@ -282,18 +286,21 @@ def _model_make(build, h, w, scale, mode):
     def make(provider, dtype, device):
         torch.manual_seed(0)
         x = (torch.rand(16 if mode != "forward" or h == 48 else 1, 3, h, w) * 255).to(device)
+        if provider in ENGINES:
+            return _engine_make(build, x, scale, provider, dtype, device, mode)
         if provider == "fused_graph" and (device != "cuda" or mode != "forward"):
             return None  # CUDA graphs: inference on a GPU only
-        if provider == "fused_triton" and device != "cuda":
+        if (provider == "fused_triton" and device != "cuda") or (provider == "fused_cpu" and device != "cpu"):
             return None
-        fused = provider in ("fused", "fused_graph", "fused_triton")
+        fused = provider in ("fused", "fused_graph", "fused_triton", "fused_cpu")
+        forced = {"fused_triton": "triton", "fused_cpu": "cpu"}.get(provider)
         model = build(fused=fused, dtype=dtype if fused and dtype != torch.float32 else None,
-                      backend="triton" if provider == "fused_triton" else None).to(device)
+                      backend=forced).to(device)
         if mode == "forward":
             model.eval()
         if provider in ("eager_nchw", "eager_cl", "compile", "compile_max") and dtype != torch.float32:
             model = model.to(dtype)
-        if provider in ("eager_cl", "compile", "compile_max", "fused", "fused_graph", "fused_triton"):
+        if provider in ("eager_cl", "compile", "compile_max", "fused", "fused_graph", "fused_triton", "fused_cpu"):
             model = model.to(memory_format=CL)
         xin = x if (fused or dtype == torch.float32) else x.to(dtype)
         if provider != "eager_nchw":
@@ -334,6 +341,45 @@ def _model_make(build, h, w, scale, mode):
     return make
 
 
+ENGINES = ("openvino", "onnxruntime")
+
+
+def _engine_make(build, x: torch.Tensor, scale: int, provider: str, dtype: torch.dtype, device: str, mode: str):
+    """The CPU inference engines users could run instead (anchors, not fastsr's speed):
+    OpenVINO (fastsr's openvino backend forced: fp32 with the f32 hint, bf16) and ONNX Runtime
+    (ORT_ENABLE_ALL on the exported eager graph, fp32), same weights, same threads."""
+    if device != "cpu" or mode != "forward" or importlib.util.find_spec(provider) is None:
+        return None
+    if provider == "onnxruntime" and dtype != torch.float32:
+        return None  # ORT's CPU provider has no bf16 convolutions
+    model = build(backend="openvino", dtype=None if dtype == torch.float32 else dtype) if provider == "openvino" \
+        else build()
+    model.eval()
+    kw = {"scale": scale} if isinstance(model, fastsr.MDSR) else {}
+    if provider == "openvino":
+        def run():
+            with torch.inference_mode():
+                return model(x, **kw)
+        run.model = model
+        return run
+    import tempfile
+
+    import onnxruntime as ort
+
+    from fastsr.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, f"{tmp}/model.onnx", scale=scale if kw else None)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"image": x.numpy()}
+    run = lambda: session.run(None, feed)
+    run.backend = "onnxruntime"
+    return run
+
+
 def _model_workloads(device: str, quick: bool) -> list[Workload]:
     if quick:
         sizes = [(64, 64)]
@@ -349,10 +395,14 @@ def _model_workloads(device: str, quick: bool) -> list[Workload]:
             builds += [("edsr_x2", lambda **k: fastsr.edsr(2, **k), 2), ("edsr_x4", lambda **k: fastsr.edsr(4, **k), 4)]
         else:  # EDSR (40M params) at 128x128 takes ~20 s a call on 2 cores: only at 64x64
             builds += [("edsr_x2", lambda **k: fastsr.edsr(2, **k), 2)]
+    if device == "cpu" and not quick:  # 1080p out, the size the CPU-engine comparison is quoted at
+        sizes = sizes + [(540, 960)]
     out = []
     for name, build, scale in builds:
         ref = build()
         for h, w in sizes:
+            if (h, w) == (540, 960) and device == "cpu" and name != "edsr_baseline_x2":
+                continue  # ~3-11 s a call per provider on 2 cores: one model there is enough
             if name == "edsr_x2" and device == "cpu":
                 if (h, w) != sizes[0]:
                     continue
@@ -381,7 +431,9 @@ def _io_bytes(model: nn.Module, n: int, h: int, w: int, scale: int) -> float:
 
 def _providers(device: str) -> list[str]:
     gpu = ["compile_max"] if device == "cuda" else []
-    return ["eager_nchw", "eager_cl", "compile"] + gpu + ["fused"] + (["fused_triton", "fused_graph"] if gpu else [])
+    engines = [] if gpu else list(ENGINES)  # CPU anchors, rows only where installed
+    return ["eager_nchw", "eager_cl", "compile"] + gpu + engines + ["fused"] + \
+        (["fused_triton", "fused_graph"] if gpu else ["fused_cpu"])
 
 
 def _dtypes(device: str) -> list[torch.dtype]:
@@ -439,7 +491,8 @@ def run(args) -> list[dict]:
                     compile_s = time.perf_counter() - t0
                 times = time_fn(fn, device, args.repeats, args.min_time)
                 med, q25, q75 = quartiles(times)
-                mem = peak_memory_mb(fn, device)
+                # An engine's buffers are its own, outside torch's allocator: not measured here.
+                mem = float("nan") if provider in ENGINES else peak_memory_mb(fn, device)
                 act = activation_bytes(fn.forward) / 2**20 if getattr(fn, "forward", None) else float("nan")
                 backend = _backend_of(fn, provider, device)
                 sec = med / 1e3
@@ -508,7 +561,9 @@ def _data_rows(args, dev_name: str, date: str, triton_version: str) -> list[dict
 def _backend_of(fn, provider: str, device: str) -> str:
     if provider == "fused_graph":
         return f"{fn.model.backend}+graph" if fn.model.graphs.last_replayed else "NOT-REPLAYED"
-    if provider not in ("fused", "fused_triton"):
+    if provider in ENGINES:
+        return provider
+    if provider not in ("fused", "fused_triton", "fused_cpu"):
         return {"eager_nchw": "aten", "eager_cl": "aten", "compile": "inductor", "compile_max": "inductor"}[provider]
     model = getattr(fn, "model", None)
     if model is not None:
@@ -822,7 +877,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small subset (about a minute on CPU)")
     p.add_argument("--only", help="regex: run only workloads whose name matches")
     p.add_argument("--dtype", nargs="*", help="subset of float32 bfloat16 float16")
-    p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max fused fused_triton fused_graph")
+    p.add_argument("--providers", nargs="*", help="subset of eager_nchw eager_cl compile compile_max openvino onnxruntime fused fused_triton "
+                        "fused_cpu fused_graph")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--no-data", action="store_true",
                    help="skip the C++ data-path rows (imresize, patch sampler, uint8 output; never in --quick)")

@@ -39,6 +39,9 @@ def test_quick_benchmark_writes_finite_rows_and_records_the_fused_backend(tmp_pa
     for r in rows:
         for col in NUMERIC:
             v = float(r[col])
+            if col == "peak_mem_mb" and r["provider"] in bench.ENGINES:
+                assert math.isnan(v)  # an engine's memory is outside torch's allocator: not claimed
+                continue
             assert math.isfinite(v) and v > 0, (r["workload"], r["provider"], col, v)
         # the peak is a real large matmul, 2048 at least on CPU even in --quick, and says so
         n = re.fullmatch(r"measured matmul peak \((\d+)x\1\)", r["flop_peak_source"])
