@@ -551,10 +551,30 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads((args.emit_dir / "sass_report.json").read_text())
     phases = ["inference", "train"] if args.phase == "all" else [args.phase]
     m = manifest
-    parts = [f"static model (a tool for choosing the next change, not a speed): {m.get('model')} x{m.get('scale')} "
-             f"{m.get('dtype')}, sm_{m['arch']}, triton {m.get('triton')}", ceilings_text(), ""]
-    dump = {"manifest": {k: v for k, v in m.items() if k not in ("kernels", "launches")},
+    if args.out:
+        args.out.write_text("")
+
+    def say(*lines: str) -> None:
+        """Print now and append to --out: on a GPU a later part may hit its time box."""
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(text + "\n")
+
+    dump = {"manifest": {k: v for k, v in m.items() if k not in ("kernels", "launches", "torch_ops")},
             "ceilings": {k: dict(value=v[0], unit=v[1], source=v[2], note=v[3]) for k, v in CEILINGS.items()}}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(dump, indent=1))
+
+    say(f"static model (a tool for choosing the next change, not a speed): {m.get('model')} x{m.get('scale')} "
+        f"{m.get('dtype')}, sm_{m['arch']}, triton {m.get('triton')}", ceilings_text(), "",
+        "columns: layer (f/b: a training step's forward/backward) and n launches of it; useful/issued FLOPs "
+        "(x = issued/useful); DRAM = the kernel's tensors once; L2 = L2<->SM traffic of the tiling; "
+        "tensor/issue/smem/l2/dram = time at each ceiling (tensor: the FFMA rate for a kernel without tensor "
+        "cores); pred = the largest; total = pred x n", "")
     for ph in phases:
         wanted = _PHASES[ph]
         entries = model(manifest, report, wanted)
@@ -562,34 +582,28 @@ def main(argv: list[str] | None = None) -> int:
             continue
         what = (f"inference, batch 1 at {m.get('lr_size')} LR" if ph == "inference"
                 else f"one training step, batch {m.get('train_batch')} of {m.get('train_patch')} LR patches")
-        parts.append(render(group(entries), f"== {what}: per layer, the best predicted config of each launch =="))
         ops = torch_op_rows(manifest, wanted)
         text, totals = summary(entries, manifest, what, ops)
-        parts += ["", render_torch_ops(ops), "", text, ""]
-        if args.measure:
-            measured = measure_launches(manifest, ph, args.reps)
-            table, rows = measured_table(entries, measured)
-            parts += [f"== {what}: measured on {_device_name()} (median of {args.reps}, CUDA events per launch) "
-                      "beside the prediction for the config the autotuner chose ==", table, ""]
-            dump.setdefault("measured", {})[ph] = rows
+        say(render(group(entries), f"== {what}: per layer, the best predicted config of each launch =="), "",
+            render_torch_ops(ops), "", text, "")
         dump[ph] = dict(totals=totals, torch_ops=ops, launches=[
             dict(index=e["index"], phase=e["phase"], role=e["role"], kernel=e["kernel"], label=e["label"],
                  best=_entry_json(e["best"]), configs=[_entry_json(c) for c in e["configs"]]) for e in entries])
+        save()
+        if args.measure:
+            measured = measure_launches(manifest, ph, args.reps)
+            table, rows = measured_table(entries, measured)
+            say(f"== {what}: measured on {_device_name()} (median of {args.reps}, CUDA events per launch) "
+                "beside the prediction for the config the autotuner chose ==", table, "")
+            dump.setdefault("measured", {})[ph] = rows
+            save()
     if args.measure:
         got = measure_ceilings()
         dump["ceilings_measured_here"] = got
-        parts.append("ceilings measured on this GPU: " + ", ".join(
+        save()
+        say("ceilings measured on this GPU: " + ", ".join(
             f"{k} {v / 1e12:.2f} T (model: {ceiling(k) / 1e12:.2f} T)" if k != "sms" else f"sms {v}"
             for k, v in got.items()) + " [l2: a 16 MiB copy, L2-resident; the model's l2 is the SM<->L2 rate]")
-    parts.append("columns: layer (f/b: a training step's forward/backward) and n launches of it; useful/issued FLOPs (x = issued/useful); DRAM = the kernel's tensors once; L2 = L2<->SM "
-                 "traffic of the tiling; tensor/issue/smem/l2/dram = time at each ceiling (tensor: the FFMA "
-                 "rate for a kernel without tensor cores); pred = the largest; total = pred x n")
-    text = "\n".join(parts)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    if args.json:
-        args.json.write_text(json.dumps(dump, indent=1))
     return 0
 
 
