@@ -76,7 +76,7 @@ H200 = dict(sms=132, regs_per_sm=65536, smem_per_sm=228 * 1024, threads_per_sm=2
 # A CUDA allocation's alignment as the JIT sees it (cudaMalloc guarantees 256 bytes; the
 # caching allocator's blocks are multiples of 512): only alignment mod 16 matters to the JIT.
 CUDA_ALLOC_ALIGN = 256
-_FAKE_DEVICE_BASE = 1 << 40  # a 256-byte-aligned stand-in address for every storage
+_FAKE_DEVICE_BASE = CUDA_ALLOC_ALIGN << 32  # the stand-in device address of every storage
 
 # The model sizes the issue asks for: inference at batch 1, a paper-recipe training step.
 TRAIN_BATCH, TRAIN_PATCH = 16, (48, 48)
@@ -164,9 +164,11 @@ class TorchOps(TorchDispatchMode):
     """Records the aten ops of a forward/backward that would be CUDA kernels of their own: not
     the Triton launches (recorded by `recording`), not views, not bare allocations. Each entry:
     phase, op, bytes read and written (its tensor inputs and outputs once), output shapes, and
-    how many Triton launches came before it. Ops inside fastsr's registered ops are not seen
-    when the dispatcher runs those ops (a mode is off inside its own handler), so the
-    registered fastsr ops themselves are skipped: their work is in the Triton launches."""
+    how many Triton launches came before it. A registered fastsr op is not an entry (its
+    work is its Triton launches); the aten ops inside its body are seen where the op's body
+    runs directly (inference without gradients bypasses the dispatcher) and missed where the
+    dispatcher runs the op (with autograd: a mode is off while its own handler runs), so a
+    training step's count is a lower bound."""
 
     def __init__(self, rec: Recorder) -> None:
         super().__init__()
