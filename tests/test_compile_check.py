@@ -60,7 +60,7 @@ def test_model_emission_quick_form(tmp_path):
     assert phases == {"inference", "train.forward", "train.backward"}, phases
     rows = json.loads((tmp_path / "sass_report.json").read_text())["rows"]
     body = [r for r in rows if r["role"] == "body" and r["dtype"] == "bf16"]
-    assert body and all(r["sass"]["widest_load"] == 16 and r["sass"]["mma"] == "HGMMA" for r in body), body
+    assert body and all(r["sass"]["hot_loop_widest_load"] == 16 and r["sass"]["mma"] == "HGMMA" for r in body), body
     assert all(r["sass"]["regs"] > 0 for r in rows)
     _check_static_model(tmp_path)
 
