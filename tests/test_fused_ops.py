@@ -185,3 +185,36 @@ def test_empty_batch_returns_empty():
     x, wt, b = conv_case(0, 8, 8, 5, 5, 3)
     assert conv2d(x, wt, b).shape == (0, 8, 5, 5)
     assert resblock(x, wt, b, wt, b).shape == (0, 8, 5, 5)
+
+
+_ONEDNN_PROBE = r"""
+import sys, torch, fastsr
+torch.manual_seed(0)
+model = fastsr.EDSR(2, n_resblocks=2, n_feats=16, fused=True, backend="cpu", dtype=DTYPE).eval()
+x = torch.rand(1, 3, 12, 10) * 255
+with torch.no_grad():
+    model(x)
+    print("=== second forward", flush=True)  # oneDNN's verbose lines go to stdout too
+    model(x)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_cpu_convs_are_one_onednn_primitive_with_their_epilogue_and_no_reorder(dtype):
+    """ONEDNN_VERBOSE of a second forward: every conv one primitive, the blocks' ReLU and skip
+    add as post-ops, and no weight reorder (the weights were packed once)."""
+    import re
+    import subprocess
+    import sys
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    proc = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE.replace("DTYPE", dtype)], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "ONEDNN_VERBOSE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split("=== second forward")[1].splitlines()
+    execs = [line for line in lines if line.startswith("onednn_verbose") and ",exec," in line]
+    kinds = [line.split(",")[5] for line in execs]
+    posts = [m.group(1) if (m := re.search(r"attr-post-ops:([a-z_]+)", line)) else "-" for line in execs]
+    assert kinds == ["convolution"] * 8, kinds  # head, 2 x 2 block convs, body conv, upsampler, tail: no reorder
+    assert posts == ["-", "eltwise_relu", "binary_add", "eltwise_relu", "binary_add", "binary_add", "-", "-"], posts

@@ -8,19 +8,70 @@ but the block's conv1 + ReLU is recomputed.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fastsr.ops.checks import CL, autocast_off
 from fastsr.ops.reference import conv2d_ref
 
 
+def _post_ops(x: torch.Tensor) -> bool:
+    """Whether oneDNN's fused post-ops apply: a CPU fp32/bf16 conv with oneDNN present."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+
+
+# Weights in oneDNN's blocked layout, made once per weight tensor (and again after an
+# in-place update: its version counter) instead of reordered inside every call. Keyed by
+# the tensor's id with a weak reference to it: an entry is dropped when its tensor dies
+# and only ever matches that very tensor, never a later one at the same address.
+_PACKED: dict[int, tuple] = {}
+
+
+def _packed(w: torch.Tensor, pad: list[int], x: torch.Tensor) -> torch.Tensor:
+    """w (Cout, Cin, k, k), x's dtype, prepacked for oneDNN when that is safe (inference on
+    plain tensors, not while torch.compile traces); else w as it is."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(w) not in (torch.Tensor, nn.Parameter):
+        return w
+    key = id(w)
+    found = _PACKED.get(key)
+    if found is None or found[0]() is not w or found[1] != w._version:
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().to_mkldnn(), pad, [1, 1], [1, 1], 1,
+                                                           list(x.shape))
+        found = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), w._version, packed)
+        _PACKED[key] = found
+    return found[2]
+
+
 def conv(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, shuffle=1):
-    """fastsr::conv2d's math with an aten convolution; channels-last output in x's dtype."""
+    """fastsr::conv2d's math with an aten convolution; channels-last output in x's dtype.
+
+    On the CPU (fp32, bf16) the two epilogues EDSR's body is made of run inside oneDNN's
+    convolution primitive as post-ops (mkldnn::_convolution_pointwise, the ops Inductor's
+    CPU backend uses): conv + ReLU, and conv + skip with res_scale folded into the weights
+    and bias (res_scale * (W x + b) = (res_scale W) x + res_scale b), so the F-map is
+    written once instead of written, read and written again by a separate pass."""
     x = x.contiguous(memory_format=CL)
     if in_shift is not None:
         x = x - in_shift.to(x.dtype).view(1, -1, 1, 1)
-    y = F.conv2d(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=weight.shape[-1] // 2)
+    w, b = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    pad = [weight.shape[-1] // 2] * 2
+    if _post_ops(x) and skip is not None and not relu and shuffle == 1:
+        if res_scale != 1.0:  # scaled per call: a fresh tensor, packed inside the primitive as before
+            w, b = w * res_scale, None if b is None else b * res_scale
+        else:
+            w = _packed(w, pad, x)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, skip.contiguous(memory_format=CL), w, b, pad, [1, 1], [1, 1], 1, "add", None, None, [], None)
+    if _post_ops(x) and (res_scale == 1.0 or not relu) and skip is None:
+        fused_relu = relu and res_scale == 1.0
+        y = torch.ops.mkldnn._convolution_pointwise(x, _packed(w, pad, x), b, pad, [1, 1], [1, 1], 1,
+                                                    "relu" if fused_relu else "none", [], "")
+        relu = relu and not fused_relu
+    else:
+        y = F.conv2d(x, w, b, padding=pad)
     # Epilogues in place on the fresh conv output: one extra read/write each, no new buffers.
     if relu:
         y.relu_()
