@@ -8,6 +8,7 @@ kernels' full shape/dtype matrix.
 import pytest
 import torch
 
+import fastsr
 from fastsr.errors import BackendUnavailable
 from fastsr.ops.conv2d import conv2d, conv2d_op
 from fastsr.ops.resblock import resblock, resblock_op
@@ -218,3 +219,25 @@ def test_cpu_convs_are_one_onednn_primitive_with_their_epilogue_and_no_reorder(d
     posts = [m.group(1) if (m := re.search(r"attr-post-ops:([a-z_]+)", line)) else "-" for line in execs]
     assert kinds == ["convolution"] * 8, kinds  # head, 2 x 2 block convs, body conv, upsampler, tail: no reorder
     assert posts == ["-", "eltwise_relu", "binary_add", "eltwise_relu", "binary_add", "binary_add", "-", "-"], posts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_packed_weights_under_inference_mode_and_after_an_update(dtype):
+    """The packed-weight cache under torch.inference_mode (the plan's tensors there are
+    inference tensors, without version counters) and after an in-place weight update."""
+    torch.manual_seed(0)
+    model = fastsr.EDSR(2, n_resblocks=2, n_feats=8, fused=True, backend="cpu",
+                        dtype=None if dtype == torch.float32 else dtype).eval()
+    x = torch.rand(1, 3, 7, 9) * 255
+    with torch.no_grad():
+        want = model(x)
+    with torch.inference_mode():
+        first, second = model(x), model(x)
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    with torch.no_grad():
+        model.body[0].body[0].weight.mul_(0.5)  # in place: the version counter moves
+        eager = fastsr.EDSR(2, n_resblocks=2, n_feats=8).eval()
+        eager.load_state_dict(model.state_dict())
+        tol = 1e-3 if dtype == torch.float32 else 2.0
+        torch.testing.assert_close(model(x), eager(x), rtol=0, atol=tol)

@@ -397,7 +397,8 @@ def _run(args: argparse.Namespace, out_dir: Path, dist: Dist) -> int:
     done, failures = sum(c[0] for c in counts), planned + sum(c[1] for c in counts)
     if dist.main:
         problems = f"; {failures} problem(s) reported" if failures else ""
-        info(f"wrote {done} of {len(jobs)} image(s) to {out_dir}{problems}")
+        ran = f" (the network ran on: {up.model.backend})" if up.model is not None and done else ""
+        info(f"wrote {done} of {len(jobs)} image(s) to {out_dir}{ran}{problems}")
         if up.model is None and up.label != "bicubic":
             info(BICUBIC_WARNING)
     return 1 if failures else 0

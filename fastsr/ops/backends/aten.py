@@ -36,11 +36,15 @@ def _packed(w: torch.Tensor, pad: list[int], x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(w) not in (torch.Tensor, nn.Parameter):
         return w
     key = id(w)
+    # Inference tensors keep no version counter; the only ones reaching here are the plan's
+    # own casts and folds (fastsr.models.fused.build_plan under inference_mode), which
+    # nothing updates in place: a new plan makes new tensors.
+    version = -1 if w.is_inference() else w._version
     found = _PACKED.get(key)
-    if found is None or found[0]() is not w or found[1] != w._version:
+    if found is None or found[0]() is not w or found[1] != version:
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().to_mkldnn(), pad, [1, 1], [1, 1], 1,
                                                            list(x.shape))
-        found = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), w._version, packed)
+        found = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), version, packed)
         _PACKED[key] = found
     return found[2]
 
