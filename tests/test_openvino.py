@@ -97,3 +97,23 @@ def test_bf16_set5_psnr_within_0_05_db_of_fp32():
     print(f"Set5 x2 through OpenVINO: fp32 {scores[torch.float32]:.3f} dB, bf16 {scores[torch.bfloat16]:.3f} dB")
     assert scores[torch.float32] > 37.0
     assert abs(scores[torch.bfloat16] - scores[torch.float32]) <= 0.05
+
+
+def test_a_big_input_is_timed_on_a_bounded_probe_once_for_all_its_sizes(measured):
+    model, _ = _pair(fused=True)
+    timed = []
+
+    def timer(runs):
+        timed.append(sorted(runs))
+        return {"fused": 1.0, "openvino": 2.0}
+
+    dispatch.set_timer(timer)
+    with torch.no_grad():
+        model(torch.rand(1, 3, 300, 20) * 255)
+        model(torch.rand(1, 3, 400, 20) * 255)  # both sides past the probe's in H: the same choice
+        model(torch.rand(1, 3, 30, 20) * 255)   # a small input: its own
+    assert len(timed) == 2 and model.backend == "cpu"
+    from fastsr.models.edsr import _PROBE
+
+    sig_keys = [k for k in dispatch._memory if k.startswith("model|")]
+    assert any(f"x{_PROBE}x20|" in k for k in sig_keys), sig_keys

@@ -242,11 +242,16 @@ class _FusedMixin:
         from fastsr.ops.backends.openvino import PRECISIONS, openvino_forward
 
         compute = self.compute_dtype or x.dtype
-        sig = dispatch.Signature("model", "cpu", dispatch.device_name(x.device), compute, tuple(x.shape),
+        # Timed on at most a _PROBE x _PROBE crop: a big input (a 1568-px tile takes ~10 s a
+        # forward on 2 cores) is one choice for all its sizes, at a few seconds of timing
+        # instead of minutes; smaller inputs are timed at their own size.
+        n, c, h, w = x.shape
+        probe = (n, c, min(h, _PROBE), min(w, _PROBE))
+        sig = dispatch.Signature("model", "cpu", dispatch.device_name(x.device), compute, probe,
                                  self.n_feats, 3, (self.arch, scale_idx))
 
-        def make_run(name: str):  # fresh data of the real shape
-            fresh = torch.rand_like(x) * self.rgb_range
+        def make_run(name: str):  # fresh data of the probe's shape
+            fresh = torch.rand(probe, dtype=x.dtype) * self.rgb_range
             if name == "openvino":
                 return lambda: openvino_forward(self)(fresh, scale_idx, PRECISIONS[compute])
             return lambda: fused_forward(self, fresh, scale_idx)
@@ -284,6 +289,9 @@ class _FusedMixin:
             out, backend = fused_forward(self, x, scale_idx)
         self.backend = backend
         return out
+
+
+_PROBE = 256  # the largest side the whole-model choice (fused vs OpenVINO) is timed at
 
 
 def _onnx_exporting() -> bool:
