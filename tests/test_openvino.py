@@ -117,3 +117,35 @@ def test_a_big_input_is_timed_on_a_bounded_probe_once_for_all_its_sizes(measured
 
     sig_keys = [k for k in dispatch._memory if k.startswith("model|")]
     assert any(f"x{_PROBE}x20|" in k for k in sig_keys), sig_keys
+
+
+def test_converted_graphs_are_kept_on_disk_by_the_weights_bytes(tmp_path, monkeypatch):
+    import openvino as ov
+
+    from fastsr.ops.backends import openvino as ov_backend
+
+    monkeypatch.setenv("FASTSR_OPENVINO_CACHE", str(tmp_path / "ir"))
+    conversions = []
+    real = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: conversions.append(1) or real(*a, **k))
+    x = torch.rand(1, 3, 6, 5) * 255
+    first, eager = _pair(backend="openvino")
+    with torch.no_grad():
+        want = eager(x)
+        torch.testing.assert_close(first(x), want, rtol=1e-4, atol=1e-4 * 255)
+        assert len(conversions) == 1 and len(list((tmp_path / "ir").glob("*.xml"))) == 1
+        again, _ = _pair(backend="openvino")  # a new model object, the same weights: read from disk
+        torch.testing.assert_close(again(x), want, rtol=1e-4, atol=1e-4 * 255)
+        assert len(conversions) == 1
+        again.tail[1].bias.add_(1.0)  # other weights: another file
+        torch.testing.assert_close(again(x), want + 1.0, rtol=1e-4, atol=1e-4 * 255)
+    assert len(conversions) == 2 and len(list((tmp_path / "ir").glob("*.xml"))) == 2
+    assert not list((tmp_path / "ir").glob(".*"))  # no temporary files left
+    for binary in (tmp_path / "ir").glob("*.bin"):
+        binary.write_bytes(b"damaged")  # truncated weights: refused by OpenVINO, converted again
+    third, _ = _pair(backend="openvino")
+    with torch.no_grad():
+        torch.testing.assert_close(third(x), want, rtol=1e-4, atol=1e-4 * 255)
+    assert len(conversions) == 3
+    monkeypatch.setenv("FASTSR_OPENVINO_CACHE", "")
+    assert ov_backend.ir_cache_dir() is None

@@ -28,6 +28,8 @@ if not HAS_CUDA:
 # convert the model for ~10 s on the way). tests/test_dispatch.py and tests/test_openvino.py
 # lift it where the measured choice is what they test.
 os.environ.setdefault("FASTSR_DETERMINISTIC", "1")
+# No OpenVINO IR cache in ~/.cache from the tests (tests/test_openvino.py tests it in a tmp dir).
+os.environ.setdefault("FASTSR_OPENVINO_CACHE", "")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FASTSR_DATA", REPO_ROOT.parent / "shared" / "data"))
