@@ -17,7 +17,7 @@ from fastsr.ops import dispatch
 
 @pytest.fixture(autouse=True)
 def fresh_dispatch(monkeypatch):
-    monkeypatch.delenv("FASTSR_PLAN_CACHE", raising=False)
+    monkeypatch.setenv("FASTSR_PLAN_CACHE", "")  # off: never a default path under $HOME
     monkeypatch.delenv("FASTSR_DETERMINISTIC", raising=False)
     dispatch.clear_cache()
     monkeypatch.setattr(dispatch, "_disk", None)
@@ -181,3 +181,16 @@ def test_plan_check_script_prints_and_writes_the_plan(tmp_path, capsys, monkeypa
     data = json.loads(out.read_text())
     assert data["backend"] == "cpu" and len(data["plan"]) == 1 + 16 + 1 + 1 + 1  # head, blocks, body conv, up, tail
     assert "body.15" in capsys.readouterr().out
+
+
+def test_the_command_line_keeps_choices_under_home_and_the_library_nowhere(monkeypatch, tmp_path):
+    from fastsr import cli
+
+    monkeypatch.setattr(dispatch, "_default_plan_cache", None)  # restored after the test
+    monkeypatch.delenv("FASTSR_PLAN_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert dispatch.plan_cache_path() is None  # the library: no file unless asked for
+    cli.main(["upscale", str(tmp_path / "none.png"), "-o", str(tmp_path / "o"), "-s", "2", "--bicubic"])
+    assert dispatch.plan_cache_path() == str(tmp_path / ".cache" / "fastsr" / "plans.json")
+    monkeypatch.setenv("FASTSR_PLAN_CACHE", "")
+    assert dispatch.plan_cache_path() is None  # the variable wins, "" is off

@@ -30,6 +30,7 @@ if not HAS_CUDA:
 os.environ.setdefault("FASTSR_DETERMINISTIC", "1")
 # No OpenVINO IR cache in ~/.cache from the tests (tests/test_openvino.py tests it in a tmp dir).
 os.environ.setdefault("FASTSR_OPENVINO_CACHE", "")
+os.environ.setdefault("FASTSR_PLAN_CACHE", "")  # nor choices (the command line's default is under $HOME)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FASTSR_DATA", REPO_ROOT.parent / "shared" / "data"))

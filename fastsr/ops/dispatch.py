@@ -399,6 +399,22 @@ def cache_versions() -> dict[str, str]:
     return versions
 
 
+_default_plan_cache: str | None = None  # the command line sets one (set_default_plan_cache)
+
+
+def set_default_plan_cache(path: str | None) -> None:
+    """Where choices persist when FASTSR_PLAN_CACHE is unset (the library's default: nowhere;
+    the `fastsr` command line: ~/.cache/fastsr/plans.json)."""
+    global _default_plan_cache
+    _default_plan_cache = path
+
+
+def plan_cache_path() -> str | None:
+    """FASTSR_PLAN_CACHE (empty: no disk cache), else the default set for this process."""
+    path = os.environ.get("FASTSR_PLAN_CACHE", _default_plan_cache)
+    return path or None
+
+
 _disk: dict[str, Choice] | None = None
 _disk_path: str | None = None
 
@@ -406,7 +422,7 @@ _disk_path: str | None = None
 def _load_disk() -> dict[str, Choice]:
     """The FASTSR_PLAN_CACHE file's choices ({} without one, or for a stale or unreadable file)."""
     global _disk, _disk_path
-    path = os.environ.get("FASTSR_PLAN_CACHE")
+    path = plan_cache_path()
     if not path:
         return {}
     if _disk is not None and _disk_path == path:
@@ -424,7 +440,7 @@ def _load_disk() -> dict[str, Choice]:
 
 
 def _save_disk(key: str, choice: Choice) -> None:
-    path = os.environ.get("FASTSR_PLAN_CACHE")
+    path = plan_cache_path()
     if not path:
         return
     from fastsr.atomic import atomic_write
