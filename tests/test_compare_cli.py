@@ -7,14 +7,11 @@ from PIL import Image as PILImage
 
 from fastsr import cli
 from fastsr.checkpoints import model_from_checkpoint
-from fastsr.cli.compare import _GAP
+from fastsr.cli.compare import _GAP, label_layout
 from fastsr.evaluation import get_protocol, make_lr, prepare_hr, score
 from fastsr.imageio import read_image
 from fastsr.inference import bicubic_upscale, upscale
 from fastsr.metrics import quantize
-
-LABEL_H = 22
-
 
 def _photo(h, w):
     y, x = np.mgrid[0:h, 0:w]
@@ -30,7 +27,6 @@ def test_compare_writes_bicubic_fastsr_and_ground_truth(tmp_path, weights_x2, ca
     err = capsys.readouterr().err
     picture = np.asarray(PILImage.open(out).convert("RGB"))
     size, zoom = 10, 48 // 10  # a quarter of the short side; zoomed to the panel's width
-    assert picture.shape == (2 * LABEL_H + 40 + _GAP + size * zoom, 3 * 48 + 2 * _GAP, 3)
 
     # The scores printed (and in the labels) are the paper protocol's on the same images.
     protocol = get_protocol("paper")
@@ -41,10 +37,15 @@ def test_compare_writes_bicubic_fastsr_and_ground_truth(tmp_path, weights_x2, ca
     bic = bicubic_upscale(lr[None], 2)[0].float()
     (pb, sb), (pf, sf) = score(bic, hr, 2, protocol), score(sr, hr, 2, protocol)
     assert f"bicubic {pb:.2f} dB / {sb:.4f}, fastsr {pf:.2f} dB / {sf:.4f}" in err
+    lay = label_layout([f"bicubic  {pb:.2f} dB / {sb:.4f}", f"fastsr  {pf:.2f} dB / {sf:.4f}", "ground truth (HR)"],
+                       48, zoom)
+    assert lay.lines[0] == ["bicubic", f"{pb:.2f} dB / {sb:.4f}"] and lay.font_px < 14  # 48-px panels: smaller text
+    LABEL_H, CROP_H = lay.label_h, lay.crop_h
+    assert picture.shape == (LABEL_H + 40 + _GAP + CROP_H + size * zoom, 3 * 48 + 2 * _GAP, 3)
 
     # The third panel's zoomed crop is the ground truth's pixels, nearest-neighbour zoomed.
     x, y = (int(v) for v in re.search(r"crop 10x10 at (\d+),(\d+)", err).groups())
-    top, left = 2 * LABEL_H + 40 + _GAP, 2 * (48 + _GAP)
+    top, left = LABEL_H + 40 + _GAP + CROP_H, 2 * (48 + _GAP)
     shown = picture[top:top + size * zoom, left:left + size * zoom]
     crop = hr[:, y:y + size, x:x + size].permute(1, 2, 0).numpy()
     assert np.array_equal(shown, crop.repeat(zoom, 0).repeat(zoom, 1))
@@ -63,7 +64,8 @@ def test_compare_of_an_lr_input_has_no_ground_truth(tmp_path, capsys):
     assert cli.main(["compare", str(src), "-s", "3", "--bicubic", "--lr", "-o", str(out), "--crop", "0,0,12"]) == 0
     assert "PSNR" not in capsys.readouterr().err
     picture = np.asarray(PILImage.open(out).convert("RGB"))
-    assert picture.shape == (2 * LABEL_H + 60 + _GAP + 12 * (72 // 12), 2 * 72 + _GAP, 3)
+    lay = label_layout(["bicubic", "bicubic"], 72, 72 // 12)
+    assert picture.shape == (lay.label_h + 60 + _GAP + lay.crop_h + 12 * (72 // 12), 2 * 72 + _GAP, 3)
 
 
 @pytest.mark.parametrize("extra, needle", [

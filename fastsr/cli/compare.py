@@ -14,6 +14,7 @@ where bicubic and fastsr differ most, unless --crop X,Y,SIZE (output pixels) nam
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,32 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+@dataclass(frozen=True)
+class LabelLayout:
+    """How the labels sit: each panel's label lines and crop label, the font size, and the
+    heights of the band above the full views (label_h) and above the crops (crop_h)."""
+
+    lines: list[list[str]]
+    crop_labels: list[str]
+    font_px: int
+    label_h: int
+    crop_h: int
+
+
+def label_layout(labels: list[str], view_w: int, zoom: int) -> LabelLayout:
+    """Labels on two lines (name, then scores: "name  scores" splits at the double space),
+    in the largest font (14 px down to 8) whose every line fits a panel `view_w` wide:
+    small images make narrow panels, and text must not run into the next one."""
+    from PIL import Image, ImageDraw
+
+    lines = [label.split("  ") for label in labels]
+    crop_labels = [f"{parts[0]}, crop x{zoom}" for parts in lines]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [t for parts in lines for t in parts] + crop_labels
+    px = next((s for s in range(14, 8, -1) if max(probe.textlength(t, font=_font(s)) for t in texts) <= view_w - 4), 8)
+    return LabelLayout(lines, crop_labels, px, max(len(parts) for parts in lines) * (px + 4) + 4, px + 8)
+
+
 def compose(panels: list[tuple[str, torch.Tensor]], crop: tuple[int, int, int], width: int) -> np.ndarray:
     """The picture: labelled full views in a row (shrunk to `width` when wider, the crop
     outlined), and the zoomed crop of each below. panels: (label, (3, H, W) float 0..255) of
@@ -80,26 +107,28 @@ def compose(panels: list[tuple[str, torch.Tensor]], crop: tuple[int, int, int], 
     view_w = min(width, w)
     view_h = max(1, round(h * view_w / w))
     zoom = max(1, view_w // size)
-    font = _font(14)
-    label_h = 22
+    lay = label_layout([label for label, _ in panels], view_w, zoom)
+    lines, crop_labels, label_h, crop_h = lay.lines, lay.crop_labels, lay.label_h, lay.crop_h
+    font = _font(lay.font_px)
     cols = len(panels)
-    canvas = Image.new("RGB", (cols * view_w + (cols - 1) * _GAP, 2 * label_h + view_h + _GAP + size * zoom), "white")
+    canvas = Image.new("RGB", (cols * view_w + (cols - 1) * _GAP, label_h + view_h + _GAP + crop_h + size * zoom),
+                       "white")
     draw = ImageDraw.Draw(canvas)
     sx = view_w / w
     for i, (label, img) in enumerate(panels):
         pixels = np.ascontiguousarray(img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
         full = Image.fromarray(pixels)
         left = i * (view_w + _GAP)
-        draw.text((left + 2, 3), label, fill="black", font=font)
+        draw.text((left + 2, 3), "\n".join(lines[i]), fill="black", font=font, spacing=4)
         view = full if view_w == w else full.resize((view_w, view_h), Image.Resampling.LANCZOS)
         canvas.paste(view, (left, label_h))
         box = (left + int(x * sx), label_h + int(y * sx),
                left + int((x + size) * sx) - 1, label_h + int((y + size) * sx) - 1)
         draw.rectangle(box, outline=_RED, width=max(1, round(2 * view_w / 480)))
         top = label_h + view_h + _GAP
-        draw.text((left + 2, top + 3), f"{label.split('  ')[0]}, crop x{zoom}", fill="black", font=font)
+        draw.text((left + 2, top + 3), crop_labels[i], fill="black", font=font)
         zoomed = full.crop((x, y, x + size, y + size)).resize((size * zoom, size * zoom), Image.Resampling.NEAREST)
-        canvas.paste(zoomed, (left, top + label_h))
+        canvas.paste(zoomed, (left, top + crop_h))
     return np.asarray(canvas)
 
 
