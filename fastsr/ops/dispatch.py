@@ -33,6 +33,7 @@ Forward and backward choices are separate ops ("conv2d" / "resblock" and their
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -59,8 +60,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Installation probes, asked once per process: an import-system lookup costs ~30 µs, and
+# candidates' reasons are asked for every layer of every forward that is not memoized.
+@functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _has_openvino() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+_NO_TRITON = "triton is not installed (pip install triton)"
+_NO_OPENVINO = "openvino is not installed (pip install 'fastsr[openvino]')"
 
 
 def machine_reasons(backend: str) -> list[str]:
@@ -72,12 +85,12 @@ def machine_reasons(backend: str) -> list[str]:
     check_backend_name(backend)
     reasons = []
     if backend == "triton" and not _has_triton():
-        reasons.append("triton is not installed (pip install triton)")
+        reasons.append(_NO_TRITON)
     if backend == "triton" and not torch.cuda.is_available() and not triton_interpreting():
         reasons.append("no CUDA device is available (torch.cuda.is_available() is False), and CPU tensors need "
                        "TRITON_INTERPRET=1 (the Triton interpreter, slow, for testing)")
-    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
-        reasons.append("openvino is not installed (pip install 'fastsr[openvino]')")
+    if backend == "openvino" and not _has_openvino():
+        reasons.append(_NO_OPENVINO)
     if backend == "aten" and not torch.cuda.is_available():
         reasons.append("the aten backend is the CUDA floor (cuDNN); no CUDA device is available (use 'cpu')")
     return reasons
@@ -170,7 +183,7 @@ class Candidate:
         """Why this implementation cannot run an op of signature `sig` (empty: it can)."""
         reasons = []
         if self.needs_triton and not _has_triton():
-            reasons.append("triton is not installed (pip install triton)")
+            reasons.append(_NO_TRITON)
         on_cpu_interpreted = self.interpreted and sig.device_type == "cpu"
         if on_cpu_interpreted and not triton_interpreting():
             reasons.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, slow, for testing)")
@@ -199,8 +212,8 @@ def _block_kernel_reasons(sig: Signature) -> list[str]:
 
 
 def _openvino_reasons(sig: Signature) -> list[str]:
-    if importlib.util.find_spec("openvino") is None:
-        return ["openvino is not installed (pip install 'fastsr[openvino]')"]
+    if not _has_openvino():
+        return [_NO_OPENVINO]
     return [] if sig.shape[0] > 0 else ["an empty batch"]
 
 
@@ -355,6 +368,9 @@ def choose(op: str, sig: Signature, requested: str | None = None,
     settled = (op, sig, requested, triton_interpreting())
     if settled in _settled:  # one eligible candidate: no state but the interpreter flag changes it
         return _settled[settled]
+    key = f"{sig.key()}|{requested}"
+    if key in _memory:  # timed before: the eligible set it was timed among has not changed
+        return _memory[key]
     ok, reasons = _eligible(op, requested, sig)
     if not ok:
         if requested is None:  # auto: the reference always runs
@@ -364,9 +380,6 @@ def choose(op: str, sig: Signature, requested: str | None = None,
     if len(ok) == 1:
         _settled[settled] = Choice(ok[0].name, ok[0].family)
         return _settled[settled]
-    key = f"{sig.key()}|{requested}"
-    if key in _memory:
-        return _memory[key]
     if not _timing_allowed(sig) or make_run is None:
         found = _load_disk().get(key) if not deterministic() else None
         return found or Choice(ok[0].name, ok[0].family)  # the pinned choice: declared order
@@ -376,7 +389,6 @@ def choose(op: str, sig: Signature, requested: str | None = None,
         times = timer({c.name: make_run(c.name) for c in ok})
         best = min(ok, key=lambda c: times[c.name])
         found = Choice(best.name, best.family, {name: round(float(ms), 4) for name, ms in times.items()})
-        _memory[key] = found
         _save_disk(key, found)
     _memory[key] = found
     return found

@@ -13,7 +13,6 @@ Inference only: no autograd. Needs the optional extra fastsr[openvino].
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -22,10 +21,6 @@ import torch
 import torch.nn as nn
 
 PRECISIONS = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
-def available() -> bool:
-    return importlib.util.find_spec("openvino") is not None
 
 
 class _Eager(nn.Module):
