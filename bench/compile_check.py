@@ -202,25 +202,23 @@ def gpu_code_path(sms: int = H200["sms"]) -> Iterator[None]:
     is opened here, and the launchers size their persistent grids and split-K for `sms`
     multiprocessors (an H200's 132) instead of the 64 they assume off a GPU, and the fused
     plan lays its weights out as it does on CUDA."""
-    import fastsr.kernels.conv2d as conv_mod
-    import fastsr.kernels.conv2d_backward as bwd_mod
-    import fastsr.kernels.resblock as block_mod
+    import fastsr.kernels._common as common
     import fastsr.ops.dispatch as dispatch
 
-    if conv_mod._INTERPRET or bwd_mod._INTERPRET or block_mod._INTERPRET:
+    if common._INTERPRET:
         raise RuntimeError("fastsr.kernels was imported under TRITON_INTERPRET=1: no GPU code path to record")
     import fastsr.models.fused as fused
 
-    saved = dispatch.triton_interpreting, conv_mod._multiprocessor_count, fused._plan_weight
+    saved = dispatch.triton_interpreting, common._multiprocessor_count, fused._plan_weight
     dispatch.triton_interpreting = lambda: True
-    conv_mod._multiprocessor_count = lambda device: sms
+    common._multiprocessor_count = lambda device: sms
     # The fused plan keeps weights in the kernels' packed layout on CUDA (the per-call pack
     # is then a free view), in the usual one on the CPU: take the CUDA branch.
     fused._plan_weight = fused.kernel_layout
     try:
         yield
     finally:
-        dispatch.triton_interpreting, conv_mod._multiprocessor_count, fused._plan_weight = saved
+        dispatch.triton_interpreting, common._multiprocessor_count, fused._plan_weight = saved
 
 
 # ----------------------------------------------------------------- the JIT's specialization
@@ -558,7 +556,8 @@ def _t(*shape, dtype):
 def drive(quick: bool) -> list[Launch]:
     """Call every public launcher on the shapes EDSR/MDSR use; return the recorded launches."""
     from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
-    from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc, resblock_backward_nhwc
+    from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
+    from fastsr.kernels.resblock_backward import resblock_backward_nhwc
     from fastsr.kernels.resblock import resblock_nhwc
 
     dtypes = [torch.float16] if quick else [torch.float32, torch.float16, torch.bfloat16]

@@ -42,157 +42,34 @@ same kernel body.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["pack_weight", "conv2d_nhwc"]
+from . import _common
+from ._common import (
+    _INT32_MAX,
+    _INTERPRET_BLOCK_M,
+    _block_k,
+    _block_n,
+    _check_activation,
+    _check_kernel_size,
+    _check_out,
+    _check_packed_weight,
+    _check_same_device,
+    _check_shuffle,
+    _check_tensor,
+    _check_vector,
+    _conv_configs,
+    _launch,
+    _launch_config_args,
+)
+from ._jit import _conv_mainloop, _round_to, _tile_coords
 
-# Read once at import, like Triton itself reads it when a kernel is decorated.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# `input_precision=` exists on tl.dot from Triton 3.0 on (so in every Triton >= 3.2 that
-# fastsr supports); older releases only had allow_tf32. Checked once here, branched on at
-# compile time inside the kernel, so the branch not taken is never compiled.
-_DOT_HAS_INPUT_PRECISION = "input_precision" in inspect.signature(tl.dot).parameters
+__all__ = ["pack_weight", "conv2d_nhwc", "SUPPORTED_KERNEL_SIZES", "SUPPORTED_SHUFFLES"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SUPPORTED_KERNEL_SIZES = (1, 3, 5)
-SUPPORTED_SHUFFLES = (1, 2, 3)
-_INT32_MAX = 2**31 - 1
-
-
-# --------------------------------------------------------------------------------------
-# Device helpers shared by conv2d and resblock kernels
-# --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_bf16_rtne(v):
-    """fp32 -> the nearest-even bf16 value, kept in fp32. Only used under the interpreter,
-    whose own fp32->bf16 cast truncates (the GPU cast rounds to nearest even)."""
-    u = v.to(tl.uint32, bitcast=True)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return u.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_to(v, ptr, INTERP: tl.constexpr):
-    """Round an fp32 tensor to the element type of `ptr`.
-
-    On the GPU this is the plain cast (the result has ptr's element type and can feed
-    tl.dot or tl.store). Under the interpreter, which cannot do arithmetic or tl.dot on
-    bf16, the value is rounded the same way but kept in fp32 (bf16/fp16 -> fp32 is exact,
-    so storing it later through ptr's type is exact too)."""
-    if INTERP:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            r = _round_bf16_rtne(v)
-        elif ptr.dtype.element_ty == tl.float16:
-            r = v.to(tl.float16).to(tl.float32)
-        else:
-            r = v
-    else:
-        r = v.to(ptr.dtype.element_ty)
-    return r
-
-
-@triton.jit
-def _mma(a, b, acc, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr):
-    """acc += a @ b in fp32. PREC is "ieee" for fp32 operands (no TF32), "tf32" otherwise
-    (Triton's default; it only matters for fp32 operands)."""
-    if USE_INPUT_PRECISION:
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-    else:
-        acc = tl.dot(a, b, acc, allow_tf32=PREC == "tf32")
-    return acc
-
-
-@triton.jit
-def _conv_mainloop(
-    acc,
-    src_ptr, img, oh, ow, m_mask, H_src, W_src,
-    w_ptr, offs_n, n_mask,
-    shift_ptr,
-    C_SRC: tl.constexpr, C_OUT: tl.constexpr, KS: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, INTERP: tl.constexpr,
-    PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """acc[m, n] += sum over taps (kh, kw) and channels ci of
-         src[img[m], oh[m] + kh - P, ow[m] + kw - P, ci] * w[(kh*KS + kw)*C_SRC + ci, n]
-
-    `src` is NHWC with C_SRC channels (an activation, or the resblock's workspace), rows
-    outside [0, H_src) x [0, W_src) or with m_mask False read as zero. One flat loop over
-    KS*KS*ceil(C_SRC/BLOCK_K) steps: each step loads one BLOCK_M x BLOCK_K activation tile
-    (BLOCK_K contiguous channels per pixel: 16-byte vector loads) and one BLOCK_K x BLOCK_N
-    weight tile (contiguous rows of the packed weight, from L2), and issues one MMA."""
-    PAD = KS // 2
-    K_CHUNKS = (C_SRC + BLOCK_K - 1) // BLOCK_K
-    offs_k = tl.arange(0, BLOCK_K)
-    # Pointers of the centre tap's first chunk, built once; each step only adds a scalar
-    # offset (tap shift, channel chunk) to them.
-    pix0 = (img * H_src + oh) * W_src + ow  # flattened NHW index of the centre tap
-    a_base = src_ptr + (pix0.to(tl.int64) * C_SRC)[:, None] + offs_k[None, :]
-    b_base = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
-    for step in range(KS * KS * K_CHUNKS):
-        if K_CHUNKS == 1:
-            tap = step
-            k0 = 0
-        else:
-            tap = step // K_CHUNKS
-            k0 = (step - tap * K_CHUNKS) * BLOCK_K
-        dh = tap // KS - PAD
-        dw = tap % KS - PAD
-        ih = oh + dh
-        iw = ow + dw
-        row_ok = m_mask & (ih >= 0) & (ih < H_src) & (iw >= 0) & (iw < W_src)
-        k_ok = offs_k < C_SRC - k0
-        a_mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.load(a_base + ((dh * W_src + dw) * C_SRC + k0), mask=a_mask, other=0.0)
-        b = tl.load(b_base + (tap * C_SRC + k0) * C_OUT, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-        if INTERP:
-            # The interpreter cannot multiply bf16 (it stores it as raw uint16 bits);
-            # widening is exact, and products of bf16/fp16 values are exact in fp32, so
-            # this matches a tensor-core MMA up to the order of the fp32 additions.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if HAS_SHIFT:
-            # (x - shift) rounded to x's dtype, like eager `x - mean` in that dtype; taps
-            # in the zero padding stay exactly zero.
-            s = tl.load(shift_ptr + k0 + offs_k, mask=k_ok, other=0.0)
-            a = _round_to(tl.where(a_mask, a.to(tl.float32) - s[None, :], 0.0), src_ptr, INTERP)
-        acc = _mma(a, b, acc, PREC, USE_INPUT_PRECISION)
-    return acc
-
-
-# --------------------------------------------------------------------------------------
-# The conv kernel
-# --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_coords(M, H, W, C_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's pixel block (over N*H*W) and channel block (over C_N), with masks and
-    the pixels' (image, row, column)."""
-    # 1-D grid, channel blocks fastest: when C_N > BLOCK_N the programs sharing one pixel
-    # tile run side by side and its activation rows are read from DRAM once (then L2).
-    # (A 2-D grid would also cap the pixel axis at 65,535 tiles.)
-    NUM_N_BLOCKS = (C_N + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    pid_n = pid % NUM_N_BLOCKS
-    pid_m = pid // NUM_N_BLOCKS
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < C_N
-    ow = offs_m % W
-    t = offs_m // W
-    oh = t % H
-    img = t // H
-    return offs_m, offs_n, m_mask, n_mask, img, oh, ow
+SUPPORTED_KERNEL_SIZES = _common.SUPPORTED_KERNEL_SIZES
+SUPPORTED_SHUFFLES = _common.SUPPORTED_SHUFFLES
 
 
 @triton.jit
@@ -239,165 +116,11 @@ def _conv2d_nhwc_kernel(
     tl.store(out_ptr + out_off, _round_to(acc, out_ptr, INTERP), mask=mask)
 
 
-def _conv_configs():
-    # Bounded list: BLOCK_M pixels per tile x (warps, pipeline stages). With BLOCK_N = 64 and
-    # BLOCK_K = 64 (F = 64, fp16) one stage holds (BLOCK_M + 64) * 64 * 2 B of operands:
-    # 24 KiB at BLOCK_M = 128, so 3-4 stages fit shared memory with room for 2 CTAs per SM.
-    cfgs = []
-    for block_m, warps, stages in [
-        (64, 4, 3), (64, 4, 4),
-        (128, 4, 3), (128, 4, 4), (128, 8, 3),
-        (256, 8, 3),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages))
-    return cfgs
-
 
 _conv2d_nhwc_tuned = triton.autotune(
     configs=_conv_configs(),
     key=["C_IN", "C_OUT", "KS", "SHUFFLE"],  # the autotuner adds the tensor dtypes itself
 )(_conv2d_nhwc_kernel)
-
-# The interpreter runs one program at a time in Python: a small fixed configuration, never
-# tuned. BLOCK_N / BLOCK_K caps are smaller there than on the GPU on purpose, so the tests'
-# small channel counts still exercise several channel blocks and K chunks with tails.
-_INTERPRET_BLOCK_M = 32
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _block_n(c_out: int) -> int:
-    # tl.dot needs every block dim >= 16; F = 64 -> one 64-wide block holding all of Cout.
-    return min(max(16, _next_pow2(c_out)), 64 if _INTERPRET else 128)
-
-
-def _block_k(c_in: int, dtype: torch.dtype) -> int:
-    """Channels per K step: 128 B of each pixel row on the GPU (64 fp16 / 32 fp32), so one
-    step is one 16-byte vector load per thread per row segment. Under the interpreter,
-    narrow inputs (<= 32 channels) use 16-wide chunks so that the tests' odd channel counts
-    run multi-chunk loops with a tail; wide ones use up to 64 to keep interpretation fast."""
-    if _INTERPRET:
-        return 16 if c_in <= 32 else min(_next_pow2(c_in), 64)
-    cap = 64 if dtype != torch.float32 else 32
-    return min(max(16, _next_pow2(c_in)), cap)
-
-
-def _multiprocessor_count(device: torch.device) -> int:
-    """SMs of the GPU the launch runs on: the persistent resblock grid and wgrad's split-K
-    are sized from it. 64 for a non-CUDA device (bench/compile_check.py replaces this
-    function to size the launches it records for the GPU it compiles for)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 64  # pragma: no cover - a non-CUDA Triton backend
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-# --------------------------------------------------------------------------------------
-# Input checks shared with resblock.py
-# --------------------------------------------------------------------------------------
-
-
-def _check_tensor(name: str, t, *, rank: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if rank is not None and t.dim() != rank:
-        raise ValueError(f"{name} must be a {rank}-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
-
-
-def _check_activation(name: str, x) -> None:
-    _check_tensor(name, x, rank=4)
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if not x.is_contiguous():
-        raise ValueError(
-            f"{name} must be a contiguous (N, H, W, C) NHWC tensor, got strides {tuple(x.stride())} "
-            f"for shape {tuple(x.shape)} (call .contiguous())"
-        )
-
-
-def _check_same_device(x, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
-
-
-def _check_kernel_size(kernel_size, allowed) -> int:
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size not in allowed:
-        raise ValueError(f"kernel_size must be one of {allowed}, got {kernel_size!r}")
-    return kernel_size
-
-
-def _check_packed_weight(name: str, w, x, kernel_size: int, c_in: int, c_out: int | None = None) -> int:
-    _check_tensor(name, w, rank=2)
-    if w.dtype != x.dtype:
-        raise TypeError(f"{name} must have x's dtype {x.dtype}, got {w.dtype}")
-    if not w.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (use pack_weight), got strides {tuple(w.stride())}")
-    k = kernel_size * kernel_size * c_in
-    if w.shape[0] != k:
-        raise ValueError(
-            f"{name} has {w.shape[0]} rows but kernel_size={kernel_size} and {c_in} input channels need "
-            f"kernel_size**2 * Cin = {k} (weight packed for another kernel size or channel count?)"
-        )
-    if c_out is not None and w.shape[1] != c_out:
-        raise ValueError(f"{name} must have {c_out} output channels (columns), got {w.shape[1]}")
-    if w.shape[1] < 1:
-        raise ValueError(f"{name} has no output channels")
-    return w.shape[1]
-
-
-def _check_vector(name: str, v, length: int) -> None:
-    _check_tensor(name, v, rank=1)
-    if v.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 (pass .float()), got {v.dtype}")
-    if v.shape[0] != length:
-        raise ValueError(f"{name} must have {length} elements, got {v.shape[0]}")
-    if not v.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + a.numel() * a.element_size()
-    b1 = b0 + b.numel() * b.element_size()
-    return a0 < b1 and b0 < a1
-
-
-def _check_out(out, shape, x, inputs: dict) -> torch.Tensor:
-    """Allocate the output, or check the one given: shape, x's dtype and device, contiguous,
-    and no memory shared with any of `inputs` (name -> tensor or None)."""
-    if out is None:
-        return torch.empty(shape, device=x.device, dtype=x.dtype)
-    _check_tensor("out", out)
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)}, got {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
-    if out.device != x.device:
-        raise ValueError(f"out is on {out.device} but x is on {x.device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    for name, t in inputs.items():
-        if t is not None and _overlaps(out, t):
-            # Programs read neighbouring pixels of x (and the autotuner re-runs the kernel),
-            # so an output written over an input would corrupt it.
-            raise ValueError(f"out must not share memory with {name}")
-    return out
-
-
-def _launch_config_args(dtype: torch.dtype) -> dict:
-    return dict(
-        INTERP=_INTERPRET,
-        PREC=_dot_precision(dtype),
-        USE_INPUT_PRECISION=_DOT_HAS_INPUT_PRECISION,
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -435,12 +158,7 @@ def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: boo
     if c_in < 1:
         raise ValueError("x has 0 channels")
     c_out = _check_packed_weight("w_packed", w_packed, x, ks, c_in)
-    if isinstance(shuffle, bool) or not isinstance(shuffle, int) or shuffle not in SUPPORTED_SHUFFLES:
-        raise ValueError(f"shuffle must be one of {SUPPORTED_SHUFFLES}, got {shuffle!r}")
-    if shuffle > 1 and c_out % (shuffle * shuffle) != 0:
-        raise ValueError(
-            f"shuffle={shuffle} needs Cout divisible by {shuffle * shuffle}, got Cout={c_out}"
-        )
+    _check_shuffle(shuffle, c_out)
     if skip is not None and shuffle > 1:
         raise ValueError("skip with shuffle > 1 is not supported (add the skip after the pixel shuffle)")
     if bias is not None:
@@ -485,10 +203,7 @@ def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: boo
     def grid(meta_):
         return (triton.cdiv(m, meta_["BLOCK_M"]) * num_n_blocks,)
 
-    if _INTERPRET:
-        _conv2d_nhwc_kernel[grid](*args, BLOCK_M=_INTERPRET_BLOCK_M, **meta)
-    else:
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            _conv2d_nhwc_tuned[grid](*args, **meta)
+    _launch(_conv2d_nhwc_kernel, _conv2d_nhwc_tuned, grid, args, meta,
+            interpret=dict(BLOCK_M=_INTERPRET_BLOCK_M), like=x)
     return out
 

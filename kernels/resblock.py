@@ -34,20 +34,18 @@ roof, and the 2.5x cut in DRAM traffic is the point. For F = 256 one conv is alr
 ~1,150 FLOP/B (compute-bound) and the 13-27% halo recompute would cost more than the
 saved traffic buys: `resblock_supported` says no and the op layer runs two convs.
 
-The conv inner loop (`_conv_mainloop`) is shared with `conv2d.py`: a flat loop over
+The conv inner loop (`_jit._conv_mainloop`) is shared with `conv2d.py`: a flat loop over
 KS*KS taps x ceil(C / BLOCK_K) channel chunks, one BLOCK_M x BLOCK_K activation tile and
 one BLOCK_K x BLOCK_N weight tile per step, fp32 accumulation with tl.dot.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from . import conv2d as conv2d_mod
-from .conv2d import (
+from . import _common
+from ._common import (
     _INTERPRET,
     _block_k,
     _block_n,
@@ -57,10 +55,10 @@ from .conv2d import (
     _check_packed_weight,
     _check_same_device,
     _check_vector,
-    _conv_mainloop,
+    _launch,
     _launch_config_args,
-    _round_to,
 )
+from ._jit import _conv_mainloop, _round_to
 
 __all__ = ["resblock_nhwc", "resblock_supported"]
 
@@ -256,7 +254,7 @@ def resblock_nhwc(x, w1_packed, b1, w2_packed, b2, kernel_size: int, res_scale: 
         max_programs = _INTERPRET_PROGRAMS
     else:
         configs = [cfg.kwargs for cfg in _CONFIGS[ks]]
-        max_programs = _PROGRAMS_PER_SM * conv2d_mod._multiprocessor_count(x.device)
+        max_programs = _PROGRAMS_PER_SM * _common._multiprocessor_count(x.device)
     # One slot per program, sized for the largest halo among the configs the autotuner may
     # pick; never more programs than tiles.
     halo = max(_halo_pixels(cfg, ks) for cfg in configs)
@@ -271,9 +269,5 @@ def resblock_nhwc(x, w1_packed, b1, w2_packed, b2, kernel_size: int, res_scale: 
     def grid(meta_):
         return (min(programs, _num_tiles(n, h, w, meta_)),)
 
-    if _INTERPRET:
-        _resblock_nhwc_kernel[grid](*args, **_INTERPRET_CONFIG, **meta)
-    else:
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            _resblock_tuned[ks][grid](*args, **meta)
+    _launch(_resblock_nhwc_kernel, _resblock_tuned[ks], grid, args, meta, interpret=_INTERPRET_CONFIG, like=x)
     return out

@@ -1,4 +1,4 @@
-"""Gradients of the fused ops: the Triton backward kernels (kernels/conv2d_backward.py) and the
+"""Gradients of the fused ops: the Triton backward kernels (kernels/conv2d_{dgrad,wgrad,backward}.py, resblock_backward.py) and the
 autograd of fastsr::conv2d / fastsr::resblock on the "triton" backend.
 
 The specification is eager autograd through fastsr.ops.reference, in float64 on the same
@@ -27,12 +27,10 @@ import torch
 import fastsr
 from testenv import TRITON_DEVICE
 from fastsr.memory import activation_bytes
-from fastsr.kernels.conv2d_backward import (
-    _num_splits,
-    conv2d_backward_nhwc,
-    pack_weight_dgrad,
-    resblock_backward_nhwc,
-)
+from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
+from fastsr.kernels.conv2d_dgrad import pack_weight_dgrad
+from fastsr.kernels.conv2d_wgrad import _num_splits
+from fastsr.kernels.resblock_backward import resblock_backward_nhwc
 from fastsr.ops.conv2d import backward_request, conv2d, conv2d_backward_op, conv2d_op
 from fastsr.ops.resblock import resblock, resblock_backward_op, resblock_op
 from fastsr.ops.dispatch import unsupported_reasons
@@ -416,14 +414,15 @@ def test_pack_weight_dgrad_layout():
 
 def test_training_parity_tiny_edsr(monkeypatch):
     """20 Adam steps, fused (Triton forward and backward) vs eager, same seed and data."""
-    import fastsr.kernels.conv2d_backward as kb
+    import fastsr.kernels.conv2d_backward as conv_bwd
+    import fastsr.kernels.resblock_backward as block_bwd
 
     calls = {"conv2d_backward_nhwc": 0, "resblock_backward_nhwc": 0}
-    for fn_name in calls:
-        def counted(*args, _fn=getattr(kb, fn_name), _name=fn_name, **kwargs):
+    for mod, fn_name in ((conv_bwd, "conv2d_backward_nhwc"), (block_bwd, "resblock_backward_nhwc")):
+        def counted(*args, _fn=getattr(mod, fn_name), _name=fn_name, **kwargs):
             calls[_name] += 1
             return _fn(*args, **kwargs)
-        monkeypatch.setattr(kb, fn_name, counted)
+        monkeypatch.setattr(mod, fn_name, counted)
     torch.manual_seed(0)
     eager = fastsr.EDSR(2, 2, 8, res_scale=0.5)
     fused = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend="triton")

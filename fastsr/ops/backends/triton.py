@@ -82,7 +82,7 @@ def conv_backward(grad, x, weight, bias, in_shift, relu, res_scale, shuffle, nee
 def resblock_backward(grad, x, w1, b1, w2, res_scale, needs) -> tuple:
     """Triton gradients of fastsr::resblock from its input alone: (dx, dW1, db1, dW2, db2),
     None where `needs` says not. dx channels-last in x's dtype, dW* in w1's dtype, db* fp32."""
-    from fastsr.kernels.conv2d_backward import resblock_backward_nhwc
+    from fastsr.kernels.resblock_backward import resblock_backward_nhwc
 
     got = resblock_backward_nhwc(
         nhwc(grad),
