@@ -241,3 +241,28 @@ def test_cpu_packed_weights_under_inference_mode_and_after_an_update(dtype):
         eager.load_state_dict(model.state_dict())
         tol = 1e-3 if dtype == torch.float32 else 2.0
         torch.testing.assert_close(model(x), eager(x), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_cpu_shuffle_from_reordered_channels_matches_reference_and_follows_updates(r):
+    """The aten backend runs an upsampler conv with its output channels in shuffle order and
+    shuffles by a copy of contiguous runs; the result is PixelShuffle's under no_grad,
+    inference_mode and grad, for plain and inference weights (reordered once outside
+    autograd), and an in-place update (a version bump) is seen by the next call."""
+    x, wt, b = conv_case(2, 5, 8 * r * r, 7, 9, 3)
+    x = x.contiguous(memory_format=CL)
+    with torch.inference_mode():
+        frozen = wt.clone()  # an inference tensor, like the fused plan's weights: reordered once
+    for w in (wt, frozen):
+        for mode in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+            with mode():
+                for _ in range(2):
+                    out = conv2d(x, w, b, shuffle=r, backend="cpu")
+                    assert out.is_contiguous(memory_format=CL)
+                    torch.testing.assert_close(out, conv2d_ref(x, wt, b, shuffle=r), rtol=1e-4, atol=1e-4)
+    param = torch.nn.Parameter(wt.clone())
+    with torch.no_grad():
+        conv2d(x, param, b, shuffle=r, backend="cpu")
+        param.mul_(-0.5)  # in place: the reordered copy made by the call above is stale now
+        torch.testing.assert_close(conv2d(x, param, b, shuffle=r, backend="cpu"),
+                                   conv2d_ref(x, param.detach(), b, shuffle=r), rtol=1e-4, atol=1e-4)
