@@ -29,10 +29,17 @@ Per output pixel, F = 64, fp16, 3x3, 16 x 16 tile (halo 18 x 18 = 324 pixels):
   this kernel          73,728 x 324/256 + 73,728 = 167,035   256 (read x once, write y; the
                        (+13%: halo recompute)                     halo re-reads and the skip
                                                                   re-read hit L2)
-So ~290 FLOP/B becomes ~650 FLOP/B: the block moves from the memory roof to the compute
-roof, and the 2.5x cut in DRAM traffic is the point. For F = 256 one conv is already at
-~1,150 FLOP/B (compute-bound) and the 13-27% halo recompute would cost more than the
-saved traffic buys: `resblock_supported` says no and the op layer runs two convs.
+So ~290 FLOP/B becomes ~650 FLOP/B, and the 2.5x cut in DRAM traffic is the point where a
+64->64 conv is memory-bound. That depends on the GPU: on an H100 (~295 FLOP/B ridge: dense
+bf16 over DRAM bandwidth) one such conv sits at the ridge, but on an H200 (measured ~183
+FLOP/B: 788 TFLOP/s over 4.3 TB/s) it is already above it, so there the block pays the +13%
+MMA work (+26% with BLOCK_M = 128's 324 -> 384 row padding), a workspace re-read 9 times
+through L2 and 2 CTAs per SM for traffic that did not bind; the static model
+(bench/static_model.py) predicts it slower than two convs there. So it is one candidate of
+the measured dispatch (fastsr/ops/dispatch.py times it against two conv launches per GPU
+and shape), not a fixed choice. For training its value is memory (only x is saved), which
+holds everywhere. For F = 256 one conv is at ~1,150 FLOP/B and the 13-27% halo recompute
+would cost more than any saved traffic buys: `resblock_supported` says no.
 
 The conv inner loop (`_jit._conv_mainloop`) is shared with `conv2d.py`: a flat loop over
 KS*KS taps x ceil(C / BLOCK_K) channel chunks, one BLOCK_M x BLOCK_K activation tile and
