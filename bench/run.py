@@ -58,7 +58,7 @@ COLUMNS = [
     "workload", "kind", "mode", "shape", "provider", "dtype", "backend", "median_ms", "q25_ms", "q75_ms",
     "ratio_vs_fused", "gflops", "tflops_per_s", "flop_frac_of_peak", "flop_peak_tflops", "flop_peak_source",
     "gbytes", "gb_per_s", "bw_frac_of_peak", "bw_peak_gb_per_s", "peak_mem_mb", "act_mem_mb", "compile_s", "device",
-    "torch", "triton", "date",
+    "torch", "triton", "date", "cpu_heap",
 ]
 
 
@@ -464,6 +464,15 @@ def run(args) -> list[dict]:
     providers = [p for p in _providers(device) if not args.providers or p in args.providers]
     peaks = {d: measure_peaks(device, d) for d in dtypes}
     print(f"device: {dev_name}  torch {torch.__version__}  triton {triton_version}")
+    cpu_heap = "-"
+    if device == "cpu":
+        # fastsr's native path keeps large buffers on glibc's heap, process-wide, at its first
+        # large conv (fastsr/ops/backends/glibc_heap.py). Applied here before anything is timed,
+        # so every provider of the run (eager rows included) runs with the same allocator.
+        from fastsr.ops.backends import glibc_heap
+
+        cpu_heap = "kept" if glibc_heap.keep_large_allocations() else f"glibc defaults ({glibc_heap._state['reason']})"
+        print(f"allocator: large CPU buffers {cpu_heap} for every provider (FASTSR_CPU_HEAP=0: glibc's defaults)")
     for d, pk in peaks.items():
         print(f"peak ({str(d).split('.')[-1]}): {pk.label} {pk.flops / 1e12:.3f} TFLOP/s, "
               f"copy {pk.bytes_per_s / 1e9:.1f} GB/s  (measured in {pk.seconds:.1f} s)")
@@ -504,7 +513,7 @@ def run(args) -> list[dict]:
                     flop_frac_of_peak=wl.flops / sec / pk.flops, flop_peak_tflops=pk.flops / 1e12,
                     flop_peak_source=pk.label, gbytes=wl.bytes / 1e9, gb_per_s=wl.bytes / sec / 1e9,
                     bw_frac_of_peak=wl.bytes / sec / pk.bytes_per_s, bw_peak_gb_per_s=pk.bytes_per_s / 1e9, peak_mem_mb=mem, act_mem_mb=act, compile_s=compile_s,
-                    device=dev_name, torch=torch.__version__, triton=triton_version, date=date,
+                    device=dev_name, torch=torch.__version__, triton=triton_version, date=date, cpu_heap=cpu_heap,
                 ))
             fused = next((r for r in group if r["provider"] == "fused"), None)
             for r in group:
