@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -63,6 +64,7 @@ import triton.runtime.autotuner as autotuner  # noqa: E402
 import triton.runtime.jit as jit  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # Shared memory a block may use, by compute capability (the opt-in maximum).
@@ -98,6 +100,14 @@ class Launch:
     phase: str = ""                                    # "inference", "train.forward", "train.backward", or ""
     launcher: str = ""                                 # the fastsr.kernels function that launched it
     callers: tuple[str, ...] = ()                      # the fastsr.kernels functions on the stack
+    pre_hooks: list = field(default_factory=list)      # each config's pre_hook (or None), as configs
+
+    def pre_hook(self, config: dict):
+        """The autotune config's pre_hook (the TMA conv re-boxes its descriptors for BLOCK_M)."""
+        for c, hook in zip(self.configs, self.pre_hooks):
+            if c == config:
+                return hook
+        return None
 
 
 # The public launchers in fastsr.kernels; the innermost one on the stack made the launch.
@@ -125,10 +135,10 @@ class Recorder:
         self.torch_ops: list[dict] = []
         self.phase = ""
 
-    def add(self, fn, args, kwargs, configs, grid) -> None:
+    def add(self, fn, args, kwargs, configs, grid, pre_hooks=()) -> None:
         callers = _kernel_callers()
         self.launches.append(Launch(fn, args, kwargs, configs, grid, self.phase,
-                                    callers[0] if callers else "", callers))
+                                    callers[0] if callers else "", callers, list(pre_hooks)))
 
 
 @contextlib.contextmanager
@@ -139,9 +149,13 @@ def recording(launches: list[Launch] | Recorder) -> Iterator[Recorder]:
         rec.launches = launches
 
     def tuned_run(self, *args, grid=None, warmup=False, **kwargs):
+        # The configs the autotuner would time: after its early prune, where it has one.
+        cfgs = self.configs
+        if getattr(self, "early_config_prune", None):
+            cfgs = self.early_config_prune(self.configs, dict(zip(self.arg_names, args)), **kwargs)
         configs = [{**c.kwargs, **{k: getattr(c, k) for k in _OPTIONS if getattr(c, k, None) is not None}}
-                   for c in self.configs]
-        rec.add(self.fn, args, kwargs, configs, grid)
+                   for c in cfgs]
+        rec.add(self.fn, args, kwargs, configs, grid, [c.pre_hook for c in cfgs])
 
     def plain_run(self, *args, grid, warmup, **kwargs):
         rec.add(self, args, kwargs, [{}], grid)
@@ -194,14 +208,15 @@ class TorchOps(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def gpu_code_path(sms: int = H200["sms"]) -> Iterator[None]:
+def gpu_code_path(sms: int = H200["sms"], arch: int = 90) -> Iterator[None]:
     """Let the fused ops take the Triton backend's GPU path on CPU tensors, for recording.
 
     The kernels chose their code path at import (TRITON_INTERPRET unset: the GPU one); only
     the dispatcher's gate (which lets CPU tensors through to Triton only under the interpreter)
     is opened here, and the launchers size their persistent grids and split-K for `sms`
-    multiprocessors (an H200's 132) instead of the 64 they assume off a GPU, and the fused
-    plan lays its weights out as it does on CUDA."""
+    multiprocessors (an H200's 132) instead of the 64 they assume off a GPU, the kernels that
+    need TMA (compute capability >= 9.0: kernels/conv2d_tma.py) are selected exactly when `arch`
+    has it, and the fused plan lays its weights out as it does on CUDA."""
     import fastsr.kernels._common as common
     import fastsr.ops.dispatch as dispatch
 
@@ -209,16 +224,17 @@ def gpu_code_path(sms: int = H200["sms"]) -> Iterator[None]:
         raise RuntimeError("fastsr.kernels was imported under TRITON_INTERPRET=1: no GPU code path to record")
     import fastsr.models.fused as fused
 
-    saved = dispatch.triton_interpreting, common._multiprocessor_count, fused._plan_weight
+    saved = dispatch.triton_interpreting, common._multiprocessor_count, fused._plan_weight, common._has_tma
     dispatch.triton_interpreting = lambda: True
     common._multiprocessor_count = lambda device: sms
+    common._has_tma = lambda device: arch >= 90
     # The fused plan keeps weights in the kernels' packed layout on CUDA (the per-call pack
     # is then a free view), in the usual one on the CPU: take the CUDA branch.
     fused._plan_weight = fused.kernel_layout
     try:
         yield
     finally:
-        dispatch.triton_interpreting, common._multiprocessor_count, fused._plan_weight = saved
+        dispatch.triton_interpreting, common._multiprocessor_count, fused._plan_weight, common._has_tma = saved
 
 
 # ----------------------------------------------------------------- the JIT's specialization
@@ -277,7 +293,11 @@ def specialize(launch: Launch, config: dict, arch: int, jit_attrs: bool = True) 
     fn, backend = launch.fn, _backend(arch)
     binder = jit.create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = {**launch.kwargs, **config}
-    args = [_DevicePointer(a) if isinstance(a, torch.Tensor) else a for a in launch.args]
+    args = _config_args(launch, config)
+    # A host TensorDescriptor specializes as its type alone ("tensordesc<bf16[1, 1, 128, 64]>":
+    # dtype and block shape); the binder reads no address from it (the runtime builds the
+    # CUtensorMap from the base at launch), so its base can stay the recorded CPU tensor.
+    args = [_DevicePointer(a) if isinstance(a, torch.Tensor) else a for a in args]
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     if not jit_attrs:
@@ -287,6 +307,24 @@ def specialize(launch: Launch, config: dict, arch: int, jit_attrs: bool = True) 
                 signature[p.name] = "i32"
                 constexprs.pop((i,), None)
     return Specialized(signature, constexprs, attrs, options.__dict__)
+
+
+def _config_args(launch: Launch, config: dict) -> list:
+    """The launch's positional arguments as the kernel sees them under `config`: where the config
+    has a pre_hook (it sets the descriptors' block shapes for its BLOCK_M), it runs on copies of
+    the descriptors with the config's values, as the autotuner runs it before each launch."""
+    hook = launch.pre_hook(config)
+    if hook is None:
+        return list(launch.args)
+    names = [p.name for p in launch.fn.params]
+    args = [dataclasses.replace(a) if isinstance(a, TensorDescriptor) else a for a in launch.args]
+    copies = {}
+    for i, a in enumerate(args):  # one copy per descriptor object (skip and out may share one)
+        if isinstance(a, TensorDescriptor):
+            args[i] = copies.setdefault(id(launch.args[i]), a)
+    nargs = {**dict(zip(names, args)), **launch.kwargs, **{k: v for k, v in config.items() if k not in _OPTIONS}}
+    hook(nargs)
+    return [nargs[n] for n in names[:len(args)]]
 
 
 def compile_launch(launch: Launch, config: dict, arch: int, spec: Specialized | None = None):
@@ -450,7 +488,8 @@ def sass_facts(instrs: list[dict]) -> dict:
         load_w = [_access_bytes(ins["opcode"]) for ins in instrs[a:b + 1] if ins["op"] in ("LDG", "LDGSTS")]
         loops.append(dict(instructions=len(body), mma=n_mma, int_ops=n_int, pred_ops=n_pred,
                           int_pred_per_mma=round((n_int + n_pred) / n_mma, 1), addr=instrs[a]["addr"],
-                          unrolled=unrolled, widest_load=max(load_w, default=0)))
+                          unrolled=unrolled, widest_load=max(load_w, default=0),
+                          tma_loads=sum(op == "UTMALDG" for op in body)))
     hot = max(loops, key=lambda lp: (lp["mma"], lp["int_pred_per_mma"]), default=None)
     # wgmma shape (m64nNk16) and where its A operand lives: "gdesc" first = A and B both
     # from shared memory (a descriptor), a register first = A from registers.
@@ -470,6 +509,7 @@ def sass_facts(instrs: list[dict]) -> dict:
         loads_by_width={str(w): (ldg_widths + cp_widths).count(w) for w in sorted(set(ldg_widths + cp_widths))},
         stores_by_width={str(w): st_widths.count(w) for w in sorted(set(st_widths))},
         hot_loop_widest_load=hot["widest_load"] if hot else None,
+        hot_loop_tma_loads=hot["tma_loads"] if hot else None,
         hgmma_shape=common[0] if common else None, hgmma_a_from_smem=common[1] if common else None,
         hot_loop_mma=mma_op if hot else None,
         int_pred_per_hgmma=hot["int_pred_per_mma"] if hot and mma_op == "HGMMA" else None,
@@ -531,7 +571,7 @@ def role_of(launch: Launch, spec: Specialized, image_channels: int = 3) -> str:
         return "wgrad"
     if name == "_wgrad_reduce_kernel":
         return "reduce"
-    if name != "_conv2d_nhwc_kernel":
+    if name not in ("_conv2d_nhwc_kernel", "_conv2d_tma_kernel"):
         return "other"
     if launch.launcher == "conv2d_nhwc" and "resblock_backward_nhwc" in launch.callers and get("HAS_SKIP"):
         return "dgrad"  # dx = conv(dh, flipped W1) + dy: the block's last backward step
@@ -553,7 +593,7 @@ def _t(*shape, dtype):
     return torch.randn(*shape).to(dtype)
 
 
-def drive(quick: bool) -> list[Launch]:
+def drive(quick: bool, arch: int = 90) -> list[Launch]:
     """Call every public launcher on the shapes EDSR/MDSR use; return the recorded launches."""
     from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
     from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
@@ -564,7 +604,7 @@ def drive(quick: bool) -> list[Launch]:
     # 16x16: sizes a real input has (the JIT specializes on divisibility by 16), small on CPU.
     n, h, w = 2, 16, 16
     rec = Recorder()
-    with gpu_code_path(), recording(rec):
+    with gpu_code_path(arch=arch), recording(rec):
         for dt in dtypes:
             # (Cin, Cout, k, shuffle, relu, skip, shift): head, body, upsampler x2/x3, tail, 5x5, F=256
             convs = [(3, 64, 3, 1, False, False, True), (64, 64, 3, 1, False, True, False),
@@ -604,7 +644,7 @@ def build_model(name: str, scale: int, dtype: torch.dtype) -> torch.nn.Module:
 
 def drive_model(name: str, scale: int, lr_size: tuple[int, int], dtype: torch.dtype,
                 train_batch: int = TRAIN_BATCH, train_patch: tuple[int, int] = TRAIN_PATCH,
-                train: bool = True) -> Recorder:
+                train: bool = True, arch: int = 90) -> Recorder:
     """Record every launch of one fused inference forward (batch 1, lr_size) and one fused
     training step (train_batch LR patches of train_patch, L1 loss, forward + backward) of the
     preset, with what the model itself runs: fused=True, backend='triton', the GPU path; and
@@ -613,7 +653,7 @@ def drive_model(name: str, scale: int, lr_size: tuple[int, int], dtype: torch.dt
     Nothing is computed (launches are recorded, outputs stay uninitialized): the tensors only
     carry shapes, dtypes and storage layouts, on the CPU."""
     rec = Recorder()
-    with gpu_code_path(), recording(rec):
+    with gpu_code_path(arch=arch), recording(rec):
         model = build_model(name, scale, dtype)
         fwd = (lambda x: model(x, scale=scale)) if name.startswith("mdsr") else model
         image = torch.rand(1, 3, *lr_size) * 255
@@ -649,7 +689,7 @@ def _short_config(config: dict) -> str:
 def _launch_values(launch: Launch, config: dict) -> dict:
     """Every parameter's value at this launch (tensors as shape/dtype), config included."""
     names = [p.name for p in launch.fn.params]
-    vals = dict(zip(names, launch.args))
+    vals = dict(zip(names, _config_args(launch, config) if config else launch.args))
     vals.update({k: v for k, v in {**launch.kwargs, **config}.items() if k not in _OPTIONS})
     for p in launch.fn.params:
         if p.name not in vals and p.default is not inspect.Parameter.empty:
@@ -667,6 +707,9 @@ def _grid(launch: Launch, config: dict) -> list[int] | None:
 def _jsonable(v):
     if isinstance(v, torch.Tensor):
         return dict(shape=list(v.shape), dtype=str(v.dtype).replace("torch.", ""))
+    if isinstance(v, TensorDescriptor):  # the tensor it boxes, and the box the launcher built
+        return dict(shape=[int(d) for d in v.shape], dtype=str(v.base.dtype).replace("torch.", ""),
+                    block_shape=[int(b) for b in v.block_shape], tensordesc=True)
     if isinstance(v, (bool, int, float, str)) or v is None:
         return v
     return str(v)
@@ -797,14 +840,34 @@ HGMMAs; where the compiler unrolled it completely, the code from the first HGMMA
 def check_wide_loads(rows: list[dict]) -> list[str]:
     """Problems: a bf16/fp16 body conv whose hot loop (where its operands are loaded) has no
     16-byte global load. That is what a compile without the JIT's pointer alignment looks like
-    (narrow scalar loads, no cp.async)."""
+    (narrow scalar loads, no cp.async). The TMA conv (kernels/conv2d_tma.py) loads its operands
+    as tensor boxes: its hot loop must issue UTMALDG instead, and no LDG narrower than 16 B."""
     bad = []
     for r in rows:
-        if r["role"] == "body" and r["name"] == "_conv2d_nhwc_kernel" and r["dtype"] in ("bf16", "fp16"):
-            got = r["sass"]["hot_loop_widest_load"] or 0
+        if r["role"] != "body" or r["dtype"] not in ("bf16", "fp16"):
+            continue
+        sass = r["sass"]
+        if r["name"] == "_conv2d_nhwc_kernel":
+            got = sass["hot_loop_widest_load"] or 0
             if got < 16:
                 bad.append(f"body conv {r['config_text']}: widest global load in the hot loop {got} B, not 16")
+        elif r["name"] == "_conv2d_tma_kernel":
+            if not sass.get("hot_loop_tma_loads"):
+                bad.append(f"TMA body conv {r['config_text']}: no UTMALDG in the hot loop")
+            if sass["cp_async"]:
+                bad.append(f"TMA body conv {r['config_text']}: {sass['cp_async']} cp.async (LDGSTS), expected none")
     return bad
+
+
+def _kernel_dtype(signature: dict) -> str:
+    """The element type of the kernel's first tensor argument: a pointer ("*bf16") or a TMA
+    descriptor ("tensordesc<bf16[1, 1, 128, 64]>")."""
+    for t in signature.values():
+        if isinstance(t, str) and t.startswith("*"):
+            return t[1:]
+        if isinstance(t, str) and t.startswith("tensordesc<"):
+            return t[len("tensordesc<"):].split("[")[0]
+    return ""
 
 
 def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: bool, jobs: int,
@@ -820,8 +883,7 @@ def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: 
     scratch = Path(out_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"fastsr_compile_check_{os.getpid()}")
     for v in vs:
         phases = sorted({launches[i].phase for i in v.launches})
-        ptr_types = [t for t in v.spec.signature.values() if isinstance(t, str) and t.startswith("*")]
-        dtype = ptr_types[0][1:] if ptr_types else ""
+        dtype = _kernel_dtype(v.spec.signature)
         shown = {k: v2 for k, v2 in {**v.launch.kwargs, **v.config}.items()
                  if k.isupper() and not k.startswith(("INTERP", "PREC", "USE_INPUT"))}
         config_text = " ".join(f"{k}={x}" for k, x in shown.items() if k.startswith(("BLOCK", "TILE"))) + \
@@ -960,12 +1022,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.model:
         rec = drive_model(args.model, args.scale, args.lr_size, _DTYPES[args.dtype],
-                          args.train_batch, args.train_patch, train=not args.no_train)
+                          args.train_batch, args.train_patch, train=not args.no_train, arch=args.arch)
         launches, torch_ops = rec.launches, rec.torch_ops
         meta = dict(model=args.model, scale=args.scale, lr_size=list(args.lr_size), dtype=args.dtype,
                     train_batch=args.train_batch, train_patch=list(args.train_patch), train=not args.no_train)
     else:
-        launches, torch_ops = drive(args.quick), []
+        launches, torch_ops = drive(args.quick, args.arch), []
         meta = dict(model=None, quick=args.quick)
     meta.update(triton=triton.__version__, torch=torch.__version__, first_config=args.first_config,
                 pinned_configs=os.environ.get("FASTSR_DETERMINISTIC") == "1",

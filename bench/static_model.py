@@ -74,7 +74,7 @@ class Work:
     issued_flops: float
     dram_bytes: float        # each tensor the kernel must read or write, once
     l2_bytes: float          # L2 <-> SM traffic the tiling implies (operand re-reads, stores)
-    smem_fill_bytes: float   # bytes written into shared memory by cp.async (the operand tiles)
+    smem_fill_bytes: float   # bytes written into shared memory by cp.async / TMA (the operand tiles)
     units: int               # independent work units (tiles) the grid spreads over the SMs
     notes: list[str] = field(default_factory=list)
 
@@ -99,6 +99,33 @@ def work_conv(a: dict, cfg: dict) -> Work:
     io = _nbytes(x) + _nbytes(out) + _nbytes(a["w_ptr"]) + (_nbytes(a["skip_ptr"]) if a["HAS_SKIP"] else 0)
     stores = _nbytes(out) + (_nbytes(a["skip_ptr"]) if a["HAS_SKIP"] else 0)
     return Work(2.0 * m * ks * ks * cin * cout, issued, io, operands + stores, operands, tiles)
+
+
+def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
+    """_conv2d_tma_kernel (kernels/conv2d_tma.py): each tile is BLOCK_M pixels of one image row;
+    every (tap, K chunk) step copies a [1, 1, BLOCK_M, BLOCK_K] box of x by TMA (the copy engine
+    fetches only the in-image part of a box: the zero padding costs no traffic), so A moves
+    KS*KS*Cin*e bytes per pixel and N block through L2. Weights: streamed, one BLOCK_K x BLOCK_N
+    box per step per tile; resident (RESIDENT_W), once per program of the persistent grid. The
+    skip is read once, the output written once (staged through shared memory for the TMA store)."""
+    x, out = a["x_desc"], a["out_desc"]
+    e = _BYTES[x["dtype"]]
+    n, h, w, cin = x["shape"]
+    cout, ks = a["C_OUT"], a["KS"]
+    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    nb, chunks = _cdiv(cout, bn), _cdiv(cin, bk)
+    tiles = n * h * _cdiv(w, bm) * nb
+    steps = ks * ks * chunks
+    issued = 2.0 * tiles * bm * bn * steps * bk
+    a_bytes = n * h * w * ks * ks * cin * e * nb
+    w_box = steps * bk * min(bn, cout) * e
+    programs = grid[0] if grid else tiles
+    w_bytes = (programs if a["RESIDENT_W"] else tiles) * w_box
+    skip = _nbytes(a["skip_ptr"]) if a["HAS_SKIP"] else 0
+    io = _nbytes(x) + _nbytes(out) + _nbytes(a["w_desc"]) + skip
+    notes = [f"{programs} programs, weights " + ("resident" if a["RESIDENT_W"] else "streamed")]
+    return Work(2.0 * n * h * w * ks * ks * cin * cout, issued, io, a_bytes + w_bytes + _nbytes(out) + skip,
+                a_bytes + w_bytes + _nbytes(out), tiles, notes)
 
 
 def work_dgrad(a: dict, cfg: dict) -> Work:
@@ -176,6 +203,8 @@ def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int]) -> Work:
     a = {**args, **cfg}
     if kernel == "_conv2d_nhwc_kernel":
         return work_conv(a, cfg)
+    if kernel == "_conv2d_tma_kernel":
+        return work_conv_tma(a, cfg, grid)
     if kernel == "_dgrad_kernel":
         return work_dgrad(a, cfg)
     if kernel == "_resblock_nhwc_kernel":

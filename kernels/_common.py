@@ -82,6 +82,16 @@ def _multiprocessor_count(device: torch.device) -> int:
     return 64  # pragma: no cover - a non-CUDA Triton backend
 
 
+def _has_tma(device: torch.device) -> bool:
+    """Whether launches on `device` may use Hopper's tensor memory accelerator (TMA: bulk tensor
+    copies through host-built descriptors): a CUDA GPU of compute capability 9.0 or newer. The
+    one place the TMA kernels' selection asks (bench/compile_check.py replaces it to record the
+    launches of the arch it compiles for; tests patch it to run the TMA path in the interpreter)."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 

@@ -65,6 +65,7 @@ from ._common import (
     _launch_config_args,
 )
 from ._jit import _conv_mainloop, _round_to, _tile_coords
+from .conv2d_tma import conv2d_nhwc_tma, tma_conv_supported
 
 __all__ = ["pack_weight", "conv2d_nhwc", "SUPPORTED_KERNEL_SIZES", "SUPPORTED_SHUFFLES"]
 
@@ -181,6 +182,9 @@ def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: boo
     if m > _INT32_MAX:
         raise ValueError(f"x has {m} pixels; at most {_INT32_MAX} are supported")
 
+    if tma_conv_supported(x, c_out, ks, in_shift=in_shift, shuffle=r):
+        # Hopper: operands by TMA boxes (zero-filled padding), persistent grid (conv2d_tma.py).
+        return conv2d_nhwc_tma(x, w_packed, bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
     block_n = _block_n(c_out)
     num_n_blocks = triton.cdiv(c_out, block_n)
     dummy = x  # never read: the matching HAS_* flag is False

@@ -60,7 +60,10 @@ def test_model_emission_quick_form(tmp_path):
     assert phases == {"inference", "train.forward", "train.backward"}, phases
     rows = json.loads((tmp_path / "sass_report.json").read_text())["rows"]
     body = [r for r in rows if r["role"] == "body" and r["dtype"] == "bf16"]
-    assert body and all(r["sass"]["hot_loop_widest_load"] == 16 and r["sass"]["mma"] == "HGMMA" for r in body), body
+    # sm_90 has TMA: the body convs run kernels/conv2d_tma.py, operand boxes by UTMALDG in the
+    # hot loop and no cp.async (the pointer kernel's 16-byte loads: the --arch 80 test below).
+    assert body and all(r["name"] == "_conv2d_tma_kernel" and r["sass"]["hot_loop_tma_loads"] > 0
+                        and r["sass"]["cp_async"] == 0 and r["sass"]["mma"] == "HGMMA" for r in body), body
     assert all(r["sass"]["regs"] > 0 for r in rows)
     _check_static_model(tmp_path)
 
@@ -91,11 +94,24 @@ def _check_static_model(emit_dir):
 
 
 @needs_compiler
+def test_pre_hopper_arch_records_the_pointer_kernel(tmp_path):
+    """--arch 80 (no TMA): the selection records the pointer kernel for the body convs, which
+    compiles for sm_80 with 16-byte cp.async in its hot loop; no TMA kernel is launched."""
+    proc = _run("--model", "edsr_baseline", "--lr-size", "36x64", "--first-config", "--no-train",
+                "--arch", "80", "--check-wide-loads", "--emit", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sass_report.json").read_text())["rows"]
+    assert rows and not any(r["name"] == "_conv2d_tma_kernel" for r in rows)
+    body = [r for r in rows if r["role"] == "body"]
+    assert body and all(r["sass"]["hot_loop_widest_load"] == 16 and r["sass"]["tma_loads"] == 0 for r in body)
+
+
+@needs_compiler
 def test_check_catches_a_compile_without_jit_specialization(tmp_path):
     """--no-specialize is how the kernels were compiled before (no pointer alignment): the
-    16-byte-load check must fail on it."""
+    16-byte-load check must fail on it (on the pointer kernel: --arch 80 selects it)."""
     proc = _run("--model", "edsr_baseline", "--lr-size", "36x64", "--first-config", "--no-train",
-                "--no-specialize", "--check-wide-loads")
+                "--arch", "80", "--no-specialize", "--check-wide-loads")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "NARROW body conv" in proc.stdout, proc.stdout[-3000:]
 

@@ -1,0 +1,286 @@
+"""Stride-1 "same" NHWC convolution on Hopper's tensor memory accelerator (TMA), with the body
+convs' epilogues (bias, ReLU, res_scale, skip).
+
+What one launch computes (the `conv2d_nhwc` contract without in_shift and pixel shuffle):
+
+    out = res_scale * act(conv(x, W) + bias) + skip        # act: ReLU or identity
+
+x: (N, H, W, Cin) contiguous bf16/fp16; W packed (KS*KS*Cin, Cout) by `conv2d.pack_weight`;
+skip, out: (N, H, W, Cout) in x's dtype; bias fp32. KS in {1, 3, 5}, zero padding KS // 2.
+
+How it is tiled. One tile is BLOCK_M consecutive pixels of ONE image row (n, h, w0 ..
+w0+BLOCK_M-1) x BLOCK_N output channels. The A operand of tap (dy, dx) and channel chunk k0
+is the TMA box [1, 1, BLOCK_M, BLOCK_K] of the 4-D NHWC tensor at (n, h+dy-P, w0+dx-P, k0).
+The copy engine zero-fills every element of a box outside the tensor, negative coordinates
+included: that is exactly the conv's zero padding, so the main loop has no masks and no
+per-pixel address arithmetic. A 1 x 1 x BLOCK_M box reshapes to the MMA's BLOCK_M x BLOCK_K
+tile by dropping unit dims, so wgmma reads it straight from shared memory; a 1 x TH x TW box
+(TH > 1) does not (Triton 3.9 copies it to registers with LDSM first: 149 registers and 287
+instructions per 8 HGMMA against 97 and 101, see bench/results/2026-12-02_issue13_tma_body.md).
+The output is a TMA box of the same shape: out-of-range pixels and channels of a partial tile are
+clipped by the copy engine on the store. The skip is read with 16-byte loads (see the epilogue).
+
+Grid: persistent. min(tiles, SMs * PROGRAMS_PER_SM) programs, each looping over tiles with the
+grid stride. Two main-loop forms, chosen per autotune config (constexpr RESIDENT_W):
+
+- RESIDENT_W = False: a flat loop over KS*KS taps x ceil(Cin/BLOCK_K) chunks, each step one A
+  box and one BLOCK_K x BLOCK_N weight box (both TMA, from L2), software-pipelined NUM_STAGES
+  deep. Any KS and channel count the host check admits.
+- RESIDENT_W = True (Cin == BLOCK_K and KS in {1, 3}): the KS*KS weight tiles are loaded once
+  per program, before the tile loop, and stay in shared memory (F = 64 bf16 3x3: 72 KiB); the
+  taps are unrolled, so the software pipeliner prefetches the next tile's KS*KS A boxes while
+  the current tile's MMAs run. Its shared memory is 2 stages x KS*KS boxes + the weights, so at
+  F = 64 only BLOCK_M = 64 with 2 stages fits the 227 KiB of an sm_90 block.
+
+Bytes through L2 per output pixel (F = 64 bf16 3x3): A 9 x 128 = 1152 B (the taps re-read the
+input rows: a wgmma shared-memory operand cannot start one pixel into a swizzled box, so the
+horizontal taps are separate boxes); weights 73,728 / BLOCK_M B streamed, or ~0 resident;
+out 128 B and skip 128 B. DRAM: x, skip and out once (384 B/pixel with skip).
+
+The interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors: host-side
+TensorDescriptor boxes with negative coordinates are zero-filled there too. Operands are
+widened to fp32 under INTERP only (its bf16 tl.dot is wrong), as `_jit._conv_mainloop` does.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import _common
+from ._common import _block_n, _launch, _launch_config_args
+from ._jit import _round_bf16_rtne
+
+__all__ = ["tma_conv_supported", "conv2d_nhwc_tma"]
+
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+TMA_KERNEL_SIZES = (1, 3, 5)
+# Resident weights stay in shared memory beside 2 stages of KS*KS A boxes: KS 1 and 3 only.
+_RESIDENT_KERNEL_SIZES = (1, 3)
+
+
+def _tma_configs():
+    # (BLOCK_M, RESIDENT_W, programs per SM, warps, stages). Streamed weights: 16 KiB (BM 128)
+    # or 32 KiB (BM 256) of A + 8 KiB of W per stage, so 3-4 stages and 2 programs per SM fit.
+    # Resident weights: 2 x 9 x 8 KiB of A + 72 KiB of W + 8 KiB out = 224 KiB at BM 64: one
+    # program per SM (a 1 x 1 x 128 box would need 288 KiB of A stages).
+    cfgs = []
+    for bm, resident, per_sm, warps, stages in [
+        (128, False, 2, 4, 3), (128, False, 2, 4, 4), (128, False, 2, 8, 3),
+        (256, False, 1, 8, 3),
+        (64, True, 1, 4, 2),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "RESIDENT_W": resident, "PROGRAMS_PER_SM": per_sm},
+                                  num_warps=warps, num_stages=stages, pre_hook=_set_boxes))
+    return cfgs
+
+
+def _set_boxes(nargs: dict) -> None:
+    """Config pre-hook: the A and out boxes are [1, 1, BLOCK_M, last] for the config's
+    BLOCK_M (the descriptors' block shape is part of the kernel's type, so each config compiles
+    against its own). Runs before every launch the autotuner makes, its benchmarks included."""
+    bm = nargs["BLOCK_M"]
+    for name in ("x_desc", "out_desc"):
+        d = nargs[name]
+        d.block_shape = [1, 1, bm, d.block_shape[-1]]
+
+
+@triton.jit
+def _tile_origin(tile, H, TILES_W, BLOCK_M: tl.constexpr):
+    """Tile index -> (image, row, first column): tiles walk each image row left to right."""
+    row = tile // TILES_W
+    w0 = (tile - row * TILES_W) * BLOCK_M
+    n = row // H
+    h = row - n * H
+    return n, h, w0
+
+
+@triton.jit
+def _widen(v, INTERP: tl.constexpr):
+    # The interpreter cannot multiply bf16 (raw uint16 bits); widening is exact and products of
+    # bf16/fp16 values are exact in fp32, so this matches the MMA up to the fp32 summation order.
+    if INTERP:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _round_for_desc(acc, desc, INTERP: tl.constexpr):
+    """fp32 -> the descriptor's element type, round to nearest even (the interpreter's own
+    fp32 -> bf16 cast truncates, so it rounds first; the cast of a representable value is exact)."""
+    if INTERP:
+        if desc.dtype == tl.bfloat16:
+            acc = _round_bf16_rtne(acc)
+    return acc.to(desc.dtype)
+
+
+@triton.jit
+def _load_weight_taps(w_desc, n0, KS: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """The KS*KS weight tiles (BLOCK_K x BLOCK_N each) as a tuple, loaded once: used only as MMA
+    operands, they stay in shared memory for the program's whole tile loop."""
+    w0 = _widen(w_desc.load([0, n0]), INTERP)
+    if KS == 1:
+        ws = (w0,)
+    else:
+        ws = (w0,
+              _widen(w_desc.load([1 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([2 * BLOCK_K, n0]), INTERP),
+              _widen(w_desc.load([3 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([4 * BLOCK_K, n0]), INTERP),
+              _widen(w_desc.load([5 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([6 * BLOCK_K, n0]), INTERP),
+              _widen(w_desc.load([7 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([8 * BLOCK_K, n0]), INTERP))
+    return ws
+
+
+@triton.jit
+def _conv2d_tma_kernel(
+    x_desc, w_desc, out_desc, bias_ptr, skip_ptr,
+    ROWS, H, W, res_scale,
+    C_IN: tl.constexpr, C_OUT: tl.constexpr, KS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_SKIP: tl.constexpr,
+    INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RESIDENT_W: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):
+    # PROGRAMS_PER_SM only sizes the grid (host side); PREC / USE_INPUT_PRECISION are unused:
+    # operands are bf16/fp16 (tensor cores) or, under the interpreter, exact fp32 widenings.
+    PAD: tl.constexpr = KS // 2
+    K_CHUNKS: tl.constexpr = (C_IN + BLOCK_K - 1) // BLOCK_K
+    NUM_N_BLOCKS: tl.constexpr = (C_OUT + BLOCK_N - 1) // BLOCK_N
+    TILES_W = tl.cdiv(W, BLOCK_M)
+    NUM_TILES = ROWS * TILES_W
+    pid = tl.program_id(0)
+    # Channel blocks: a program keeps one block for all its tiles (the grid covers them in
+    # NUM_N_BLOCKS groups; F <= 128 is one block), so resident weights are one N block's.
+    n_blk = pid % NUM_N_BLOCKS
+    n0 = n_blk * BLOCK_N
+    first = pid // NUM_N_BLOCKS
+    stride = tl.num_programs(0) // NUM_N_BLOCKS
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)
+    if RESIDENT_W:
+        ws = _load_weight_taps(w_desc, n0, KS, BLOCK_K, INTERP)
+    for tile in tl.range(first, NUM_TILES, stride):
+        n, h, w0 = _tile_origin(tile, H, TILES_W, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if RESIDENT_W:
+            for tap in tl.static_range(KS * KS):
+                a = x_desc.load([n, h + (tap // KS - PAD), w0 + (tap % KS - PAD), 0]).reshape(BLOCK_M, BLOCK_K)
+                acc = tl.dot(_widen(a, INTERP), ws[tap], acc)
+        else:
+            for step in range(KS * KS * K_CHUNKS):
+                tap = step // K_CHUNKS
+                k0 = (step - tap * K_CHUNKS) * BLOCK_K
+                a = x_desc.load([n, h + (tap // KS - PAD), w0 + (tap % KS - PAD), k0]).reshape(BLOCK_M, BLOCK_K)
+                b = w_desc.load([tap * C_IN + k0, n0])
+                acc = tl.dot(_widen(a, INTERP), _widen(b, INTERP), acc)
+        # ---- epilogue in fp32 registers: one rounding, at the store ----
+        if HAS_BIAS:
+            acc += bias[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        acc = acc * res_scale
+        if HAS_SKIP:
+            # 16-byte loads through a pointer, not a TMA box: the pipeliner would double-buffer
+            # a skip box too, and at BLOCK_M 64 with resident weights those 16 KiB do not fit.
+            offs_w = w0 + tl.arange(0, BLOCK_M)
+            pix = (n * H + h).to(tl.int64) * W + offs_w
+            s_mask = (offs_w < W)[:, None] & (offs_n < C_OUT)[None, :]
+            acc += tl.load(skip_ptr + pix[:, None] * C_OUT + offs_n[None, :], mask=s_mask, other=0.0).to(tl.float32)
+        out_desc.store([n, h, w0, n0], _round_for_desc(acc, out_desc, INTERP).reshape(1, 1, BLOCK_M, BLOCK_N))
+
+
+def _resident_ok(ks: int, c_in: int, block_k: int) -> bool:
+    """Resident weights need one K chunk per tap and at most 9 taps (shared memory, and the
+    unrolled tap tuple of `_load_weight_taps`)."""
+    return ks in _RESIDENT_KERNEL_SIZES and c_in == block_k
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's early prune: drop the resident-weight configs where they do not apply or
+    do not fit. With a skip they do not: its tile's layout conversion takes 8 KiB of scratch
+    (sm_90, F = 64: 238,736 B against the 232,448 B a block may have)."""
+    keep = _resident_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"]) and not kwargs["HAS_SKIP"]
+    return [c for c in configs if keep or not c.kwargs["RESIDENT_W"]]
+
+
+_conv2d_tma_tuned = triton.autotune(
+    configs=_tma_configs(),
+    key=["C_IN", "C_OUT", "KS"],  # the autotuner adds the tensor dtypes itself
+    prune_configs_by={"early_config_prune": _prune},
+)(_conv2d_tma_kernel)
+
+
+def _tma_block_k(c_in: int) -> int:
+    """Channels per K step: the whole Cin up to 64 (128 B rows: the 128-byte swizzle); above, 64."""
+    return min(64, _common._next_pow2(c_in))
+
+
+def tma_conv_supported(x: torch.Tensor, c_out: int, kernel_size: int, *, in_shift=None, shuffle: int = 1) -> bool:
+    """Whether `conv2d_nhwc_tma` takes this call: a TMA-capable GPU (`_common._has_tma`; the tests
+    patch it to run this path under the interpreter), bf16/fp16, no input shift, no pixel shuffle, and channel counts the copy engine
+    can box: Cin a multiple of its K step (16, 32, or 64k: no box reads past a tap's weight
+    rows) and Cout a multiple of 8 (16-byte row strides), both at most 256 per box dimension."""
+    if in_shift is not None or shuffle != 1 or kernel_size not in TMA_KERNEL_SIZES:
+        return False
+    if x.dtype not in TMA_DTYPES or x.dim() != 4:
+        return False
+    if not _common._has_tma(x.device):
+        return False
+    c_in = x.shape[3]
+    if c_in < 16 or c_in % _tma_block_k(c_in) or c_out < 8 or c_out % 8:
+        return False
+    # Descriptor coordinates are int32 (and the tile index): stay far from the limit.
+    return x.numel() < _common._INT32_MAX and x.shape[0] * x.shape[1] * x.shape[2] * max(c_in, c_out) < _common._INT32_MAX
+
+
+def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: int, *, relu: bool = False,
+                    res_scale: float = 1.0, skip=None, out: torch.Tensor) -> torch.Tensor:
+    """Launch the TMA conv. The caller (`conv2d.conv2d_nhwc`) has checked every argument and
+    `tma_conv_supported`; `out` is allocated.
+
+    x: (N, H, W, Cin) bf16/fp16 contiguous; w_packed: (KS*KS*Cin, Cout); bias: (Cout,) fp32 or
+    None; skip: (N, H, W, Cout) or None; out: (N, H, W, Cout). Returns out."""
+    n, h, w, c_in = x.shape
+    c_out = w_packed.shape[1]
+    ks = kernel_size
+    block_n = _block_n(c_out)
+    block_k = _tma_block_k(c_in)
+    num_n_blocks = triton.cdiv(c_out, block_n)
+    interp_bm = _common._INTERPRET_BLOCK_M
+
+    def descs(block_m: int):
+        # Boxes: A [1, 1, BM, BK]; weights [BK, BN]; out [1, 1, BM, BN]. Boxes past the tensor
+        # are zero-filled on load and clipped on store (padding="zero").
+        xd = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_m, block_k])
+        wd = TensorDescriptor(w_packed, list(w_packed.shape), list(w_packed.stride()), [block_k, block_n])
+        od = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, block_m, block_n])
+        return xd, wd, od
+
+    meta = dict(
+        C_IN=c_in, C_OUT=c_out, KS=ks,
+        HAS_BIAS=bias is not None, RELU=bool(relu), HAS_SKIP=skip is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k,
+        **_launch_config_args(x.dtype),
+    )
+    sms = _common._multiprocessor_count(x.device)
+
+    def tiles(block_m: int) -> int:
+        return n * h * triton.cdiv(w, block_m)
+
+    def grid(meta_):
+        progs = min(tiles(meta_["BLOCK_M"]), sms * meta_["PROGRAMS_PER_SM"])
+        return (max(1, progs) * num_n_blocks,)
+
+    xd, wd, od = descs(interp_bm)  # GPU configs re-box A and out: _set_boxes
+    dummy = x  # never read: the matching HAS_* flag is False
+    args = (xd, wd, od, bias if bias is not None else dummy, skip if skip is not None else dummy,
+            n * h, h, w, float(res_scale))
+    if _common._INTERPRET:
+        # One fixed small config: resident weights whenever they apply (the form of the best
+        # predicted GPU config at F = 64), 3 programs so that each runs several tiles.
+        _conv2d_tma_kernel[(min(3, tiles(interp_bm)) * num_n_blocks,)](
+            *args, BLOCK_M=interp_bm, RESIDENT_W=_resident_ok(ks, c_in, block_k), PROGRAMS_PER_SM=1, **meta)
+        return out
+    _launch(_conv2d_tma_kernel, _conv2d_tma_tuned, grid, args, meta, interpret={}, like=x)
+    return out

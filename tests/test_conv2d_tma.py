@@ -1,0 +1,139 @@
+"""Parity and selection tests of the TMA conv (kernels/conv2d_tma.py).
+
+On CPU the kernel runs under the Triton interpreter (tests/testenv.py sets TRITON_INTERPRET=1),
+whose host-side TensorDescriptor zero-fills box elements outside the tensor, negative
+coordinates included, as the copy engine does: so the border taps here exercise exactly the
+zero padding the GPU gets from TMA. `_common._has_tma` is patched to say yes: that is the one
+switch `conv2d_nhwc` asks. Tolerances are tests/parity.py's (bf16/fp16: 2 x the eager
+low-precision error + atol, against a float64 reference). Fresh seeded random inputs, outputs
+NaN-poisoned before the call.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import fastsr.kernels._common as common
+import fastsr.kernels.conv2d as conv2d_mod
+from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
+from fastsr.kernels.conv2d_tma import tma_conv_supported
+from fastsr.ops.reference import conv2d_ref
+from parity import assert_parity
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (id, N, H, W, Cin, Cout, ks, epilogue). Widths above the interpreter's 32-pixel tile (partial
+# last tile, several tiles per row); resident weights (Cin = 16/32/64, ks 1/3) and streamed ones
+# (Cin = 128: two K chunks; ks 5); Cout 24 (a partial channel box) and 136 (three N blocks).
+CASES = [
+    ("c64_k3_b3_relu", 3, 5, 37, 64, 64, 3, dict(bias=True, relu=True)),
+    ("c64_k3_scale_skip", 1, 13, 11, 64, 64, 3, dict(bias=True, res_scale=0.1, skip=True)),
+    ("c16to32_k3_b3_all", 3, 5, 9, 16, 32, 3, dict(bias=True, relu=True, res_scale=0.5, skip=True)),
+    ("c128to64_k3_relu_nobias", 1, 5, 7, 128, 64, 3, dict(relu=True)),
+    ("c32to16_k5_skip", 1, 6, 9, 32, 16, 5, dict(bias=True, skip=True)),
+    ("c16to24_k1_b3_relu", 3, 4, 5, 16, 24, 1, dict(bias=True, relu=True)),
+    ("c32to136_k3_scale", 1, 3, 34, 32, 136, 3, dict(bias=True, res_scale=0.25)),
+    ("c64_k3_1x1", 1, 1, 1, 64, 64, 3, dict(bias=True, skip=True)),
+]
+
+
+@pytest.fixture
+def tma_on(monkeypatch):
+    monkeypatch.setattr(common, "_has_tma", lambda device: True)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts of the TMA launcher's and the pointer kernel's launches through conv2d_nhwc."""
+    counts = {"tma": 0, "pointer": 0}
+    tma, launch = conv2d_mod.conv2d_nhwc_tma, conv2d_mod._launch
+
+    def count_tma(*a, **k):
+        counts["tma"] += 1
+        return tma(*a, **k)
+
+    def count_pointer(kernel, *a, **k):
+        assert kernel is conv2d_mod._conv2d_nhwc_kernel
+        counts["pointer"] += 1
+        return launch(kernel, *a, **k)
+
+    monkeypatch.setattr(conv2d_mod, "conv2d_nhwc_tma", count_tma)
+    monkeypatch.setattr(conv2d_mod, "_launch", count_pointer)
+    return counts
+
+
+def _inputs(name, n, h, w, c_in, c_out, ks, opt, dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x = torch.randn(n, h, w, c_in, generator=gen).to(dtype)
+    weight = (torch.randn(c_out, c_in, ks, ks, generator=gen) / math.sqrt(c_in * ks * ks)).to(dtype)
+    bias = torch.randn(c_out, generator=gen) if opt.get("bias") else None
+    skip = torch.randn(n, h, w, c_out, generator=gen).to(dtype) if opt.get("skip") else None
+    return x, weight, bias, skip
+
+
+def _spec(x, weight, bias, skip, relu, res_scale, dtype):
+    """conv2d_ref on NCHW in `dtype` (bias and skip rounded to it, as eager would), back to NHWC."""
+    y = conv2d_ref(x.to(dtype).permute(0, 3, 1, 2), weight.to(dtype), None if bias is None else bias.to(dtype),
+                   relu=relu, res_scale=res_scale,
+                   skip=None if skip is None else skip.to(dtype).permute(0, 3, 1, 2))
+    return y.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_tma_conv_parity(case, dtype_name, tma_on, launches):
+    name, n, h, w, c_in, c_out, ks, opt = case
+    dtype = DTYPES[dtype_name]
+    x, weight, bias, skip = _inputs(f"{name}/{dtype_name}", n, h, w, c_in, c_out, ks, opt, dtype)
+    relu, res_scale = opt.get("relu", False), opt.get("res_scale", 1.0)
+    assert tma_conv_supported(x, c_out, ks)
+    out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype)
+    got = conv2d_nhwc(x, pack_weight(weight), bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
+    assert got is out
+    assert launches == {"tma": 1, "pointer": 0}, launches
+    ref64 = _spec(x, weight, bias, skip, relu, res_scale, torch.float64)
+    eager = _spec(x, weight, bias, skip, relu, res_scale, dtype)
+    assert_parity(out, ref64, eager, dtype, f"conv2d_tma[{name}, {dtype_name}]")
+
+
+def test_tma_conv_matches_pointer_kernel(monkeypatch):
+    """The same call on the two paths: equal up to the fp32 summation order, before rounding."""
+    x, weight, bias, skip = _inputs("same", 2, 6, 35, 64, 64, 3, dict(bias=True, skip=True), torch.bfloat16)
+    args = (x, pack_weight(weight), bias, 3)
+    kw = dict(relu=True, res_scale=0.5, skip=skip)
+    monkeypatch.setattr(common, "_has_tma", lambda device: False)
+    pointer = conv2d_nhwc(*args, **kw)
+    monkeypatch.setattr(common, "_has_tma", lambda device: True)
+    tma = conv2d_nhwc(*args, **kw)
+    # One bf16 ulp of the output at most (the two sum the same fp32 products in other orders).
+    ulp = pointer.float().abs().clamp_min(2.0**-126) * 2.0**-7
+    assert ((tma.float() - pointer.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("why, kw", [
+    ("no TMA on the device", dict(tma=False)),
+    ("fp32 keeps the pointer path (IEEE fp32 MMA)", dict(dtype=torch.float32)),
+    ("input shift (the head)", dict(shift=True)),
+    ("pixel shuffle (the upsampler)", dict(c_out=64, shuffle=2)),
+    ("Cout not a multiple of 8 (the tail)", dict(c_out=3)),
+    ("Cin not a multiple of its K step", dict(c_in=24)),
+])
+def test_selection_falls_back_to_the_pointer_kernel(why, kw, monkeypatch, launches):
+    monkeypatch.setattr(common, "_has_tma", lambda device: kw.get("tma", True))
+    dtype = kw.get("dtype", torch.bfloat16)
+    c_in, c_out, r = kw.get("c_in", 16), kw.get("c_out", 16), kw.get("shuffle", 1)
+    x, weight, bias, _ = _inputs(why, 1, 3, 5, c_in, c_out, 3, dict(bias=True), dtype)
+    shift = torch.randn(c_in) if kw.get("shift") else None
+    out = conv2d_nhwc(x, pack_weight(weight), bias, 3, in_shift=shift, shuffle=r)
+    assert launches == {"tma": 0, "pointer": 1}, (why, launches)
+    assert torch.isfinite(out).all()
+
+
+def test_has_tma_reads_the_capability():
+    """The one capability test: CPU tensors never; a CUDA device by compute capability >= 9."""
+    assert not common._has_tma(torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert common._has_tma(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
