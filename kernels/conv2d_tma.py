@@ -18,7 +18,8 @@ tile by dropping unit dims, so wgmma reads it straight from shared memory; a 1 x
 (TH > 1) does not (Triton 3.9 copies it to registers with LDSM first: 149 registers and 287
 instructions per 8 HGMMA against 97 and 101, see bench/results/2026-12-02_issue13_tma_body.md).
 The output is a TMA box of the same shape: out-of-range pixels and channels of a partial tile are
-clipped by the copy engine on the store. The skip is read with 16-byte loads (see the epilogue).
+clipped by the copy engine on the store. The skip is read with 16-byte loads, and with resident
+weights and a skip the output is written with 16-byte stores too (shared memory, see the epilogue).
 
 Grid: persistent. min(tiles, SMs * PROGRAMS_PER_SM) programs, each looping over tiles with the
 grid stride. Two main-loop forms, chosen per autotune config (constexpr RESIDENT_W):
@@ -133,7 +134,7 @@ def _load_weight_taps(w_desc, n0, KS: tl.constexpr, BLOCK_K: tl.constexpr, INTER
 
 @triton.jit
 def _conv2d_tma_kernel(
-    x_desc, w_desc, out_desc, bias_ptr, skip_ptr,
+    x_desc, w_desc, out_desc, bias_ptr, skip_ptr, out_ptr,
     ROWS, H, W, res_scale,
     C_IN: tl.constexpr, C_OUT: tl.constexpr, KS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -187,7 +188,13 @@ def _conv2d_tma_kernel(
             pix = (n * H + h).to(tl.int64) * W + offs_w
             s_mask = (offs_w < W)[:, None] & (offs_n < C_OUT)[None, :]
             acc += tl.load(skip_ptr + pix[:, None] * C_OUT + offs_n[None, :], mask=s_mask, other=0.0).to(tl.float32)
-        out_desc.store([n, h, w0, n0], _round_for_desc(acc, out_desc, INTERP).reshape(1, 1, BLOCK_M, BLOCK_N))
+        if RESIDENT_W and HAS_SKIP:
+            # 16-byte stores, not a TMA store: its 8 KiB staging tile on top of the skip's layout
+            # conversion would not fit beside resident weights (238,736 B against 232,448 B).
+            tl.store(out_ptr + pix[:, None] * C_OUT + offs_n[None, :], _round_for_desc(acc, out_desc, INTERP),
+                     mask=s_mask)
+        else:
+            out_desc.store([n, h, w0, n0], _round_for_desc(acc, out_desc, INTERP).reshape(1, 1, BLOCK_M, BLOCK_N))
 
 
 def _resident_ok(ks: int, c_in: int, block_k: int) -> bool:
@@ -197,10 +204,8 @@ def _resident_ok(ks: int, c_in: int, block_k: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    """The autotuner's early prune: drop the resident-weight configs where they do not apply or
-    do not fit. With a skip they do not: its tile's layout conversion takes 8 KiB of scratch
-    (sm_90, F = 64: 238,736 B against the 232,448 B a block may have)."""
-    keep = _resident_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"]) and not kwargs["HAS_SKIP"]
+    """The autotuner's early prune: drop the resident-weight configs where they do not apply."""
+    keep = _resident_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"])
     return [c for c in configs if keep or not c.kwargs["RESIDENT_W"]]
 
 
@@ -274,7 +279,7 @@ def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: 
 
     xd, wd, od = descs(interp_bm)  # GPU configs re-box A and out: _set_boxes
     dummy = x  # never read: the matching HAS_* flag is False
-    args = (xd, wd, od, bias if bias is not None else dummy, skip if skip is not None else dummy,
+    args = (xd, wd, od, bias if bias is not None else dummy, skip if skip is not None else dummy, out,
             n * h, h, w, float(res_scale))
     if _common._INTERPRET:
         # One fixed small config: resident weights whenever they apply (the form of the best
