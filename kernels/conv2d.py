@@ -182,7 +182,7 @@ def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: boo
     if m > _INT32_MAX:
         raise ValueError(f"x has {m} pixels; at most {_INT32_MAX} are supported")
 
-    if tma_conv_supported(x, c_out, ks, in_shift=in_shift, shuffle=r):
+    if tma_conv_supported(x, w_packed, out, ks, in_shift=in_shift, shuffle=r):
         # Hopper: operands by TMA boxes (zero-filled padding), persistent grid (conv2d_tma.py).
         return conv2d_nhwc_tma(x, w_packed, bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
     block_n = _block_n(c_out)

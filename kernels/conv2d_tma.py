@@ -221,22 +221,26 @@ def _tma_block_k(c_in: int) -> int:
     return min(64, _common._next_pow2(c_in))
 
 
-def tma_conv_supported(x: torch.Tensor, c_out: int, kernel_size: int, *, in_shift=None, shuffle: int = 1) -> bool:
-    """Whether `conv2d_nhwc_tma` takes this call: a TMA-capable GPU (`_common._has_tma`; the tests
-    patch it to run this path under the interpreter), bf16/fp16, no input shift, no pixel shuffle, and channel counts the copy engine
-    can box: Cin a multiple of its K step (16, 32, or 64k: no box reads past a tap's weight
-    rows) and Cout a multiple of 8 (16-byte row strides), both at most 256 per box dimension."""
+def tma_conv_supported(x: torch.Tensor, w_packed: torch.Tensor, out: torch.Tensor, kernel_size: int, *,
+                       in_shift=None, shuffle: int = 1) -> bool:
+    """Whether `conv2d_nhwc_tma` takes this (already checked) `conv2d_nhwc` call: a TMA-capable
+    GPU (`_common._has_tma`; the tests patch it to run this path under the interpreter),
+    bf16/fp16, no input shift, no pixel shuffle, and what the copy engine's descriptors need:
+    Cin a multiple of its K step (16, 32 or 64k: no weight box reads past a tap's rows), Cout a
+    multiple of 8 (16-byte row strides), and x, w_packed and out starting 16-byte aligned (a
+    view at an odd offset goes to the pointer kernel instead of failing).
+
+    x: (N, H, W, Cin); w_packed: (KS*KS*Cin, Cout); out: the output about to be written."""
     if in_shift is not None or shuffle != 1 or kernel_size not in TMA_KERNEL_SIZES:
         return False
     if x.dtype not in TMA_DTYPES or x.dim() != 4:
         return False
     if not _common._has_tma(x.device):
         return False
-    c_in = x.shape[3]
+    c_in, c_out = x.shape[3], w_packed.shape[1]
     if c_in < 16 or c_in % _tma_block_k(c_in) or c_out < 8 or c_out % 8:
         return False
-    # Descriptor coordinates are int32 (and the tile index): stay far from the limit.
-    return x.numel() < _common._INT32_MAX and x.shape[0] * x.shape[1] * x.shape[2] * max(c_in, c_out) < _common._INT32_MAX
+    return all(t.data_ptr() % 16 == 0 for t in (x, w_packed, out))
 
 
 def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: int, *, relu: bool = False,

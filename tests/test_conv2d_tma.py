@@ -89,8 +89,8 @@ def test_tma_conv_parity(case, dtype_name, tma_on, launches):
     dtype = DTYPES[dtype_name]
     x, weight, bias, skip = _inputs(f"{name}/{dtype_name}", n, h, w, c_in, c_out, ks, opt, dtype)
     relu, res_scale = opt.get("relu", False), opt.get("res_scale", 1.0)
-    assert tma_conv_supported(x, c_out, ks)
     out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype)
+    assert tma_conv_supported(x, pack_weight(weight), out, ks)
     got = conv2d_nhwc(x, pack_weight(weight), bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
     assert got is out
     assert launches == {"tma": 1, "pointer": 0}, launches
@@ -130,6 +130,45 @@ def test_selection_falls_back_to_the_pointer_kernel(why, kw, monkeypatch, launch
     out = conv2d_nhwc(x, pack_weight(weight), bias, 3, in_shift=shift, shuffle=r)
     assert launches == {"tma": 0, "pointer": 1}, (why, launches)
     assert torch.isfinite(out).all()
+
+
+def test_misaligned_out_falls_back_to_the_pointer_kernel(tma_on, launches):
+    """A descriptor needs a 16-byte-aligned base: an `out` view 2 bytes into its buffer is
+    written by the pointer kernel (correctly), not rejected."""
+    x, weight, bias, _ = _inputs("misaligned", 1, 3, 5, 16, 16, 3, dict(bias=True), torch.bfloat16)
+    buf = torch.full((3 * 5 * 16 + 1,), float("nan"), dtype=torch.bfloat16)
+    out = buf[1:].view(1, 3, 5, 16)
+    conv2d_nhwc(x, pack_weight(weight), bias, 3, out=out)
+    assert launches == {"tma": 0, "pointer": 1}, launches
+    ref64 = _spec(x, weight, bias, None, False, 1.0, torch.float64)
+    assert_parity(out, ref64, _spec(x, weight, bias, None, False, 1.0, torch.bfloat16), torch.bfloat16, "misaligned")
+
+
+def test_autotune_prune_and_boxes():
+    """What the GPU's autotuner does with the configs (the interpreter never tunes): resident
+    weights only for one K chunk and KS 1/3; each config's pre-hook re-boxes A and out for its
+    BLOCK_M and leaves the weight box alone."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from fastsr.kernels import conv2d_tma as ct
+
+    cfgs = ct._tma_configs()
+    assert any(c.kwargs["RESIDENT_W"] for c in cfgs)
+    for ks, c_in, block_k, resident in [(3, 64, 64, True), (1, 16, 16, True), (5, 64, 64, False),
+                                        (3, 128, 64, False)]:
+        kept = ct._prune(cfgs, {}, KS=ks, C_IN=c_in, BLOCK_K=block_k, HAS_SKIP=True)
+        assert kept and any(c.kwargs["RESIDENT_W"] for c in kept) == resident, (ks, c_in)
+        assert sum(not c.kwargs["RESIDENT_W"] for c in kept) == sum(not c.kwargs["RESIDENT_W"] for c in cfgs)
+    x = torch.empty(1, 4, 300, 64, dtype=torch.bfloat16)
+    wp = torch.empty(9 * 64, 64, dtype=torch.bfloat16)
+    nargs = dict(x_desc=TensorDescriptor.from_tensor(x, [1, 1, 32, 64]),
+                 out_desc=TensorDescriptor.from_tensor(x, [1, 1, 32, 64]),
+                 w_desc=TensorDescriptor.from_tensor(wp, [64, 64]))
+    for c in cfgs:
+        c.pre_hook({**nargs, **c.kwargs})
+        bm = c.kwargs["BLOCK_M"]
+        assert nargs["x_desc"].block_shape == [1, 1, bm, 64] and nargs["out_desc"].block_shape == [1, 1, bm, 64]
+        assert nargs["w_desc"].block_shape == [64, 64]
 
 
 def test_has_tma_reads_the_capability():
