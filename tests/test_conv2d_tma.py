@@ -3,8 +3,9 @@
 On CPU the kernel runs under the Triton interpreter (tests/testenv.py sets TRITON_INTERPRET=1),
 whose host-side TensorDescriptor zero-fills box elements outside the tensor, negative
 coordinates included, as the copy engine does: so the border taps here exercise exactly the
-zero padding the GPU gets from TMA. `_common._has_tma` is patched to say yes: that is the one
-switch `conv2d_nhwc` asks. Tolerances are tests/parity.py's (bf16/fp16: 2 x the eager
+zero padding the GPU gets from TMA. There `_common._has_tma` is patched to say yes: that is the
+one switch `conv2d_nhwc` asks. Where a GPU is present the same tests run on it (TRITON_DEVICE),
+through the autotuner, and skip on a GPU without TMA. Tolerances are tests/parity.py's (bf16/fp16: 2 x the eager
 low-precision error + atol, against a float64 reference). Fresh seeded random inputs, outputs
 NaN-poisoned before the call.
 """
@@ -22,6 +23,7 @@ from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
 from fastsr.kernels.conv2d_tma import tma_conv_supported
 from fastsr.ops.reference import conv2d_ref
 from parity import assert_parity
+from testenv import TRITON_DEVICE
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,7 +44,11 @@ CASES = [
 
 @pytest.fixture
 def tma_on(monkeypatch):
-    monkeypatch.setattr(common, "_has_tma", lambda device: True)
+    """The TMA path on: patched under the interpreter; on a GPU only where it has TMA."""
+    if TRITON_DEVICE == "cpu":
+        monkeypatch.setattr(common, "_has_tma", lambda device: True)
+    elif not common._has_tma(torch.device(TRITON_DEVICE)):
+        pytest.skip("this GPU has no TMA (compute capability < 9.0)")
 
 
 @pytest.fixture
@@ -67,15 +73,18 @@ def launches(monkeypatch):
 
 def _inputs(name, n, h, w, c_in, c_out, ks, opt, dtype):
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    x = torch.randn(n, h, w, c_in, generator=gen).to(dtype)
-    weight = (torch.randn(c_out, c_in, ks, ks, generator=gen) / math.sqrt(c_in * ks * ks)).to(dtype)
-    bias = torch.randn(c_out, generator=gen) if opt.get("bias") else None
-    skip = torch.randn(n, h, w, c_out, generator=gen).to(dtype) if opt.get("skip") else None
+    dev = TRITON_DEVICE
+    x = torch.randn(n, h, w, c_in, generator=gen).to(dev, dtype)
+    weight = (torch.randn(c_out, c_in, ks, ks, generator=gen) / math.sqrt(c_in * ks * ks)).to(dev, dtype)
+    bias = torch.randn(c_out, generator=gen).to(dev) if opt.get("bias") else None
+    skip = torch.randn(n, h, w, c_out, generator=gen).to(dev, dtype) if opt.get("skip") else None
     return x, weight, bias, skip
 
 
 def _spec(x, weight, bias, skip, relu, res_scale, dtype):
-    """conv2d_ref on NCHW in `dtype` (bias and skip rounded to it, as eager would), back to NHWC."""
+    """conv2d_ref on NCHW in `dtype` (bias and skip rounded to it, as eager would), back to NHWC,
+    on the CPU."""
+    x, weight, bias, skip = (None if t is None else t.cpu() for t in (x, weight, bias, skip))
     y = conv2d_ref(x.to(dtype).permute(0, 3, 1, 2), weight.to(dtype), None if bias is None else bias.to(dtype),
                    relu=relu, res_scale=res_scale,
                    skip=None if skip is None else skip.to(dtype).permute(0, 3, 1, 2))
@@ -89,25 +98,24 @@ def test_tma_conv_parity(case, dtype_name, tma_on, launches):
     dtype = DTYPES[dtype_name]
     x, weight, bias, skip = _inputs(f"{name}/{dtype_name}", n, h, w, c_in, c_out, ks, opt, dtype)
     relu, res_scale = opt.get("relu", False), opt.get("res_scale", 1.0)
-    out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype)
+    out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=TRITON_DEVICE)
     assert tma_conv_supported(x, pack_weight(weight), out, ks)
     got = conv2d_nhwc(x, pack_weight(weight), bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
     assert got is out
     assert launches == {"tma": 1, "pointer": 0}, launches
     ref64 = _spec(x, weight, bias, skip, relu, res_scale, torch.float64)
     eager = _spec(x, weight, bias, skip, relu, res_scale, dtype)
-    assert_parity(out, ref64, eager, dtype, f"conv2d_tma[{name}, {dtype_name}]")
+    assert_parity(out.cpu(), ref64, eager, dtype, f"conv2d_tma[{name}, {dtype_name}]")
 
 
-def test_tma_conv_matches_pointer_kernel(monkeypatch):
+def test_tma_conv_matches_pointer_kernel(tma_on, monkeypatch):
     """The same call on the two paths: equal up to the fp32 summation order, before rounding."""
     x, weight, bias, skip = _inputs("same", 2, 6, 35, 64, 64, 3, dict(bias=True, skip=True), torch.bfloat16)
     args = (x, pack_weight(weight), bias, 3)
     kw = dict(relu=True, res_scale=0.5, skip=skip)
+    tma = conv2d_nhwc(*args, **kw)
     monkeypatch.setattr(common, "_has_tma", lambda device: False)
     pointer = conv2d_nhwc(*args, **kw)
-    monkeypatch.setattr(common, "_has_tma", lambda device: True)
-    tma = conv2d_nhwc(*args, **kw)
     # One bf16 ulp of the output at most (the two sum the same fp32 products in other orders).
     ulp = pointer.float().abs().clamp_min(2.0**-126) * 2.0**-7
     assert ((tma.float() - pointer.float()).abs() <= ulp).all()
@@ -121,12 +129,13 @@ def test_tma_conv_matches_pointer_kernel(monkeypatch):
     ("Cout not a multiple of 8 (the tail)", dict(c_out=3)),
     ("Cin not a multiple of its K step", dict(c_in=24)),
 ])
-def test_selection_falls_back_to_the_pointer_kernel(why, kw, monkeypatch, launches):
-    monkeypatch.setattr(common, "_has_tma", lambda device: kw.get("tma", True))
+def test_selection_falls_back_to_the_pointer_kernel(why, kw, tma_on, monkeypatch, launches):
+    if not kw.get("tma", True):
+        monkeypatch.setattr(common, "_has_tma", lambda device: False)
     dtype = kw.get("dtype", torch.bfloat16)
     c_in, c_out, r = kw.get("c_in", 16), kw.get("c_out", 16), kw.get("shuffle", 1)
     x, weight, bias, _ = _inputs(why, 1, 3, 5, c_in, c_out, 3, dict(bias=True), dtype)
-    shift = torch.randn(c_in) if kw.get("shift") else None
+    shift = torch.randn(c_in).to(TRITON_DEVICE) if kw.get("shift") else None
     out = conv2d_nhwc(x, pack_weight(weight), bias, 3, in_shift=shift, shuffle=r)
     assert launches == {"tma": 0, "pointer": 1}, (why, launches)
     assert torch.isfinite(out).all()
@@ -136,12 +145,13 @@ def test_misaligned_out_falls_back_to_the_pointer_kernel(tma_on, launches):
     """A descriptor needs a 16-byte-aligned base: an `out` view 2 bytes into its buffer is
     written by the pointer kernel (correctly), not rejected."""
     x, weight, bias, _ = _inputs("misaligned", 1, 3, 5, 16, 16, 3, dict(bias=True), torch.bfloat16)
-    buf = torch.full((3 * 5 * 16 + 1,), float("nan"), dtype=torch.bfloat16)
+    buf = torch.full((3 * 5 * 16 + 1,), float("nan"), dtype=torch.bfloat16, device=TRITON_DEVICE)
     out = buf[1:].view(1, 3, 5, 16)
     conv2d_nhwc(x, pack_weight(weight), bias, 3, out=out)
     assert launches == {"tma": 0, "pointer": 1}, launches
     ref64 = _spec(x, weight, bias, None, False, 1.0, torch.float64)
-    assert_parity(out, ref64, _spec(x, weight, bias, None, False, 1.0, torch.bfloat16), torch.bfloat16, "misaligned")
+    assert_parity(out.cpu(), ref64, _spec(x, weight, bias, None, False, 1.0, torch.bfloat16), torch.bfloat16,
+                  "misaligned")
 
 
 def test_autotune_prune_and_boxes():
