@@ -619,7 +619,7 @@ def drive(quick: bool, arch: int = 90) -> list[Launch]:
                 b = torch.randn(cout)
                 sk = _t(n, h, w, cout, dtype=dt) if skip else None
                 s = torch.randn(cin) if shift else None
-                conv2d_nhwc(x, pack_weight(wt), b, k, in_shift=s, relu=relu, skip=sk, shuffle=r)
+                conv2d_nhwc(x, pack_weight(wt, r), b, k, in_shift=s, relu=relu, skip=sk, shuffle=r)
                 g = _t(n, h * r, w * r, cout // (r * r), dtype=dt)
                 conv2d_backward_nhwc(g, x, wt, b, k, in_shift=s, relu=relu, shuffle=r)
             for c, k in ([(64, 3)] if quick else [(64, 3), (64, 5), (128, 3)]):

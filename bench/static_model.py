@@ -90,15 +90,29 @@ def _conv_like(m: int, k_taps: int, c_k: int, c_n: int, e: int, a: dict, a_extra
     return issued, operands, tiles_m * tiles_n
 
 
-def work_conv(a: dict, cfg: dict) -> Work:
-    """_conv2d_nhwc_kernel: forward conv (+ bias, ReLU, scale, skip, pixel shuffle)."""
+def _store_fill(run_bytes: int, sass: dict | None) -> int:
+    """Bytes of each 32-byte L2 sector a store fills, for stores whose contiguous runs in memory
+    are `run_bytes` long, at the SASS's narrowest per-thread store width w: in the MMA
+    accumulator layout 4 lanes hold 8 adjacent columns of a row, so w-byte stores (w = 2: one
+    element each) write 8w contiguous bytes per row; 16-byte stores fill a sector per 2 lanes."""
+    w = (sass or {}).get("narrowest_store") or 16
+    return max(1, min(32, run_bytes, 8 * w))
+
+
+def work_conv(a: dict, cfg: dict, sass: dict | None = None) -> Work:
+    """_conv2d_nhwc_kernel: forward conv (+ bias, ReLU, scale, skip, pixel shuffle). The pixel
+    shuffle's stores are runs of Cout/r^2 contiguous channels (the packed weight's shuffle-order
+    columns); the L2 takes them in whole sectors (`_store_fill`)."""
     x, out = a["x_ptr"], a["out_ptr"]
     e = _BYTES[x["dtype"]]
     m, cin, cout, ks = a["M"], a["C_IN"], a["C_OUT"], a["KS"]
     issued, operands, tiles = _conv_like(m, ks * ks, cin, cout, e, a)
     io = _nbytes(x) + _nbytes(out) + _nbytes(a["w_ptr"]) + (_nbytes(a["skip_ptr"]) if a["HAS_SKIP"] else 0)
-    stores = _nbytes(out) + (_nbytes(a["skip_ptr"]) if a["HAS_SKIP"] else 0)
-    return Work(2.0 * m * ks * ks * cin * cout, issued, io, operands + stores, operands, tiles)
+    r = a.get("SHUFFLE", 1)
+    fill = _store_fill(cout // (r * r) * e, sass) if r > 1 else 32
+    stores = _nbytes(out) * 32 / fill + (_nbytes(a["skip_ptr"]) if a["HAS_SKIP"] else 0)
+    notes = [f"stores fill {fill} of 32 B per sector"] if fill < 32 else []
+    return Work(2.0 * m * ks * ks * cin * cout, issued, io, operands + stores, operands, tiles, notes)
 
 
 def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
@@ -197,12 +211,13 @@ def work_reduce(a: dict, cfg: dict) -> Work:
     return Work(0.0, 0.0, ws + outs, ws + outs, 0.0, _cdiv(total, a["BLOCK"]))
 
 
-def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int]) -> Work:
+def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int], sass: dict | None = None) -> Work:
     """The work of one launch: its recorded arguments with one of its configs (a launch with a
-    pinned config, e.g. wgrad under FASTSR_DETERMINISTIC=1, has its block sizes in the arguments)."""
+    pinned config, e.g. wgrad under FASTSR_DETERMINISTIC=1, has its block sizes in the arguments);
+    `sass`: that config's SASS facts (store widths), where a work function reads them."""
     a = {**args, **cfg}
     if kernel == "_conv2d_nhwc_kernel":
-        return work_conv(a, cfg)
+        return work_conv(a, cfg, sass)
     if kernel == "_conv2d_tma_kernel":
         return work_conv_tma(a, cfg, grid)
     if kernel == "_dgrad_kernel":
@@ -283,7 +298,7 @@ def model(manifest: dict, report: dict, phases: tuple[str, ...]) -> list[dict]:
         for c in rec["configs"]:
             if c["kernel_key"] not in sass:
                 continue  # failed to compile: compile_check reported it
-            w = launch_work(rec["kernel"], rec["args"], c["config"], c["grid"])
+            w = launch_work(rec["kernel"], rec["args"], c["config"], c["grid"], sass[c["kernel_key"]])
             b = bounds(w, sass[c["kernel_key"]], _dtype_bytes(rec))
             pred = max(b["times"].values())
             per_cfg.append(dict(config=c["config"], kernel_key=c["kernel_key"], work=w, **b, predicted=pred,

@@ -57,9 +57,24 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _block_n(c_out: int) -> int:
+def _block_n(c_out: int, shuffle: int = 1) -> int:
     # tl.dot needs every block dim >= 16; F = 64 -> one 64-wide block holding all of Cout.
-    return min(max(16, _next_pow2(c_out)), 64 if _INTERPRET else 128)
+    # A pixel-shuffle conv (the upsampler) whose Cout fits wgmma's widest N (256: r = 2 at
+    # F = 64) is one N tile, so its input is gathered once. Wider ones (r = 3 at F = 64: 576)
+    # keep 128-column tiles: 5 tiles with 11% padding and BLOCK_M up to 256 move fewer L2
+    # bytes than 3 tiles of 256 (33% padding, BLOCK_M <= 128 for the registers).
+    cap = 64 if _INTERPRET else 256 if shuffle > 1 and c_out <= 256 else 128
+    return min(max(16, _next_pow2(c_out)), cap)
+
+
+def _shuffle_perm(c_out: int, shuffle: int, device) -> torch.Tensor:
+    """perm[q] = the conv output channel at shuffle-order position q = (i*r + j)*C/r^2 + c:
+    conv channel c*r^2 + i*r + j, which PixelShuffle(r) sends to sub-pixel (i, j), channel c.
+    In this order each (i, j) group is C/r^2 consecutive positions that land in one output
+    pixel's contiguous channels (the upsampler's packed columns and dgrad's gather order)."""
+    r2 = shuffle * shuffle
+    c_sh = c_out // r2
+    return (torch.arange(c_sh, device=device)[None, :] * r2 + torch.arange(r2, device=device)[:, None]).reshape(-1)
 
 
 def _block_k(c_in: int, dtype: torch.dtype) -> int:

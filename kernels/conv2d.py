@@ -63,6 +63,7 @@ from ._common import (
     _conv_configs,
     _launch,
     _launch_config_args,
+    _shuffle_perm,
 )
 from ._jit import _conv_mainloop, _round_to, _tile_coords
 from .conv2d_tma import conv2d_nhwc_tma, tma_conv_supported
@@ -91,8 +92,16 @@ def _conv2d_nhwc_kernel(
     )
 
     # ---- epilogue, all in fp32 registers: one rounding, at the store ----
+    R = SHUFFLE
+    C_SH = C_OUT // (R * R)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if R == 1:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        else:
+            # Columns are in shuffle order (pack_weight(w, r)): column q holds conv channel
+            # (q % C_SH) * R^2 + q // C_SH; the bias stays in PyTorch's order.
+            bias = tl.load(bias_ptr + (offs_n % C_SH) * (R * R) + offs_n // C_SH, mask=n_mask, other=0.0)
+        acc += bias[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
     acc = acc * res_scale
@@ -102,25 +111,41 @@ def _conv2d_nhwc_kernel(
         if HAS_SKIP:
             acc += tl.load(skip_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
     else:
-        # PixelShuffle: conv channel co = c*R*R + i*R + j goes to out[n, oh*R + i, ow*R + j, c].
-        # The address splits into a per-pixel part and a per-channel part, so the shuffle
-        # costs no extra pass: out_off = row[m] + col[co].
-        R = SHUFFLE
-        C_SH = C_OUT // (R * R)
+        # PixelShuffle: conv channel c*R*R + i*R + j goes to out[n, oh*R + i, ow*R + j, c]. The
+        # packed weight puts it in column q = (i*R + j)*C_SH + c, so the C_SH columns of one
+        # (i, j) group are C_SH contiguous output channels of one output pixel (128 B at
+        # F = 64 bf16): the store vectorizes to 16 bytes per thread, full 32-byte sectors.
+        # The address splits into a per-pixel and a per-column part: out_off = row[m] + col[q].
         W_OUT = W * R
-        c = offs_n // (R * R)
-        i = (offs_n // R) % R
-        j = offs_n % R
+        ij = offs_n // C_SH
         row = ((img * H + oh).to(tl.int64) * R * W_OUT + ow * R) * C_SH
-        col = (i * W_OUT + j) * C_SH + c
+        col = ((ij // R) * W_OUT + ij % R) * C_SH + offs_n % C_SH
         out_off = row[:, None] + col[None, :]
     tl.store(out_ptr + out_off, _round_to(acc, out_ptr, INTERP), mask=mask)
 
 
+def _shuffle_configs():
+    """The upsampler's configs (SHUFFLE > 1, BLOCK_N up to 256: `_block_n`). Its fp32
+    accumulator is BLOCK_M x 256 per program, 128 registers per thread at 64 rows per
+    warpgroup: BLOCK_M = 64 on 4 warps or 128 on 8 (BLOCK_M 128 on 4 warps or 256 on 8 would
+    hold 256 accumulator registers per thread: spills). One stage holds (BLOCK_M + 256) * 64 * 2 B
+    of bf16 operands: 40 / 48 KiB, so 3-4 stages fit shared memory."""
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+            for bm, w, s in [(64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4)]]
+
+
+_BODY_CONFIGS = len(_conv_configs())
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's early prune: the shared conv configs, or the upsampler's (BLOCK_N > 128)."""
+    return configs[_BODY_CONFIGS:] if kwargs["BLOCK_N"] > 128 else configs[:_BODY_CONFIGS]
+
 
 _conv2d_nhwc_tuned = triton.autotune(
-    configs=_conv_configs(),
+    configs=_conv_configs() + _shuffle_configs(),
     key=["C_IN", "C_OUT", "KS", "SHUFFLE"],  # the autotuner adds the tensor dtypes itself
+    prune_configs_by={"early_config_prune": _prune},
 )(_conv2d_nhwc_kernel)
 
 
@@ -129,14 +154,27 @@ _conv2d_nhwc_tuned = triton.autotune(
 # --------------------------------------------------------------------------------------
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, Cin, KH, KW) -> (KH*KW*Cin, Cout) contiguous, same dtype.
+def pack_weight(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
+    """(Cout, Cin, KH, KW) -> (KH*KW*Cin, Cout) contiguous, same dtype: the B operand of
+    `conv2d_nhwc(..., shuffle=shuffle)`.
 
     Row k = (kh*KW + kw)*Cin + ci, so the K loop of the implicit GEMM walks one tap's Cin
-    rows contiguously and each row holds all Cout weights of one input channel."""
+    rows contiguously and each row holds all Cout weights of one input channel.
+
+    Columns: for shuffle = 1 column co is output channel co. For shuffle r > 1 (a conv followed
+    by PixelShuffle(r), the upsampler) they are in shuffle order: column q = (i*r + j)*Cout/r^2 + c
+    holds conv channel co = c*r^2 + i*r + j (`_common._shuffle_perm`), the channel PixelShuffle
+    writes to sub-pixel (i, j), channel c. Each (i, j) group of Cout/r^2 columns is then one
+    output pixel's contiguous channels, which the kernel stores with 16-byte stores. The one
+    packing of a shuffle conv's weight: conv2d_nhwc with shuffle=r expects it (its bias stays in
+    PyTorch's order). A weight stored (KH, KW, Cin, Cout) in memory (fastsr.models.fused's
+    kernel_layout) packs without a copy for shuffle = 1, with one gather for r > 1."""
     _check_tensor("weight", weight, rank=4)
     c_out, c_in, kh, kw = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(kh * kw * c_in, c_out).contiguous()
+    packed = weight.permute(2, 3, 1, 0).reshape(kh * kw * c_in, c_out)
+    if _check_shuffle(shuffle, c_out) > 1:
+        return packed[:, _shuffle_perm(c_out, shuffle, weight.device)]  # index_select: a contiguous copy
+    return packed.contiguous()
 
 
 def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: bool = False,
@@ -144,8 +182,9 @@ def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: boo
     """Fused NHWC convolution (see the module docstring for what it reads and writes).
 
     x:        (N, H, W, Cin) contiguous, float32 / float16 / bfloat16.
-    w_packed: (KS*KS*Cin, Cout) from `pack_weight`, x's dtype.
-    bias:     (Cout,) float32 or None.
+    w_packed: (KS*KS*Cin, Cout) from `pack_weight(weight, shuffle)`, x's dtype (for shuffle > 1
+              its columns are in shuffle order: see pack_weight).
+    bias:     (Cout,) float32 or None, in PyTorch's channel order (also for shuffle > 1).
     in_shift: (Cin,) float32 or None, subtracted from every in-bounds input value on load.
     Computes with fp32 accumulation, stride 1, zero padding kernel_size // 2:
         y = conv(x - in_shift) + bias; y = relu(y) if relu; y = res_scale * y; y += skip;
@@ -185,7 +224,7 @@ def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: boo
     if tma_conv_supported(x, w_packed, out, ks, in_shift=in_shift, shuffle=r):
         # Hopper: operands by TMA boxes (zero-filled padding), persistent grid (conv2d_tma.py).
         return conv2d_nhwc_tma(x, w_packed, bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
-    block_n = _block_n(c_out)
+    block_n = _block_n(c_out, r)
     num_n_blocks = triton.cdiv(c_out, block_n)
     dummy = x  # never read: the matching HAS_* flag is False
     args = (

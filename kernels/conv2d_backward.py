@@ -38,7 +38,7 @@ __all__ = ["conv2d_backward_nhwc"]
 def conv2d_backward_nhwc(grad_out, x, weight, bias, kernel_size: int, *, in_shift=None, relu: bool = False,
                          res_scale: float = 1.0, shuffle: int = 1, needs=(True, True, True),
                          dw_dtype=None, db_dtype=torch.float32, dx_out=None, dw_out=None, db_out=None):
-    """Gradients of `conv2d_nhwc(x, pack_weight(weight), bias, kernel_size, in_shift=, relu=,
+    """Gradients of `conv2d_nhwc(x, pack_weight(weight, shuffle), bias, kernel_size, in_shift=, relu=,
     res_scale=, skip=, shuffle=)` with respect to x, weight and bias.
 
     grad_out: (N, H*r, W*r, Cout/r^2) contiguous NHWC, x's dtype (the forward output's gradient).
@@ -69,7 +69,7 @@ def conv2d_backward_nhwc(grad_out, x, weight, bias, kernel_size: int, *, in_shif
     need_dx, need_dw, need_db = (bool(v) for v in needs)
     mask = None
     if relu and x.numel() > 0 and (need_dx or need_dw or need_db):
-        mask = conv2d_nhwc(x, pack_weight(weight), bias, ks, in_shift=in_shift, relu=True, shuffle=r)
+        mask = conv2d_nhwc(x, pack_weight(weight, r), bias, ks, in_shift=in_shift, relu=True, shuffle=r)
     dx = None
     if need_dx:
         dx = conv2d_dgrad_nhwc(grad_out, weight, ks, shuffle=r, res_scale=res_scale, grad_mask=mask, out=dx_out)

@@ -47,6 +47,7 @@ from ._common import (
     _launch,
     _launch_config_args,
     _result,
+    _shuffle_perm,
 )
 from ._jit import _mma, _round_to, _tile_coords
 from .conv2d import pack_weight
@@ -146,15 +147,6 @@ _dgrad_tuned = triton.autotune(
 )(_dgrad_kernel)
 
 
-def _gather_perm(c_out: int, shuffle: int, device) -> torch.Tensor:
-    """perm[q] = the conv output channel read at gather position q = (i*r + j)*C/r^2 + c."""
-    r2 = shuffle * shuffle
-    c_sh = c_out // r2
-    return (torch.arange(c_sh, device=device)[None, :] * r2 + torch.arange(r2, device=device)[:, None]).reshape(-1)
-
-
-
-
 def pack_weight_dgrad(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
     """(Cout, Cin, KS, KS) -> (KS*KS*Cout, Cin): the packed weight of the dgrad conv.
 
@@ -165,7 +157,7 @@ def pack_weight_dgrad(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
     _check_tensor("weight", weight, rank=4)
     w = weight.flip(2, 3).transpose(0, 1)  # (Cin, Cout, KS, KS)
     if shuffle > 1:
-        w = w[:, _gather_perm(weight.shape[0], shuffle, weight.device)]
+        w = w[:, _shuffle_perm(weight.shape[0], shuffle, weight.device)]
     return pack_weight(w)
 
 

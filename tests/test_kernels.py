@@ -103,6 +103,7 @@ CONV_CASES = [
     ("body_64_k3_scale_skip", 1, 7, 9, 64, 64, 3, dict(bias=True, res_scale=0.1, skip=True)),
     ("up_16to64_k3_shuffle2", 1, 13, 11, 16, 64, 3, dict(bias=True, shuffle=2)),
     ("up_16to144_k3_shuffle3", 3, 7, 9, 16, 144, 3, dict(bias=True, shuffle=3)),
+    ("up_64to576_k3_shuffle3", 1, 5, 7, 64, 576, 3, dict(bias=True, shuffle=3)),  # EDSR x3 at F = 64
     ("odd_17_k5_relu_scale_skip", 1, 13, 11, 17, 17, 5, dict(bias=True, relu=True, res_scale=0.1, skip=True)),
     ("k5_16_shift_nobias", 3, 7, 9, 16, 16, 5, dict(shift=True)),
     ("pix1x1_17to16_k3_relu", 3, 1, 1, 17, 16, 3, dict(bias=True, relu=True)),
@@ -141,7 +142,7 @@ def test_conv2d_parity(case, dtype_name, device):
     skip = None if skip is None else skip.to(device=device, dtype=dtype)
 
     out = _nan_out((n, h * r, w * r, c_out // (r * r)), dtype, device)
-    fused = conv2d_nhwc(x, pack_weight(weight), bias, ks, in_shift=shift, relu=relu,
+    fused = conv2d_nhwc(x, pack_weight(weight, r), bias, ks, in_shift=shift, relu=relu,
                         res_scale=res_scale, skip=skip, shuffle=r, out=out)
     assert fused is out
 
@@ -156,7 +157,7 @@ def test_conv2d_parity(case, dtype_name, device):
 def test_conv2d_allocates_out_and_handles_empty_batch(device):
     gen = torch.Generator().manual_seed(1)
     x = _randn(gen, 2, 5, 6, 16).to(device)
-    wp = pack_weight(_weight(gen, 64, 16, 3).to(device))
+    wp = pack_weight(_weight(gen, 64, 16, 3).to(device), 2)
     y = conv2d_nhwc(x, wp, None, 3, shuffle=2)
     assert y.shape == (2, 10, 12, 16) and y.is_contiguous() and y.dtype == x.dtype
     empty = conv2d_nhwc(x[:0], wp, None, 3, shuffle=2)
@@ -251,6 +252,27 @@ def test_pack_weight_layout(device):
         for kw in range(ks):
             for ci in range(c_in):
                 assert torch.equal(packed[(kh * ks + kw) * c_in + ci], weight[:, ci, kh, kw])
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_pack_weight_shuffle_order(r, device):
+    """pack_weight(w, r): column q = (i*r + j)*C + c holds conv channel c*r^2 + i*r + j (C = Cout/r^2),
+    and the packing is the same from the kernels' memory layout (the fused plan's)."""
+    from fastsr.models.fused import kernel_layout
+
+    gen = torch.Generator().manual_seed(30 + r)
+    c, c_in, ks = 3, 2, 3
+    weight = _randn(gen, c * r * r, c_in, ks, ks).to(device)
+    packed = pack_weight(weight, r)
+    assert packed.shape == (ks * ks * c_in, c * r * r) and packed.is_contiguous()
+    plain = pack_weight(weight)
+    for i in range(r):
+        for j in range(r):
+            for ch in range(c):
+                assert torch.equal(packed[:, (i * r + j) * c + ch], plain[:, ch * r * r + i * r + j])
+    assert torch.equal(pack_weight(kernel_layout(weight), r), packed)
+    with pytest.raises(ValueError, match="divisible by 9"):
+        pack_weight(_randn(gen, 8, c_in, ks, ks), 3)
 
 
 # --------------------------------------------------------------------------------------
