@@ -29,9 +29,11 @@ grid stride. Two main-loop forms, chosen per autotune config (constexpr RESIDENT
   deep. Any KS and channel count the host check admits.
 - RESIDENT_W = True (Cin == BLOCK_K and KS in {1, 3}): the KS*KS weight tiles are loaded once
   per program, before the tile loop, and stay in shared memory (F = 64 bf16 3x3: 72 KiB); the
-  taps are unrolled, so the software pipeliner prefetches the next tile's KS*KS A boxes while
-  the current tile's MMAs run. Its shared memory is 2 stages x KS*KS boxes + the weights, so at
-  F = 64 only BLOCK_M = 64 with 2 stages fits the 227 KiB of an sm_90 block.
+  taps are unrolled (the weight tiles are a tuple indexed by a static tap), so the software
+  pipeliner pipelines the tile loop: the next tile's KS*KS A boxes are double-buffered (issued,
+  in the sm_90 SASS, after this tile's MMAs and epilogue: a short prefetch distance). Shared
+  memory is 2 stages x KS*KS boxes + the weights, so at F = 64 only BLOCK_M = 64 with 2 stages
+  fits the 227 KiB of an sm_90 block (225.1 KiB).
 
 Bytes through L2 per output pixel (F = 64 bf16 3x3): A 9 x 128 = 1152 B (the taps re-read the
 input rows: a wgmma shared-memory operand cannot start one pixel into a swizzled box, so the
@@ -64,8 +66,9 @@ _RESIDENT_KERNEL_SIZES = (1, 3)
 def _tma_configs():
     # (BLOCK_M, RESIDENT_W, programs per SM, warps, stages). Streamed weights: 16 KiB (BM 128)
     # or 32 KiB (BM 256) of A + 8 KiB of W per stage, so 3-4 stages and 2 programs per SM fit.
-    # Resident weights: 2 x 9 x 8 KiB of A + 72 KiB of W + 8 KiB out = 224 KiB at BM 64: one
-    # program per SM (a 1 x 1 x 128 box would need 288 KiB of A stages).
+    # Resident weights: 2 x 9 x 8 KiB of A + 72 KiB of W + 8 KiB (the TMA store's staging tile,
+    # or with a skip its layout conversion) = 224 KiB at BM 64: one program per SM (a 1 x 1 x 128
+    # box would need 288 KiB of A stages).
     cfgs = []
     for bm, resident, per_sm, warps, stages in [
         (128, False, 2, 4, 3), (128, False, 2, 4, 4), (128, False, 2, 8, 3),
