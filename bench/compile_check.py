@@ -101,6 +101,10 @@ class Launch:
     launcher: str = ""                                 # the fastsr.kernels function that launched it
     callers: tuple[str, ...] = ()                      # the fastsr.kernels functions on the stack
     pre_hooks: list = field(default_factory=list)      # each config's pre_hook (or None), as configs
+    # A residual block's two candidates (block_candidates): "triton_block" on the block launch,
+    # "triton_convs" on the two conv launches recorded beside it, which point at it by index.
+    candidate: str = ""
+    alternative_of: int | None = None
 
     def pre_hook(self, config: dict):
         """The autotune config's pre_hook (the TMA conv re-boxes its descriptors for BLOCK_M)."""
@@ -134,11 +138,13 @@ class Recorder:
         self.launches: list[Launch] = []
         self.torch_ops: list[dict] = []
         self.phase = ""
+        self.candidate, self.alternative_of = "", None  # set by block_candidates while it records
 
     def add(self, fn, args, kwargs, configs, grid, pre_hooks=()) -> None:
         callers = _kernel_callers()
         self.launches.append(Launch(fn, args, kwargs, configs, grid, self.phase,
-                                    callers[0] if callers else "", callers, list(pre_hooks)))
+                                    callers[0] if callers else "", callers, list(pre_hooks),
+                                    self.candidate, self.alternative_of))
 
 
 @contextlib.contextmanager
@@ -235,6 +241,50 @@ def gpu_code_path(sms: int = H200["sms"], arch: int = 90) -> Iterator[None]:
         yield
     finally:
         dispatch.triton_interpreting, common._multiprocessor_count, fused._plan_weight, common._has_tma = saved
+
+
+# The one-launch residual block's kernels (kernels/resblock.py: the pointer form and the TMA form).
+BLOCK_KERNELS = ("_resblock_nhwc_kernel", "_resblock_tma_kernel")
+
+
+@contextlib.contextmanager
+def block_candidates(rec: Recorder) -> Iterator[None]:
+    """Record both candidates the measured dispatch (fastsr/ops/dispatch.py) times for each
+    residual block: the one-launch block ("triton_block", what backend="triton" runs here, marked
+    on its launch) and, right after it, the two conv launches "triton_convs" would run instead
+    (conv1 + b1 + ReLU, then conv2 + b2, * res_scale, + x: fastsr.ops.backends.triton.resblock_convs
+    on the kernels' layout), each with `alternative_of` = the block launch's index. The
+    alternatives are extra records, not part of the model's launch sequence: bench/static_model.py
+    predicts both and counts the lower, as the dispatch would pick by timing on a GPU."""
+    import fastsr.kernels.resblock as resblock
+    from fastsr.kernels.conv2d import conv2d_nhwc
+
+    orig = resblock.resblock_nhwc
+    sig = inspect.signature(orig)
+
+    def with_candidates(*args, **kwargs):
+        before = len(rec.launches)
+        result = orig(*args, **kwargs)
+        if rec.candidate or len(rec.launches) != before + 1 or rec.launches[-1].fn.__name__ not in BLOCK_KERNELS:
+            return result  # nothing launched (an empty input), or not a block launch
+        a = sig.bind(*args, **kwargs)
+        a.apply_defaults()
+        a = a.arguments
+        rec.launches[-1].candidate = "triton_block"
+        rec.candidate, rec.alternative_of = "triton_convs", len(rec.launches) - 1
+        try:
+            t = conv2d_nhwc(a["x"], a["w1_packed"], a["b1"], a["kernel_size"], relu=True)
+            conv2d_nhwc(t, a["w2_packed"], a["b2"], a["kernel_size"], res_scale=a["res_scale"], skip=a["x"])
+        finally:
+            rec.candidate, rec.alternative_of = "", None
+        return result
+
+    # The model's backend imports the launcher at each call (fastsr/ops/backends/triton.py).
+    resblock.resblock_nhwc = with_candidates
+    try:
+        yield
+    finally:
+        resblock.resblock_nhwc = orig
 
 
 # ----------------------------------------------------------------- the JIT's specialization
@@ -563,7 +613,7 @@ def role_of(launch: Launch, spec: Specialized, image_channels: int = 3) -> str:
     name = launch.fn.__name__
     c = spec.constexprs
     get = {launch.fn.params[path[0]].name: v for path, v in c.items()}.get
-    if name == "_resblock_nhwc_kernel":
+    if name in BLOCK_KERNELS:
         return "block"
     if name == "_dgrad_kernel":
         return "dgrad"
@@ -644,16 +694,18 @@ def build_model(name: str, scale: int, dtype: torch.dtype) -> torch.nn.Module:
 
 def drive_model(name: str, scale: int, lr_size: tuple[int, int], dtype: torch.dtype,
                 train_batch: int = TRAIN_BATCH, train_patch: tuple[int, int] = TRAIN_PATCH,
-                train: bool = True, arch: int = 90) -> Recorder:
+                train: bool = True, arch: int = 90, candidates: bool = True) -> Recorder:
     """Record every launch of one fused inference forward (batch 1, lr_size) and one fused
     training step (train_batch LR patches of train_patch, L1 loss, forward + backward) of the
     preset, with what the model itself runs: fused=True, backend='triton', the GPU path; and
-    the PyTorch ops around them (Recorder.torch_ops).
+    the PyTorch ops around them (Recorder.torch_ops). candidates: also each residual block's
+    two-conv alternative (`block_candidates`; False: only what backend="triton" pins).
 
     Nothing is computed (launches are recorded, outputs stay uninitialized): the tensors only
     carry shapes, dtypes and storage layouts, on the CPU."""
     rec = Recorder()
-    with gpu_code_path(arch=arch), recording(rec):
+    alternatives = block_candidates(rec) if candidates else contextlib.nullcontext()
+    with gpu_code_path(arch=arch), recording(rec), alternatives:
         model = build_model(name, scale, dtype)
         fwd = (lambda x: model(x, scale=scale)) if name.startswith("mdsr") else model
         image = torch.rand(1, 3, *lr_size) * 255
@@ -740,7 +792,7 @@ def variants(launches: list[Launch], arch: int, first_config: bool,
     for i, launch in enumerate(launches):
         cfgs = launch.configs[:1] if first_config else launch.configs
         rec = dict(index=i, phase=launch.phase, kernel=launch.fn.__name__, launcher=launch.launcher,
-                   args={}, configs=[])
+                   args={}, configs=[], candidate=launch.candidate, alternative_of=launch.alternative_of)
         for j, config in enumerate(cfgs):
             spec = specialize(launch, config, arch, jit_attrs)
             key_src = json.dumps([launch.fn.__name__, spec.signature, {str(k): str(v) for k, v in spec.constexprs.items()},
@@ -1007,6 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch", type=int, default=TRAIN_BATCH, help="training step batch (--model)")
     p.add_argument("--train-patch", type=_size, default=TRAIN_PATCH, help="training LR patch HxW (--model)")
     p.add_argument("--no-train", action="store_true", help="inference launches only (--model)")
+    p.add_argument("--no-block-candidates", action="store_true",
+                   help="record only the one-launch block, not also its two-conv alternative (--model)")
     p.add_argument("--emit", type=Path, metavar="DIR", help="write cubins, manifest.json, sass_report.{json,txt}")
     p.add_argument("--check-wide-loads", action="store_true",
                    help="fail if a bf16/fp16 body conv has no 16-byte global load")
@@ -1022,10 +1076,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.model:
         rec = drive_model(args.model, args.scale, args.lr_size, _DTYPES[args.dtype],
-                          args.train_batch, args.train_patch, train=not args.no_train, arch=args.arch)
+                          args.train_batch, args.train_patch, train=not args.no_train, arch=args.arch,
+                          candidates=not args.no_block_candidates)
         launches, torch_ops = rec.launches, rec.torch_ops
         meta = dict(model=args.model, scale=args.scale, lr_size=list(args.lr_size), dtype=args.dtype,
-                    train_batch=args.train_batch, train_patch=list(args.train_patch), train=not args.no_train)
+                    train_batch=args.train_batch, train_patch=list(args.train_patch), train=not args.no_train,
+                    block_candidates=not args.no_block_candidates)
     else:
         launches, torch_ops = drive(args.quick, args.arch), []
         meta = dict(model=None, quick=args.quick)

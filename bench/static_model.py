@@ -288,9 +288,12 @@ def _dtype_bytes(rec: dict) -> int:
 
 
 def model(manifest: dict, report: dict, phases: tuple[str, ...]) -> list[dict]:
-    """One entry per launch of the given phases: each config's work and bounds, and the best."""
+    """One entry per launch of the given phases: each config's work and bounds, and the best.
+    A residual block whose two-conv alternative compile_check recorded (launches with
+    `alternative_of` = the block's index: the dispatch's "triton_convs") carries those launches'
+    entries as "alternative" (role "block", label "convs: ..."); they are not entries themselves."""
     sass = {r["kernel_key"]: r["sass"] for r in report["rows"]}
-    out = []
+    out, alts = [], {}
     for rec in manifest["launches"]:
         if rec["phase"] not in phases:
             continue
@@ -304,9 +307,56 @@ def model(manifest: dict, report: dict, phases: tuple[str, ...]) -> list[dict]:
             per_cfg.append(dict(config=c["config"], kernel_key=c["kernel_key"], work=w, **b, predicted=pred,
                                 binds=max(b["times"], key=b["times"].get)))
         best = min(per_cfg, key=lambda d: d["predicted"])
-        out.append(dict(index=rec["index"], phase=rec["phase"], role=rec["role"], kernel=rec["kernel"],
-                        label=_label(rec), best=best, configs=per_cfg))
+        entry = dict(index=rec["index"], phase=rec["phase"], role=rec["role"], kernel=rec["kernel"],
+                     label=_label(rec), best=best, configs=per_cfg)
+        if rec.get("alternative_of") is not None:
+            alts.setdefault(rec["alternative_of"], []).append({**entry, "role": "block",
+                                                               "label": "convs: " + entry["label"]})
+        else:
+            out.append(entry)
+    for e in out:
+        if e["index"] in alts:
+            e["alternative"] = alts[e["index"]]
     return out
+
+
+def chosen(e: dict) -> list[dict]:
+    """What the measured dispatch would run for launch entry `e` by this model: the launch itself,
+    or, for a residual block whose two-conv alternative was recorded and is predicted faster in
+    sum, those two launches. On a GPU the dispatch (fastsr/ops/dispatch.py) times both and keeps
+    the faster; this is the model's guess at that choice, not a measurement of it."""
+    alt = e.get("alternative")
+    if alt and sum(a["best"]["predicted"] for a in alt) < e["best"]["predicted"]:
+        return alt
+    return [e]
+
+
+def render_block_candidates(entries: list[dict]) -> str:
+    """Per residual-block layer: the one-launch block and the two conv launches, each predicted
+    (the best config of each launch), and which one the totals count (the lower)."""
+    rows = group([e for e in entries if e.get("alternative")])
+    if not rows:
+        return ""
+    us = 1e6
+    lines = ["residual blocks: both candidates the measured dispatch times on a GPU (fastsr/ops/dispatch.py: "
+             "triton_block = one launch, triton_convs = conv+ReLU then conv+res_scale+skip); the totals count "
+             "the lower prediction (picked), which is what the dispatch would measure and keep",
+             f"  {'layer':<24} {'n':>3} {'block us':>9} {'binds':<6} {'convs us':>9} {'(conv1 + conv2)':<17} "
+             f"{'binds':<10} {'picked':<13} {'total us':>9}  configs (block | conv1 | conv2)"]
+    for r in rows:
+        alt = r["alternative"]
+        block, convs = r["best"]["predicted"], sum(a["best"]["predicted"] for a in alt)
+        picked = chosen(r)
+        total = sum(p["best"]["predicted"] for p in picked) * r["count"]
+        lines.append(
+            f"  {(_phase_tag(r['phase']) + 'block ' + r['label'])[:24]:<24} {r['count']:>3} {block * us:>9.1f} "
+            f"{r['best']['binds']:<6} {convs * us:>9.1f} "
+            f"{' + '.join(format(a['best']['predicted'] * us, '.1f') for a in alt):<17} "
+            f"{'/'.join(a['best']['binds'] for a in alt):<10} "
+            f"{'triton_convs' if picked is alt else 'triton_block':<13} {total * us:>9.1f}  "
+            + " | ".join([_cfg_text(r["best"]["config"])] + [f"{a['kernel'].strip('_')} {_cfg_text(a['best']['config'])}"
+                                                            for a in alt]))
+    return "\n".join(lines)
 
 
 def group(entries: list[dict]) -> list[dict]:
@@ -387,7 +437,12 @@ def render_torch_ops(rows: list[dict]) -> str:
 
 
 def summary(entries: list[dict], manifest: dict, phase_name: str, ops: list[dict] = ()) -> tuple[str, dict]:
-    """The whole phase against its floors."""
+    """The whole phase against its floors, counting for each residual block the candidate the
+    model predicts faster (`chosen`); the pinned total (the block kernel everywhere, what
+    backend="triton" alone runs and what this model reported before both were recorded) beside it."""
+    pinned = sum(e["best"]["predicted"] for e in entries)
+    has_alt = any(e.get("alternative") for e in entries)
+    entries = [p for e in entries for p in chosen(e)]
     total = sum(e["best"]["predicted"] for e in entries)
     ops_s = sum(r["seconds"] for r in ops)
     n_ops = sum(r["count"] for r in ops)
@@ -414,11 +469,14 @@ def summary(entries: list[dict], manifest: dict, phase_name: str, ops: list[dict
         f"prediction / per-layer floor = {total / per_layer_floor:.2f}x",
         "  predicted time by binding term: " + ", ".join(f"{k} {v * ms:.3f} ms" for k, v in by_term.items() if v),
         "  predicted time by role: " + ", ".join(f"{k} {v * ms:.3f} ms" for k, v in by_role.items()),
-    ])
+    ] + ([f"  pinned (the one-launch block for every residual block, as backend='triton' runs it): "
+          f"{pinned * ms:.3f} ms of kernel time; above, each block counts its lower-predicted candidate"]
+         if has_alt else []))
     return text, dict(launches=len(entries), predicted_s=total, launch_gaps_s=gaps, torch_ops=n_ops,
                       torch_ops_s=ops_s, useful_flops=useful,
                       issued_flops=issued, dram_bytes=dram, flop_floor_s=flop_floor,
-                      per_layer_floor_s=per_layer_floor, by_term_s=by_term, by_role_s=by_role)
+                      per_layer_floor_s=per_layer_floor, by_term_s=by_term, by_role_s=by_role,
+                      pinned_predicted_s=pinned)
 
 
 def ceilings_text() -> str:
@@ -629,10 +687,14 @@ def main(argv: list[str] | None = None) -> int:
         ops = torch_op_rows(manifest, wanted)
         text, totals = summary(entries, manifest, what, ops)
         say(render(group(entries), f"== {what}: per layer, the best predicted config of each launch =="), "",
-            render_torch_ops(ops), "", text, "")
+            render_block_candidates(entries), "", render_torch_ops(ops), "", text, "")
         dump[ph] = dict(totals=totals, torch_ops=ops, launches=[
             dict(index=e["index"], phase=e["phase"], role=e["role"], kernel=e["kernel"], label=e["label"],
-                 best=_entry_json(e["best"]), configs=[_entry_json(c) for c in e["configs"]]) for e in entries])
+                 best=_entry_json(e["best"]), configs=[_entry_json(c) for c in e["configs"]],
+                 **({"picked": "triton_convs" if chosen(e) is e["alternative"] else "triton_block",
+                     "alternative": [dict(kernel=a["kernel"], label=a["label"], best=_entry_json(a["best"]))
+                                     for a in e["alternative"]]} if e.get("alternative") else {}))
+            for e in entries])
         save()
         if args.measure:
             measured = measure_launches(manifest, ph, args.reps)

@@ -65,6 +65,22 @@ def test_model_emission_quick_form(tmp_path):
     assert body and all(r["name"] == "_conv2d_tma_kernel" and r["sass"]["hot_loop_tma_loads"] > 0
                         and r["sass"]["cp_async"] == 0 and r["sass"]["mma"] == "HGMMA" for r in body), body
     assert all(r["sass"]["regs"] > 0 for r in rows)
+    # Both candidates of each residual block: the block launch, then the two conv launches the
+    # dispatch's "triton_convs" runs instead (conv + ReLU, then conv + res_scale + skip), which
+    # point at it; in both phases with a block forward.
+    recs = manifest["launches"]
+    for phase in ("inference", "train.forward"):
+        blocks = [r for r in recs if r["phase"] == phase and r["candidate"] == "triton_block"]
+        assert len(blocks) == 16 and all(r["role"] == "block" for r in blocks), phase
+        for b in blocks:
+            alt = [r for r in recs if r["alternative_of"] == b["index"]]
+            assert [r["index"] for r in alt] == [b["index"] + 1, b["index"] + 2], alt
+            assert all(r["candidate"] == "triton_convs" and r["launcher"] == "conv2d_nhwc" and r["phase"] == phase
+                       and r["kernel"] == "_conv2d_tma_kernel" for r in alt), alt
+            assert alt[0]["args"]["RELU"] and not alt[0]["args"]["HAS_SKIP"], alt[0]["args"]
+            assert alt[1]["args"]["HAS_SKIP"] and not alt[1]["args"]["RELU"], alt[1]["args"]
+            assert alt[1]["args"]["res_scale"] == b["args"]["res_scale"]
+    assert not any(r["candidate"] for r in recs if r["phase"] == "train.backward")
     _check_static_model(tmp_path)
 
 
@@ -79,6 +95,20 @@ def _check_static_model(emit_dir):
     got = json.loads(out.read_text())
     inf = got["inference"]["launches"]
     assert [e["role"] for e in inf] == ["head"] + ["block"] * 16 + ["body", "upsampler", "tail"]
+    # Per block: both candidates predicted, the lower one counted in the total, the pinned total
+    # (the block kernel everywhere: the numbers before both were recorded) beside it.
+    blocks = [e for e in inf if e["role"] == "block"]
+    for e in blocks:
+        convs = sum(a["best"]["predicted_s"] for a in e["alternative"])
+        assert len(e["alternative"]) == 2 and convs > 0
+        assert e["picked"] == ("triton_convs" if convs < e["best"]["predicted_s"] else "triton_block"), e
+    totals = got["inference"]["totals"]
+    rest = sum(e["best"]["predicted_s"] for e in inf if e["role"] != "block")
+    picked = sum(min(e["best"]["predicted_s"], sum(a["best"]["predicted_s"] for a in e["alternative"]))
+                 for e in blocks)
+    assert totals["predicted_s"] == pytest.approx(rest + picked)
+    assert totals["pinned_predicted_s"] == pytest.approx(rest + sum(e["best"]["predicted_s"] for e in blocks))
+    assert "residual blocks: both candidates" in proc.stdout and "pinned (the one-launch block" in proc.stdout
     body = next(e for e in inf if e["role"] == "body")
     h, w = 36, 64
     assert body["best"]["work"]["useful_flops"] == 2 * h * w * 9 * 64 * 64
@@ -98,8 +128,12 @@ def test_pre_hopper_arch_records_the_pointer_kernel(tmp_path):
     """--arch 80 (no TMA): the selection records the pointer kernel for the body convs, which
     compiles for sm_80 with 16-byte cp.async in its hot loop; no TMA kernel is launched."""
     proc = _run("--model", "edsr_baseline", "--lr-size", "36x64", "--first-config", "--no-train",
-                "--arch", "80", "--check-wide-loads", "--emit", str(tmp_path))
+                "--arch", "80", "--check-wide-loads", "--no-block-candidates", "--emit", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # --no-block-candidates: only what backend="triton" pins (the block launch), no alternatives.
+    recs = json.loads((tmp_path / "manifest.json").read_text())["launches"]
+    assert sum(r["role"] == "block" for r in recs) == 16
+    assert not any(r["candidate"] or r["alternative_of"] is not None for r in recs)
     rows = json.loads((tmp_path / "sass_report.json").read_text())["rows"]
     assert rows and not any(r["name"] == "_conv2d_tma_kernel" for r in rows)
     body = [r for r in rows if r["role"] == "body"]
