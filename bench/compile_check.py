@@ -893,9 +893,20 @@ def check_wide_loads(rows: list[dict]) -> list[str]:
     """Problems: a bf16/fp16 body conv whose hot loop (where its operands are loaded) has no
     16-byte global load. That is what a compile without the JIT's pointer alignment looks like
     (narrow scalar loads, no cp.async). The TMA conv (kernels/conv2d_tma.py) loads its operands
-    as tensor boxes: its hot loop must issue UTMALDG instead, and no LDG narrower than 16 B."""
+    as tensor boxes: its hot loop must issue UTMALDG instead, and no LDG narrower than 16 B.
+    So does the TMA residual block (kernels/resblock_tma.py): UTMALDG in its hot loop, no cp.async,
+    and its other global loads and stores (skip, workspace, out) 16 bytes wide."""
     bad = []
     for r in rows:
+        if r["name"] == "_resblock_tma_kernel":
+            sass = r["sass"]
+            if not sass.get("hot_loop_tma_loads"):
+                bad.append(f"TMA block {r['config_text']}: no UTMALDG in the hot loop")
+            if sass["cp_async"]:
+                bad.append(f"TMA block {r['config_text']}: {sass['cp_async']} cp.async (LDGSTS), expected none")
+            if sass["narrowest_store"] < 16 or sass["hot_loop_widest_load"] not in (0, 16):
+                bad.append(f"TMA block {r['config_text']}: stores {sass['stores_by_width']} B, hot-loop load "
+                           f"{sass['hot_loop_widest_load']} B: expected 16-byte accesses")
         if r["role"] != "body" or r["dtype"] not in ("bf16", "fp16"):
             continue
         sass = r["sass"]

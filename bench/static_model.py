@@ -181,6 +181,34 @@ def work_block(a: dict, cfg: dict) -> Work:
     return Work(useful, issued, io, operands + other, operands, tiles, notes)
 
 
+def work_block_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
+    """_resblock_tma_kernel (kernels/resblock_tma.py): a tile is TILE_H rows x (BLOCK_M - 2P)
+    columns; phase 1 runs HALO_H = TILE_H + 2P halo rows of BLOCK_M pixels (one [1, 1, BLOCK_M, C]
+    box per tap) and writes them to the program's L2-resident slot; phase 2 runs TILE_H rows whose
+    taps are slot boxes. Weights per tap (streamed) or once per program for both convs (resident)."""
+    x = a["x_desc"]
+    e = _BYTES[x["dtype"]]
+    n, h, w, c, ks = a["N"], a["H"], a["W"], a["C"], a["KS"]
+    pad = ks // 2
+    th, bm = a["TILE_H"], a["BLOCK_M"]
+    tw, halo_h = bm - 2 * pad, th + 2 * pad
+    tiles = n * _cdiv(h, th) * _cdiv(w, tw)
+    taps = ks * ks
+    rows = tiles * (halo_h + th)  # MMA row segments of BLOCK_M pixels, both phases
+    issued = 2.0 * rows * bm * taps * c * c
+    a_bytes = rows * taps * bm * c * e
+    w_bytes = (grid[0] * 2 if a["RESIDENT_W"] else rows) * taps * c * c * e
+    ws_write = tiles * halo_h * bm * c * e
+    skip_out = 2 * n * h * w * c * e
+    io = _nbytes(a["x_ptr"]) + _nbytes(a["out_ptr"]) + 2 * taps * c * c * e
+    notes = [f"{(halo_h + th) * bm / (th * tw):.2f} MMA rows per output pixel (ideal 2)"]
+    ws = _nbytes(a["ws_ptr"])
+    if ws > ceiling("l2_size") / 2:
+        notes.append(f"workspace {ws / 1e6:.0f} MB: more than half of L2")
+    return Work(2 * 2.0 * n * h * w * taps * c * c, issued, io, a_bytes + w_bytes + ws_write + skip_out,
+                a_bytes + w_bytes, tiles, notes)
+
+
 def work_wgrad(a: dict, cfg: dict, grid: list[int]) -> Work:
     """_wgrad_kernel: dW partials = im2col(x)^T @ g over each split's pixels (split-K), fp32
     partial tiles written to the workspace."""
@@ -224,6 +252,8 @@ def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int], sass: dict 
         return work_dgrad(a, cfg)
     if kernel == "_resblock_nhwc_kernel":
         return work_block(a, cfg)
+    if kernel == "_resblock_tma_kernel":
+        return work_block_tma(a, cfg, grid)
     if kernel == "_wgrad_kernel":
         return work_wgrad(a, cfg, grid)
     if kernel == "_wgrad_reduce_kernel":
@@ -271,7 +301,7 @@ def bounds(work: Work, sass: dict, e: int) -> dict:
 
 def _label(rec: dict) -> str:
     a = rec["args"]
-    if rec["kernel"] == "_resblock_nhwc_kernel":
+    if rec["kernel"] in ("_resblock_nhwc_kernel", "_resblock_tma_kernel"):
         return f"{a['C']}->{a['C']} k{a['KS']}"
     cin = a.get("C_IN")
     cout = a.get("C_OUT", a.get("C_G"))

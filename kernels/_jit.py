@@ -1,6 +1,7 @@
 """Device code (@triton.jit helpers) shared by the kernels: rounding to the storage dtype, the
-MMA with its precision, a conv tile's pixel coordinates, and the forward conv's main loop
-(run by conv2d.py, by the residual block for both its convs, and so by dgrad's dx conv).
+MMA with its precision, a conv tile's pixel coordinates, the forward conv's main loop
+(run by conv2d.py, by the residual block for both its convs, and so by dgrad's dx conv), and
+the TMA kernels' operand helpers (conv2d_tma.py and resblock_tma.py).
 """
 from __future__ import annotations
 
@@ -107,6 +108,17 @@ def _conv_mainloop(
 
 
 @triton.jit
+def _block_tile(tile, tiles_h, tiles_w, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """A residual-block tile index -> (image, first row, first column) of its TILE_H x TILE_W
+    tile: tiles walk each image's rows of tiles left to right, so the tiles that run at the same
+    time are neighbours along W and their halos overlap in L2."""
+    tw0 = (tile % tiles_w) * TILE_W
+    t = tile // tiles_w
+    th0 = (t % tiles_h) * TILE_H
+    return t // tiles_h, th0, tw0
+
+
+@triton.jit
 def _tile_coords(M, H, W, C_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's pixel block (over N*H*W) and channel block (over C_N), with masks and
     the pixels' (image, row, column)."""
@@ -127,3 +139,37 @@ def _tile_coords(M, H, W, C_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.
     img = t // H
     return offs_m, offs_n, m_mask, n_mask, img, oh, ow
 
+
+@triton.jit
+def _widen(v, INTERP: tl.constexpr):
+    # The interpreter cannot multiply bf16 (raw uint16 bits); widening is exact and products of
+    # bf16/fp16 values are exact in fp32, so this matches the MMA up to the fp32 summation order.
+    if INTERP:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _round_for_desc(acc, desc, INTERP: tl.constexpr):
+    """fp32 -> the descriptor's element type, round to nearest even (the interpreter's own
+    fp32 -> bf16 cast truncates, so it rounds first; the cast of a representable value is exact)."""
+    if INTERP:
+        if desc.dtype == tl.bfloat16:
+            acc = _round_bf16_rtne(acc)
+    return acc.to(desc.dtype)
+
+
+@triton.jit
+def _load_weight_taps(w_desc, n0, KS: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+    """The KS*KS weight tiles (BLOCK_K x BLOCK_N each) as a tuple, loaded once: used only as MMA
+    operands, they stay in shared memory for the program's whole tile loop."""
+    w0 = _widen(w_desc.load([0, n0]), INTERP)
+    if KS == 1:
+        ws = (w0,)
+    else:
+        ws = (w0,
+              _widen(w_desc.load([1 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([2 * BLOCK_K, n0]), INTERP),
+              _widen(w_desc.load([3 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([4 * BLOCK_K, n0]), INTERP),
+              _widen(w_desc.load([5 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([6 * BLOCK_K, n0]), INTERP),
+              _widen(w_desc.load([7 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([8 * BLOCK_K, n0]), INTERP))
+    return ws

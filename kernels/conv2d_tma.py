@@ -53,7 +53,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common
 from ._common import _block_n, _launch, _launch_config_args
-from ._jit import _round_bf16_rtne
+from ._jit import _load_weight_taps, _round_for_desc, _widen
 
 __all__ = ["tma_conv_supported", "conv2d_nhwc_tma"]
 
@@ -98,41 +98,6 @@ def _tile_origin(tile, H, TILES_W, BLOCK_M: tl.constexpr):
     n = row // H
     h = row - n * H
     return n, h, w0
-
-
-@triton.jit
-def _widen(v, INTERP: tl.constexpr):
-    # The interpreter cannot multiply bf16 (raw uint16 bits); widening is exact and products of
-    # bf16/fp16 values are exact in fp32, so this matches the MMA up to the fp32 summation order.
-    if INTERP:
-        v = v.to(tl.float32)
-    return v
-
-
-@triton.jit
-def _round_for_desc(acc, desc, INTERP: tl.constexpr):
-    """fp32 -> the descriptor's element type, round to nearest even (the interpreter's own
-    fp32 -> bf16 cast truncates, so it rounds first; the cast of a representable value is exact)."""
-    if INTERP:
-        if desc.dtype == tl.bfloat16:
-            acc = _round_bf16_rtne(acc)
-    return acc.to(desc.dtype)
-
-
-@triton.jit
-def _load_weight_taps(w_desc, n0, KS: tl.constexpr, BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """The KS*KS weight tiles (BLOCK_K x BLOCK_N each) as a tuple, loaded once: used only as MMA
-    operands, they stay in shared memory for the program's whole tile loop."""
-    w0 = _widen(w_desc.load([0, n0]), INTERP)
-    if KS == 1:
-        ws = (w0,)
-    else:
-        ws = (w0,
-              _widen(w_desc.load([1 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([2 * BLOCK_K, n0]), INTERP),
-              _widen(w_desc.load([3 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([4 * BLOCK_K, n0]), INTERP),
-              _widen(w_desc.load([5 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([6 * BLOCK_K, n0]), INTERP),
-              _widen(w_desc.load([7 * BLOCK_K, n0]), INTERP), _widen(w_desc.load([8 * BLOCK_K, n0]), INTERP))
-    return ws
 
 
 @triton.jit

@@ -41,6 +41,15 @@ and shape), not a fixed choice. For training its value is memory (only x is save
 holds everywhere. For F = 256 one conv is at ~1,150 FLOP/B and the 13-27% halo recompute
 would cost more than any saved traffic buys: `resblock_supported` says no.
 
+On a GPU with TMA (compute capability >= 9.0), bf16/fp16 and C in 16/32/64, `resblock_nhwc` runs
+kernels/resblock_tma.py instead: the same two phases with every MMA operand a copy-engine box
+(x's taps, zero-filled out of range, and the workspace's), one 64-pixel halo row per MMA tile (no
+324 -> 384 padding: 2.19 MMA rows per output pixel at 16-row tiles), 16-byte stores; its docstring
+says why the intermediate cannot live in shared memory in Triton's tl. The static model
+(bench/static_model.py) still predicts it slower than two TMA convs on an H200 at F = 64 (it
+re-reads 9 boxes per row from L2, as each conv does, plus the halo), so it stays one candidate of
+the measured dispatch. This module's pointer kernel serves everything else (and sm_80/86/89).
+
 The conv inner loop (`_jit._conv_mainloop`) is shared with `conv2d.py`: a flat loop over
 KS*KS taps x ceil(C / BLOCK_K) channel chunks, one BLOCK_M x BLOCK_K activation tile and
 one BLOCK_K x BLOCK_N weight tile per step, fp32 accumulation with tl.dot.
@@ -65,7 +74,8 @@ from ._common import (
     _launch,
     _launch_config_args,
 )
-from ._jit import _conv_mainloop, _round_to
+from ._jit import _block_tile, _conv_mainloop, _round_to
+from .resblock_tma import resblock_nhwc_tma, tma_block_supported
 
 __all__ = ["resblock_nhwc", "resblock_supported"]
 
@@ -100,10 +110,7 @@ def _resblock_nhwc_kernel(
     # Persistent loop: consecutive tiles of a program are a grid-size apart; tiles that run
     # at the same time are neighbours along W, so their halos overlap in L2.
     for tile in range(pid, num_tiles, tl.num_programs(0)):
-        tw0 = (tile % tiles_w) * TILE_W
-        t = tile // tiles_w
-        th0 = (t % tiles_h) * TILE_H
-        img = t // tiles_h
+        img, th0, tw0 = _block_tile(tile, tiles_h, tiles_w, TILE_H, TILE_W)
 
         # The previous tile's phase 2 must be done reading the slot before it is rewritten.
         tl.debug_barrier()
@@ -251,6 +258,10 @@ def resblock_nhwc(x, w1_packed, b1, w2_packed, b2, kernel_size: int, res_scale: 
         return out
     if n * h * w > 2**31 - 1:
         raise ValueError(f"x has {n * h * w} pixels; at most {2**31 - 1} are supported")
+    if tma_block_supported(x, w1_packed, w2_packed, out, ks):
+        # Hopper (TMA) and bf16/fp16 with C in 16/32/64: operands as copy-engine boxes
+        # (kernels/resblock_tma.py); everything else runs the pointer kernel below.
+        return resblock_nhwc_tma(x, w1_packed, b1, w2_packed, b2, ks, res_scale, out)
 
     block_n = _block_n(c)
     block_k = _block_k(c, x.dtype)

@@ -65,12 +65,20 @@ def test_model_emission_quick_form(tmp_path):
     assert body and all(r["name"] == "_conv2d_tma_kernel" and r["sass"]["hot_loop_tma_loads"] > 0
                         and r["sass"]["cp_async"] == 0 and r["sass"]["mma"] == "HGMMA" for r in body), body
     assert all(r["sass"]["regs"] > 0 for r in rows)
+    # The block runs kernels/resblock_tma.py on sm_90: boxes by UTMALDG in the hot loop, HGMMA from
+    # shared memory, 16-byte stores (workspace, out), no cp.async, no spills.
+    block_rows = [r for r in rows if r["role"] == "block"]
+    assert block_rows and all(
+        r["name"] == "_resblock_tma_kernel" and r["sass"]["mma"] == "HGMMA" and r["sass"]["hgmma_a_from_smem"]
+        and r["sass"]["hot_loop_tma_loads"] > 0 and r["sass"]["cp_async"] == 0 and r["sass"]["narrowest_store"] == 16
+        and r["sass"]["spill_store_bytes"] == 0 for r in block_rows), block_rows
     # Both candidates of each residual block: the block launch, then the two conv launches the
     # dispatch's "triton_convs" runs instead (conv + ReLU, then conv + res_scale + skip), which
     # point at it; in both phases with a block forward.
     recs = manifest["launches"]
     for phase in ("inference", "train.forward"):
         blocks = [r for r in recs if r["phase"] == phase and r["candidate"] == "triton_block"]
+        assert all(r["kernel"] == "_resblock_tma_kernel" for r in blocks), phase
         assert len(blocks) == 16 and all(r["role"] == "block" for r in blocks), phase
         for b in blocks:
             alt = [r for r in recs if r["alternative_of"] == b["index"]]
@@ -136,6 +144,7 @@ def test_pre_hopper_arch_records_the_pointer_kernel(tmp_path):
     assert not any(r["candidate"] or r["alternative_of"] is not None for r in recs)
     rows = json.loads((tmp_path / "sass_report.json").read_text())["rows"]
     assert rows and not any(r["name"] == "_conv2d_tma_kernel" for r in rows)
+    assert {r["name"] for r in rows if r["role"] == "block"} == {"_resblock_nhwc_kernel"}  # no TMA on sm_80
     body = [r for r in rows if r["role"] == "body"]
     assert body and all(r["sass"]["hot_loop_widest_load"] == 16 and r["sass"]["tma_loads"] == 0 for r in body)
 
