@@ -185,7 +185,8 @@ def work_block_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
     """_resblock_tma_kernel (kernels/resblock_tma.py): a tile is TILE_H rows x (BLOCK_M - 2P)
     columns; phase 1 runs HALO_H = TILE_H + 2P halo rows of BLOCK_M pixels (one [1, 1, BLOCK_M, C]
     box per tap) and writes them to the program's L2-resident slot; phase 2 runs TILE_H rows whose
-    taps are slot boxes. Weights per tap (streamed) or once per program for both convs (resident)."""
+    taps are slot boxes. Weights per tap (streamed) or once per program for both convs (resident).
+    ROWS = 4 (3x3): four rows per step; per dx step 6 A boxes and 3 weight tiles serve 4 rows."""
     x = a["x_desc"]
     e = _BYTES[x["dtype"]]
     n, h, w, c, ks = a["N"], a["H"], a["W"], a["C"], a["KS"]
@@ -194,14 +195,15 @@ def work_block_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
     tw, halo_h = bm - 2 * pad, th + 2 * pad
     tiles = n * _cdiv(h, th) * _cdiv(w, tw)
     taps = ks * ks
-    rows = tiles * (halo_h + th)  # MMA row segments of BLOCK_M pixels, both phases
+    g = a.get("ROWS", 1)
+    rows = tiles * (_cdiv(halo_h, g) + _cdiv(th, g)) * g  # MMA row segments of BLOCK_M pixels, both phases
     issued = 2.0 * rows * bm * taps * c * c
-    a_bytes = rows * taps * bm * c * e
-    w_bytes = (grid[0] * 2 if a["RESIDENT_W"] else rows) * taps * c * c * e
+    a_bytes = rows // g * (g + ks - 1) * ks * bm * c * e  # per step: g + KS - 1 row boxes per dx
+    w_bytes = (grid[0] * 2 if a["RESIDENT_W"] else rows // g) * taps * c * c * e
     ws_write = tiles * halo_h * bm * c * e
     skip_out = 2 * n * h * w * c * e
     io = _nbytes(a["x_ptr"]) + _nbytes(a["out_ptr"]) + 2 * taps * c * c * e
-    notes = [f"{(halo_h + th) * bm / (th * tw):.2f} MMA rows per output pixel (ideal 2)"]
+    notes = [f"{rows / tiles * bm / (th * tw):.2f} MMA rows per output pixel (ideal 2)"]
     ws = _nbytes(a["ws_ptr"])
     if ws > ceiling("l2_size") / 2:
         notes.append(f"workspace {ws / 1e6:.0f} MB: more than half of L2")

@@ -44,11 +44,12 @@ would cost more than any saved traffic buys: `resblock_supported` says no.
 On a GPU with TMA (compute capability >= 9.0), bf16/fp16 and C in 16/32/64, `resblock_nhwc` runs
 kernels/resblock_tma.py instead: the same two phases with every MMA operand a copy-engine box
 (x's taps, zero-filled out of range, and the workspace's), one 64-pixel halo row per MMA tile (no
-324 -> 384 padding: 2.19 MMA rows per output pixel at 16-row tiles), 16-byte stores; its docstring
-says why the intermediate cannot live in shared memory in Triton's tl. The static model
-(bench/static_model.py) still predicts it slower than two TMA convs on an H200 at F = 64 (it
-re-reads 9 boxes per row from L2, as each conv does, plus the halo), so it stays one candidate of
-the measured dispatch. This module's pointer kernel serves everything else (and sm_80/86/89).
+324 -> 384 padding), four rows per step at 3x3 so the vertical taps reuse row boxes, 16-byte
+stores; its docstring says why the intermediate cannot live in shared memory in Triton's tl. The
+static model (bench/static_model.py) predicts its four-row form below two TMA convs for
+EDSR-baseline x2 1080p inference on an H200 (294.5 against 321.1 us, both L2-bound) and above them
+on 48x48 training patches; the measured dispatch decides on the GPU. This module's pointer kernel
+serves everything else (and sm_80/86/89).
 
 The conv inner loop (`_jit._conv_mainloop`) is shared with `conv2d.py`: a flat loop over
 KS*KS taps x ceil(C / BLOCK_K) channel chunks, one BLOCK_M x BLOCK_K activation tile and

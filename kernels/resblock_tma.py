@@ -23,11 +23,18 @@ no padded MMA rows. Per tile:
            columns that belong to the next tile).
 
 MMA rows per output pixel (3x3, BLOCK_M 64, TILE_H 16): (18 + 16) * 64 / (16 * 62) = 2.19 against
-the ideal 2.0 (the pointer kernel: 2.25-2.50).
+the ideal 2.0 (the pointer kernel: 2.25-2.50); 2.32 with four-row steps (20 + 16 rows).
 
-Weights: streamed per tap (a [C, C] box each step, software-pipelined with the A box), or
-resident (RESIDENT_W: both convs' 9 tiles loaded once per program, 2 x 72 KiB at F = 64 bf16; taps
-unrolled, KS = 3 and C == 64 or less only).
+Three forms, chosen per autotune config:
+- ROWS = 1, weights streamed: per tap one A box and one [C, C] weight box, software-pipelined.
+- ROWS = 1, RESIDENT_W: both convs' 9 weight tiles loaded once per program (2 x 72 KiB at F = 64
+  bf16), taps unrolled (3x3, C <= 64); compiles with 1 stage only (no overlap of box and MMA).
+- ROWS = 4 (3x3), weights streamed: four consecutive rows per step, four accumulators. Per dx the
+  six row boxes r .. r+5 serve all twelve (row, dy) products -- the vertical taps reuse row boxes,
+  which a box sub-view cannot do in tl (see below) but separate accumulators can -- and each
+  weight tile is read once per four rows: 18 A boxes + 9 weight tiles per 4 x 64 pixels against
+  36 + 36 (L2 bytes per output row ~0.38x of the one-row streamed form, ~0.75x of the resident
+  one's). Rows past the halo (phase 1) or the tile (phase 2) are computed and not stored.
 
 Where the intermediate lives, and why not shared memory. Phase 2 reads the intermediate at
 KS*KS shifted windows (one row down, one pixel right). In Triton's tl language a tensor in
@@ -38,7 +45,7 @@ lower-level dialect, has both: `gl.allocate_shared_memory` and `shared_memory_de
 and a 1-pixel offset is not a legal start of a 128-byte-swizzled wgmma operand anyway, so even
 there the horizontal taps would need an unswizzled or re-staged tile). The reachable form here is
 the per-program global slot, rewritten tile after tile so it stays in L2 (132 programs x 18 x 64
-x 64 x 2 B = 19 MiB at F = 64), read back by TMA.
+x 64 x 2 B = 19 MiB at F = 64; sized for the largest grid among the configs), read back by TMA.
 
 The interpreter (TRITON_INTERPRET=1) runs this kernel on CPU tensors (host TensorDescriptors
 zero-fill there too); operands are widened to fp32 under INTERP only, and the fence (inline PTX)
@@ -83,6 +90,68 @@ def _row_taps(acc, src_desc, i0, r0, c0, w_desc, ws, BLOCK_M: tl.constexpr, C: t
 
 
 @triton.jit
+def _box(desc, i0, r, c, BLOCK_M: tl.constexpr, C: tl.constexpr, INTERP: tl.constexpr):
+    """The [1, 1, BLOCK_M, C] box at (i0, r, c, 0) as a BLOCK_M x C MMA operand."""
+    return _widen(desc.load([i0, r, c, 0]).reshape(BLOCK_M, C), INTERP)
+
+
+@triton.jit
+def _four_rows_taps3(acc0, acc1, acc2, acc3, src_desc, i0, r0, c0, w_desc,
+                     BLOCK_M: tl.constexpr, C: tl.constexpr, INTERP: tl.constexpr):
+    """3x3 taps of four consecutive row segments at once: acc_j[m, :] += sum over (dy, dx) of
+    src[i0, r0 + j + dy, c0 + dx + m, :] @ W[dy*3 + dx], j = 0..3. Per dx the six row boxes
+    r0 .. r0+5 serve all twelve (j, dy) products (a box feeds up to 3 accumulators: the vertical
+    taps' row reuse) and each of the 3 weight tiles is read once for the four rows, so L2 reads per
+    output row are 6/4 A boxes and 3/4 weight tiles per dx instead of 3 + 3. The dx loop is a
+    runtime loop, so the pipeliner double-buffers one dx step (6 A + 3 weight boxes)."""
+    for dx in tl.range(3):
+        a0 = _box(src_desc, i0, r0, c0 + dx, BLOCK_M, C, INTERP)
+        a1 = _box(src_desc, i0, r0 + 1, c0 + dx, BLOCK_M, C, INTERP)
+        a2 = _box(src_desc, i0, r0 + 2, c0 + dx, BLOCK_M, C, INTERP)
+        a3 = _box(src_desc, i0, r0 + 3, c0 + dx, BLOCK_M, C, INTERP)
+        a4 = _box(src_desc, i0, r0 + 4, c0 + dx, BLOCK_M, C, INTERP)
+        a5 = _box(src_desc, i0, r0 + 5, c0 + dx, BLOCK_M, C, INTERP)
+        w0 = _widen(w_desc.load([dx * C, 0]), INTERP)        # tap (0, dx)
+        w1 = _widen(w_desc.load([(3 + dx) * C, 0]), INTERP)  # tap (1, dx)
+        w2 = _widen(w_desc.load([(6 + dx) * C, 0]), INTERP)  # tap (2, dx)
+        acc0 = tl.dot(a2, w2, tl.dot(a1, w1, tl.dot(a0, w0, acc0)))
+        acc1 = tl.dot(a3, w2, tl.dot(a2, w1, tl.dot(a1, w0, acc1)))
+        acc2 = tl.dot(a4, w2, tl.dot(a3, w1, tl.dot(a2, w0, acc2)))
+        acc3 = tl.dot(a5, w2, tl.dot(a4, w1, tl.dot(a3, w0, acc3)))
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _halo_row_store(acc, slot, r, th0, H, col_ok, b1, ws_desc, HALO_H: tl.constexpr, PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, C: tl.constexpr, INTERP: tl.constexpr):
+    """Phase 1's epilogue for halo row r: + b1, ReLU, 0 outside the image, stored (16-byte
+    stores) to slot row r if r < HALO_H (a row group may run past the halo)."""
+    hh = th0 - PAD + r
+    ok = col_ok & (hh >= 0) & (hh < H)
+    acc = tl.where(ok[:, None], tl.maximum(acc + b1[None, :], 0.0), 0.0)
+    # Row tests as (BLOCK_M,) tensors: `&` of a tensor and the interpreter's i1 scalar gives
+    # int32 there, which it refuses as a mask.
+    keep = ((r + col_ok.to(tl.int32) * 0) < HALO_H)[:, None] & (tl.arange(0, C) < C)[None, :]
+    tl.store(slot + r * (BLOCK_M * C), _round_for_desc(acc, ws_desc, INTERP), mask=keep)
+
+
+@triton.jit
+def _out_row_store(acc, r, th0, H, W, img, ow, out_col, b2, res_scale, x_ptr, out_ptr, x_desc,
+                   TILE_H: tl.constexpr, C: tl.constexpr, INTERP: tl.constexpr):
+    """Phase 2's epilogue for interior row r: + b2, * res_scale, + x, 16-byte stores of the
+    valid columns if r < TILE_H and the row is inside the image."""
+    oh = th0 + r
+    offs_c = tl.arange(0, C)
+    zero = out_col.to(tl.int32) * 0
+    mask = (out_col & (oh + zero < H) & (r + zero < TILE_H))[:, None] & (offs_c < C)[None, :]
+    pix = ((img * H + oh).to(tl.int64) * W + ow) * C
+    io = pix[:, None] + offs_c[None, :]
+    acc = (acc + b2[None, :]) * res_scale
+    acc += tl.load(x_ptr + io, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + io, _round_for_desc(acc, x_desc, INTERP), mask=mask)
+
+
+@triton.jit
 def _fence_proxy_async_global(INTERP: tl.constexpr):
     """Order this thread's ordinary global stores before later copy-engine (async proxy) reads
     of them (PTX fence.proxy.async.global; the CTA barrier after it orders the other threads)."""
@@ -98,6 +167,7 @@ def _resblock_tma_kernel(
     C: tl.constexpr, KS: tl.constexpr, INTERP: tl.constexpr, PREC: tl.constexpr,
     USE_INPUT_PRECISION: tl.constexpr,
     TILE_H: tl.constexpr, BLOCK_M: tl.constexpr, RESIDENT_W: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
     # PROGRAMS_PER_SM only sizes the grid; PREC / USE_INPUT_PRECISION are unused (bf16/fp16
     # operands, or their exact fp32 widenings under the interpreter).
@@ -128,35 +198,48 @@ def _resblock_tma_kernel(
         # ---- phase 1: relu(conv1(x) + b1) on the halo rows -> the slot ----
         ww = tw0 - PAD + offs_m
         col_ok = (ww >= 0) & (ww < W)
-        for r in range(HALO_H):
+        for r in range(0, HALO_H, ROWS):
             acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
-            acc = _row_taps(acc, x_desc, img, th0 - 2 * PAD + r, tw0 - 2 * PAD, w1_desc, w1s,
-                            BLOCK_M, C, KS, RESIDENT_W, INTERP)
-            hh = th0 - PAD + r
-            ok = col_ok & (hh >= 0) & (hh < H)
-            acc = tl.where(ok[:, None], tl.maximum(acc + b1[None, :], 0.0), 0.0)
-            tl.store(slot + r * (BLOCK_M * C), _round_for_desc(acc, ws_desc, INTERP))
+            if ROWS == 4:  # four halo rows per step, vertical taps reusing row boxes (3x3)
+                acc1 = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+                acc3 = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+                acc, acc1, acc2, acc3 = _four_rows_taps3(acc, acc1, acc2, acc3, x_desc, img, th0 - 2 * PAD + r,
+                                                         tw0 - 2 * PAD, w1_desc, BLOCK_M, C, INTERP)
+                _halo_row_store(acc1, slot, r + 1, th0, H, col_ok, b1, ws_desc, HALO_H, PAD, BLOCK_M, C, INTERP)
+                _halo_row_store(acc2, slot, r + 2, th0, H, col_ok, b1, ws_desc, HALO_H, PAD, BLOCK_M, C, INTERP)
+                _halo_row_store(acc3, slot, r + 3, th0, H, col_ok, b1, ws_desc, HALO_H, PAD, BLOCK_M, C, INTERP)
+            else:
+                acc = _row_taps(acc, x_desc, img, th0 - 2 * PAD + r, tw0 - 2 * PAD, w1_desc, w1s,
+                                BLOCK_M, C, KS, RESIDENT_W, INTERP)
+            _halo_row_store(acc, slot, r, th0, H, col_ok, b1, ws_desc, HALO_H, PAD, BLOCK_M, C, INTERP)
         _fence_proxy_async_global(INTERP)
         tl.debug_barrier()
         # ---- phase 2: x + res_scale * (conv2(t) + b2) on the interior rows ----
         ow = tw0 + offs_m
         out_col = (offs_m < TILE_W) & (ow < W)
-        for r in range(TILE_H):
+        for r in range(0, TILE_H, ROWS):
             acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
-            acc = _row_taps(acc, ws_desc, pid, r, 0, w2_desc, w2s, BLOCK_M, C, KS, RESIDENT_W, INTERP)
-            oh = th0 + r
-            # The row test as a (BLOCK_M,) tensor: `&` of a tensor and the interpreter's i1 scalar
-            # gives int32 there, which it refuses as a load mask.
-            mask = (out_col & (oh + offs_m * 0 < H))[:, None] & (offs_c < C)[None, :]
-            pix = ((img * H + oh).to(tl.int64) * W + ow) * C
-            io = pix[:, None] + offs_c[None, :]
-            acc = (acc + b2[None, :]) * res_scale
-            acc += tl.load(x_ptr + io, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + io, _round_for_desc(acc, x_desc, INTERP), mask=mask)
+            if ROWS == 4:  # rows past TILE_H read slot rows past the halo (unwritten or zero-filled)
+                acc1 = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+                acc2 = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+                acc3 = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+                acc, acc1, acc2, acc3 = _four_rows_taps3(acc, acc1, acc2, acc3, ws_desc, pid, r, 0, w2_desc,
+                                                         BLOCK_M, C, INTERP)
+                _out_row_store(acc1, r + 1, th0, H, W, img, ow, out_col, b2, res_scale, x_ptr, out_ptr, x_desc,
+                               TILE_H, C, INTERP)
+                _out_row_store(acc2, r + 2, th0, H, W, img, ow, out_col, b2, res_scale, x_ptr, out_ptr, x_desc,
+                               TILE_H, C, INTERP)
+                _out_row_store(acc3, r + 3, th0, H, W, img, ow, out_col, b2, res_scale, x_ptr, out_ptr, x_desc,
+                               TILE_H, C, INTERP)
+            else:
+                acc = _row_taps(acc, ws_desc, pid, r, 0, w2_desc, w2s, BLOCK_M, C, KS, RESIDENT_W, INTERP)
+            _out_row_store(acc, r, th0, H, W, img, ow, out_col, b2, res_scale, x_ptr, out_ptr, x_desc,
+                           TILE_H, C, INTERP)
 
 
-def _cfg(tile_h: int, resident: bool, per_sm: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"TILE_H": tile_h, "RESIDENT_W": resident, "PROGRAMS_PER_SM": per_sm},
+def _cfg(tile_h: int, resident: bool, per_sm: int, warps: int, stages: int, rows: int = 1) -> triton.Config:
+    return triton.Config({"TILE_H": tile_h, "RESIDENT_W": resident, "PROGRAMS_PER_SM": per_sm, "ROWS": rows},
                          num_warps=warps, num_stages=stages)
 
 
@@ -169,6 +252,11 @@ _CONFIGS = [
     _cfg(16, False, 2, 4, 4),
     _cfg(8, False, 2, 4, 3),
     _cfg(16, True, 1, 4, 1),
+    # Four rows per step (3x3, streamed weights): one pipeline stage is a dx step's 6 A boxes and
+    # 3 weight tiles, 72 KiB at F = 64 bf16, so 2 stages (144 KiB) or 3 (216 KiB), 1 program/SM;
+    # 4 fp32 accumulators (128 registers per thread at 4 warps).
+    _cfg(16, False, 1, 4, 2, rows=4),
+    _cfg(16, False, 1, 4, 3, rows=4),
 ]
 
 
@@ -177,18 +265,22 @@ def _resident_ok(ks: int, c: int) -> bool:
 
 
 def _prune(configs, named_args, **kwargs):
-    """The autotuner's early prune: resident weights only where `_resident_ok`."""
-    keep = _resident_ok(kwargs["KS"], kwargs["C"])
-    return [c for c in configs if keep or not c.kwargs["RESIDENT_W"]]
+    """The autotuner's early prune: resident weights only where `_resident_ok`, four-row steps
+    only for 3x3 (`_four_rows_taps3`)."""
+    resident, rows4 = _resident_ok(kwargs["KS"], kwargs["C"]), kwargs["KS"] == 3
+    return [c for c in configs if (resident or not c.kwargs["RESIDENT_W"]) and (rows4 or c.kwargs["ROWS"] == 1)]
 
 
 _resblock_tma_tuned = triton.autotune(configs=_CONFIGS, key=["C", "KS"],
                                       prune_configs_by={"early_config_prune": _prune})(_resblock_tma_kernel)
 
 # Interpreter: BLOCK_M 16 (TILE_W 14 at 3x3, 12 at 5x5) and TILE_H 4, so the tests' small odd
-# images have partial tiles in both directions; 2 programs, so each loops over several tiles.
+# images have partial tiles in both directions (and four-row steps run past the 6-row halo);
+# 2 programs, so each loops over several tiles. The form (RESIDENT_W, ROWS) is the four-row one
+# where it applies (3x3), else one row with streamed weights; tests set the others here.
 _INTERPRET_BLOCK_M = 16
-_INTERPRET_CONFIG = {"TILE_H": 4, "BLOCK_M": _INTERPRET_BLOCK_M, "PROGRAMS_PER_SM": 1}
+_INTERPRET_CONFIG = {"TILE_H": 4, "BLOCK_M": _INTERPRET_BLOCK_M, "PROGRAMS_PER_SM": 1, "RESIDENT_W": False,
+                     "ROWS": 4}
 _INTERPRET_PROGRAMS = 2
 
 
@@ -219,7 +311,11 @@ def resblock_nhwc_tma(x: torch.Tensor, w1_packed: torch.Tensor, b1: torch.Tensor
     interp = _common._INTERPRET
     bm = _INTERPRET_BLOCK_M if interp else BLOCK_M
     tile_w = bm - 2 * pad
-    configs = [_INTERPRET_CONFIG] if interp else [cfg.kwargs for cfg in _prune(_CONFIGS, None, KS=ks, C=c)]
+    if interp:
+        form = dict(_INTERPRET_CONFIG)
+        form["RESIDENT_W"] = form["RESIDENT_W"] and _resident_ok(ks, c)
+        form["ROWS"] = form["ROWS"] if ks == 3 else 1
+    configs = [form] if interp else [cfg.kwargs for cfg in _prune(_CONFIGS, None, KS=ks, C=c)]
 
     def tiles(tile_h: int) -> int:
         return n * triton.cdiv(h, tile_h) * triton.cdiv(w, tile_w)
@@ -241,8 +337,7 @@ def resblock_nhwc_tma(x: torch.Tensor, w1_packed: torch.Tensor, b1: torch.Tensor
     args = (xd, w1d, w2d, wsd, b1, b2, x, out, ws, n, h, w, float(res_scale), halo_h)
     meta = dict(C=c, KS=ks, **_launch_config_args(x.dtype))
     if interp:
-        _resblock_tma_kernel[(programs(_INTERPRET_CONFIG),)](
-            *args, RESIDENT_W=_resident_ok(ks, c), **_INTERPRET_CONFIG, **meta)
+        _resblock_tma_kernel[(programs(form),)](*args, **form, **meta)
         return out
 
     def grid(meta_):

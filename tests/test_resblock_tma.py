@@ -35,7 +35,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # The fixture that turns the TMA path on (patched under the interpreter; on a GPU only with TMA).
 tma_on = test_conv2d_tma.tma_on
 
-# (id, N, H, W, C, ks, res_scale): resident weights (3x3, C 16/32/64) and streamed ones (5x5);
+# (id, N, H, W, C, ks, res_scale): four-row steps (3x3, C 16/32/64) and one-row steps (5x5);
 # W 31 = three 14-wide tiles (the last 3 wide), H 9 = three 4-row tiles (the last 1 row).
 CASES = [
     ("c16_k3_b3_9x31_scale", 3, 9, 31, 16, 3, 0.1),
@@ -106,6 +106,28 @@ def test_tma_block_parity(case, dtype_name, tma_on, launches):
     assert_parity(out.cpu(), ref64, eager, dtype, f"resblock_tma[{name}, {dtype_name}]")
 
 
+# The interpreter's default form is the four-row one at 3x3; the other two forms the GPU's
+# autotuner may pick (one row per step with resident or streamed weights) on two of the cases.
+FORMS = {"resident": dict(RESIDENT_W=True, ROWS=1), "one_row_streamed": dict(RESIDENT_W=False, ROWS=1)}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[CASES[0][0], CASES[2][0]])
+def test_tma_block_other_forms(case, form, tma_on, launches, monkeypatch):
+    if TRITON_DEVICE != "cpu":
+        pytest.skip("on a GPU the autotuner picks the form")
+    from fastsr.kernels import resblock_tma as rt
+
+    for k, v in FORMS[form].items():
+        monkeypatch.setitem(rt._INTERPRET_CONFIG, k, v)
+    name, n, h, w, c, ks, res_scale = case
+    x, w1, b1, w2, b2 = _inputs(f"{name}/{form}", n, h, w, c, ks, torch.bfloat16)
+    out = _run(x, w1, b1, w2, b2, ks, res_scale)
+    assert launches == {"tma": 1, "pointer": 0}, launches
+    assert_parity(out.cpu(), _spec(x, w1, b1, w2, b2, res_scale, torch.float64),
+                  _spec(x, w1, b1, w2, b2, res_scale, torch.bfloat16), torch.bfloat16, f"resblock_tma[{name}, {form}]")
+
+
 def test_tma_block_matches_pointer_kernel(tma_on, monkeypatch):
     """The same call on the two block kernels: both round the intermediate to bf16 at the same
     place, so they differ only by fp32 summation order (and where that flips an intermediate's
@@ -149,11 +171,16 @@ def test_misaligned_out_falls_back_to_the_pointer_kernel(tma_on, launches):
 
 
 def test_autotune_prune():
-    """Resident weights (both convs' taps unrolled) only for 3x3; every streamed config kept."""
+    """Resident weights (both convs' taps unrolled) and four-row steps only for 3x3; every
+    one-row streamed config kept."""
     from fastsr.kernels import resblock_tma as rt
 
-    streamed = sum(not c.kwargs["RESIDENT_W"] for c in rt._CONFIGS)
-    for ks, c, resident in [(3, 64, True), (3, 16, True), (5, 64, False)]:
+    def one_row_streamed(cfgs):
+        return sum(not c.kwargs["RESIDENT_W"] and c.kwargs["ROWS"] == 1 for c in cfgs)
+
+    assert any(c.kwargs["ROWS"] == 4 for c in rt._CONFIGS)
+    for ks, c, three_by_three in [(3, 64, True), (3, 16, True), (5, 64, False)]:
         kept = rt._prune(rt._CONFIGS, {}, KS=ks, C=c)
-        assert any(k.kwargs["RESIDENT_W"] for k in kept) == resident, (ks, c)
-        assert sum(not k.kwargs["RESIDENT_W"] for k in kept) == streamed
+        assert any(k.kwargs["RESIDENT_W"] for k in kept) == three_by_three, (ks, c)
+        assert any(k.kwargs["ROWS"] == 4 for k in kept) == three_by_three, (ks, c)
+        assert one_row_streamed(kept) == one_row_streamed(rt._CONFIGS) > 0
