@@ -116,7 +116,7 @@ class Launch:
 
 # The public launchers in fastsr.kernels; the innermost one on the stack made the launch.
 _LAUNCHERS = ("conv2d_nhwc", "resblock_nhwc", "conv2d_dgrad_nhwc", "conv2d_wgrad_nhwc",
-              "conv2d_backward_nhwc", "resblock_backward_nhwc")
+              "conv2d_backward_nhwc", "resblock_backward_nhwc", "conv2d_head_nhwc")
 
 
 def _kernel_callers() -> tuple[str, ...]:
@@ -621,7 +621,7 @@ def role_of(launch: Launch, spec: Specialized, image_channels: int = 3) -> str:
         return "wgrad"
     if name == "_wgrad_reduce_kernel":
         return "reduce"
-    if name not in ("_conv2d_nhwc_kernel", "_conv2d_tma_kernel"):
+    if name not in ("_conv2d_nhwc_kernel", "_conv2d_tma_kernel", "_conv2d_head_kernel"):
         return "other"
     if launch.launcher == "conv2d_nhwc" and "resblock_backward_nhwc" in launch.callers and get("HAS_SKIP"):
         return "dgrad"  # dx = conv(dh, flipped W1) + dy: the block's last backward step
@@ -647,6 +647,7 @@ def drive(quick: bool, arch: int = 90) -> list[Launch]:
     """Call every public launcher on the shapes EDSR/MDSR use; return the recorded launches."""
     from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
     from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
+    from fastsr.kernels.conv2d_head import conv2d_head_nhwc, head_conv_supported
     from fastsr.kernels.resblock_backward import resblock_backward_nhwc
     from fastsr.kernels.resblock import resblock_nhwc
 
@@ -670,6 +671,9 @@ def drive(quick: bool, arch: int = 90) -> list[Launch]:
                 sk = _t(n, h, w, cout, dtype=dt) if skip else None
                 s = torch.randn(cin) if shift else None
                 conv2d_nhwc(x, pack_weight(wt, r), b, k, in_shift=s, relu=relu, skip=sk, shuffle=r)
+                if head_conv_supported(cin, k, skip=sk, shuffle=r):  # the model's head: features in bf16
+                    conv2d_head_nhwc(x, pack_weight(wt), b, k, in_shift=s, relu=relu,
+                                     out_dtype=torch.bfloat16 if dt == torch.float32 else dt)
                 g = _t(n, h * r, w * r, cout // (r * r), dtype=dt)
                 conv2d_backward_nhwc(g, x, wt, b, k, in_shift=s, relu=relu, shuffle=r)
             for c, k in ([(64, 3)] if quick else [(64, 3), (64, 5), (128, 3)]):

@@ -32,6 +32,7 @@ from pathlib import Path
 # measured here, a datasheet-derived or rule-of-thumb figure that the first GPU run should check.
 CEILINGS = {
     "tc_bf16": (788e12, "FLOP/s", "measured", "dense bf16 matmul (torch), H200"),
+    "tc_tf32": (394e12, "FLOP/s", "assumed", "dense tf32 MMA (HGMMA k8): half the bf16 rate, the datasheet ratio"),
     "dram": (4.3e12, "B/s", "measured", "device-to-device copy, bytes read + written, H200"),
     "sms": (132, "SMs", "measured", "H200 multiprocessor count"),
     "l2_size": (60e6, "B", "measured", "H200 L2 (the resblock workspace and a layer's re-reads live in it)"),
@@ -77,6 +78,7 @@ class Work:
     smem_fill_bytes: float   # bytes written into shared memory by cp.async / TMA (the operand tiles)
     units: int               # independent work units (tiles) the grid spreads over the SMs
     notes: list[str] = field(default_factory=list)
+    straight_line_warps: int = 0  # > 0: a loop-free kernel of this many warps per unit (the head)
 
 
 def _conv_like(m: int, k_taps: int, c_k: int, c_n: int, e: int, a: dict, a_extra: float = 0.0) -> tuple:
@@ -140,6 +142,28 @@ def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
     notes = [f"{programs} programs, weights " + ("resident" if a["RESIDENT_W"] else "streamed")]
     return Work(2.0 * n * h * w * ks * ks * cin * cout, issued, io, a_bytes + w_bytes + _nbytes(out) + skip,
                 a_bytes + w_bytes + _nbytes(out), tiles, notes)
+
+
+def work_head(a: dict, cfg: dict) -> Work:
+    """_conv2d_head_kernel (kernels/conv2d_head.py): K = KS*KS*Cin (27 for the head) in one K_PAD
+    step; a tile is BLOCK_M pixels of one image row (a partial last tile per row), a BLOCK_M x
+    K_PAD gather of the image (its 9 taps re-read neighbours: counted through L2 here, L1 may keep
+    them), the fp32 weight once per tile, 3 MMAs for an fp32 image (3xTF32: hi*hi + hi*lo +
+    lo*hi), the output (in its own dtype) written once. The program is straight-line code (no K
+    loop): its issue count is the kernel's instructions per warp."""
+    x, out = a["x_ptr"], a["out_ptr"]
+    ex = _BYTES[x["dtype"]]
+    n, h, w_, cin = x["shape"]
+    m, cout, ks = n * h * w_, a["C_OUT"], a["KS"]
+    bm, bn, kp = a["BLOCK_M"], a["BLOCK_N"], a["K_PAD"]
+    tiles = n * h * _cdiv(w_, bm) * _cdiv(cout, bn)
+    passes = 3 if a["SPLIT"] else 1
+    issued = 2.0 * tiles * bm * bn * kp * passes
+    operands = tiles * (bm * ks * ks * cin + kp * bn) * ex
+    io = _nbytes(x) + _nbytes(out) + _nbytes(a["w_ptr"])
+    return Work(2.0 * m * ks * ks * cin * cout, issued, io, operands + _nbytes(out), tiles * kp * bn * ex * 2, tiles,
+                ["3 MMA passes (3xTF32)" if passes > 1 else "1 MMA pass"],
+                straight_line_warps=cfg.get("num_warps", 4))
 
 
 def work_dgrad(a: dict, cfg: dict) -> Work:
@@ -250,6 +274,8 @@ def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int], sass: dict 
         return work_conv(a, cfg, sass)
     if kernel == "_conv2d_tma_kernel":
         return work_conv_tma(a, cfg, grid)
+    if kernel == "_conv2d_head_kernel":
+        return work_head(a, cfg)
     if kernel == "_dgrad_kernel":
         return work_dgrad(a, cfg)
     if kernel == "_resblock_nhwc_kernel":
@@ -277,14 +303,19 @@ def bounds(work: Work, sass: dict, e: int) -> dict:
     smem_bytes = work.smem_fill_bytes
     loop = sass.get("hot_loop") or {}
     if sass["mma"] == "HGMMA" and sass.get("hgmma_shape"):
-        t["tensor"] = work.issued_flops / ceiling("tc_bf16") * waves
-        n_hgmma = work.issued_flops / _hgmma_flops(sass["hgmma_shape"])  # warpgroup instructions
         m_, n_, k_ = (int(v) for v in sass["hgmma_shape"].split("x"))
+        tf32 = k_ == 8  # HGMMA k8 is the tf32 MMA: 4-byte operands, half the bf16 rate
+        e = 4 if tf32 else e
+        t["tensor"] = work.issued_flops / ceiling("tc_tf32" if tf32 else "tc_bf16") * waves
+        n_hgmma = work.issued_flops / _hgmma_flops(sass["hgmma_shape"])  # warpgroup instructions
         per = (m_ * k_ * e if sass.get("hgmma_a_from_smem") else 0) + k_ * n_ * e
         smem_bytes += n_hgmma * per
         # Every warp of the warpgroup issues the loop's instructions: 4 warp-instructions
         # per warpgroup HGMMA times (loop instructions / loop HGMMAs).
-        if loop.get("mma"):
+        if work.straight_line_warps:  # no loop: every warp runs the whole kernel once per unit
+            warp_instr = work.units * work.straight_line_warps * sass["instructions"]
+            t["issue"] = warp_instr / (sms * ceiling("issue") * clk * ceiling("reach_issue")) * waves
+        elif loop.get("mma"):
             warp_instr = n_hgmma * 4 * loop["instructions"] / loop["mma"]
             t["issue"] = warp_instr / (sms * ceiling("issue") * clk * ceiling("reach_issue")) * waves
     elif work.issued_flops:

@@ -163,12 +163,12 @@ class _Layers:
         self.plan.append(entry)
 
     def conv(self, module: nn.Module, x: torch.Tensor, w: torch.Tensor, b, *, in_shift=None, relu=False,
-             res_scale=1.0, skip=None, shuffle=1) -> torch.Tensor:
+             res_scale=1.0, skip=None, shuffle=1, out_dtype=None) -> torch.Tensor:
         with torch.no_grad():
-            choice = conv2d_choice(x, w, b, in_shift, skip, relu, shuffle, self.requested)
+            choice = conv2d_choice(x, w, b, in_shift, skip, relu, shuffle, self.requested, out_dtype)
         self._record(module, choice)
         return apply_conv(choice, self.backward, x, w, b, in_shift=in_shift, relu=relu, res_scale=res_scale,
-                          skip=skip, shuffle=shuffle)
+                          skip=skip, shuffle=shuffle, out_dtype=out_dtype)
 
     def block(self, module: nn.Module, x: torch.Tensor, c1: Conv, c2: Conv, res_scale: float,
               saving: bool) -> torch.Tensor:
@@ -214,8 +214,8 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     Everything after the head computes in `model.compute_dtype`, else in the autocast dtype
     when torch.autocast is on for x's device, else in x's dtype (weights are cast once per
     plan). The head conv, which reads the image itself, runs in x's dtype (0..255 minus the
-    mean is not exact in bf16; it is ~1% of the FLOPs), and the mean is added back in x's
-    dtype. The output has x's dtype and is channels-last.
+    mean is not exact in bf16; it is ~1% of the FLOPs) and writes its features in the compute
+    dtype, and the mean is added back in x's dtype. The output has x's dtype and is channels-last.
 
     With gradients and recomputation on (`model.recompute`, by default everywhere but the
     CPU), each block saves only its input (conv1 + ReLU is recomputed in backward) and the
@@ -236,7 +236,9 @@ def fused_forward(model: nn.Module, x: torch.Tensor, scale_idx: int) -> tuple[to
     with torch.autocast(x.device.type, enabled=False):
         plan = get_plan(model, compute, x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        h = layers.conv(model.head[0], x, *plan.head, in_shift=plan.in_shift.to(x.device)).to(compute)
+        # The head reads the image in its dtype and writes the features in the compute dtype
+        # (on the Triton backend in its own store: no separate cast pass over the F-map).
+        h = layers.conv(model.head[0], x, *plan.head, in_shift=plan.in_shift.to(x.device), out_dtype=compute)
         saving = torch.is_grad_enabled() and not recomputes(model, family)
         for module, (c1, c2) in zip(model.pre_blocks(scale_idx), plan.pre[scale_idx]):
             h = layers.block(module, h, c1, c2, 1.0, saving)

@@ -2,6 +2,9 @@
 
     out = pixel_shuffle(res_scale * act(conv(x - in_shift) + bias) + skip, shuffle)
 
+written in `out_dtype` (default x's dtype: the head reads the fp32 image and writes the
+compute dtype's features, with no separate cast pass where the implementation can).
+
 Takes logically-NCHW tensors stored channels-last (NHWC in memory, so the Triton kernels
 read them as (N, H, W, C) views without a copy) and returns channels-last output. The
 eager specification is fastsr.ops.reference.conv2d_ref. Which implementation runs is
@@ -41,24 +44,42 @@ def conv2d_op(
     shuffle: int,
     backend: str,
     backward: str,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """The registered op; `backend` an implementation name, `backward` the gradients' request."""
-    return run_conv(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend)
+    """The registered op; `backend` an implementation name, `backward` the gradients' request,
+    `out_dtype` the output's dtype (None: x's)."""
+    return run_conv(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend, out_dtype)
 
 
-def run_conv(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend) -> torch.Tensor:
+# Implementations that write another dtype than x's themselves; the others' output is cast.
+WRITES_OUT_DTYPE = ("triton_conv",)
+
+
+def run_conv(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend, out_dtype=None) -> torch.Tensor:
     """The body of fastsr::conv2d: checks, then the implementation `backend` names."""
     check_conv_args(x, weight, bias, in_shift, skip, shuffle)
+    check_out_dtype(out_dtype)
     if backend not in IMPLEMENTATIONS:
         raise ValueError(f"fastsr::conv2d implementation must be one of {sorted(IMPLEMENTATIONS)}, got {backend!r}")
     with autocast_off(x.device):  # dtypes are the caller's (see autocast_args)
-        return IMPLEMENTATIONS[backend](x, weight, bias, in_shift, relu, res_scale, skip, shuffle)
+        if backend in WRITES_OUT_DTYPE:
+            return IMPLEMENTATIONS[backend](x, weight, bias, in_shift, relu, res_scale, skip, shuffle,
+                                            out_dtype=out_dtype)
+        y = IMPLEMENTATIONS[backend](x, weight, bias, in_shift, relu, res_scale, skip, shuffle)
+        return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
 
 
 @conv2d_op.register_fake
-def conv2d_fake(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend, backward):
+def conv2d_fake(x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend, backward, out_dtype=None):
     check_conv_args(x, weight, bias, in_shift, skip, shuffle)
-    return x.new_empty(out_shape(x, weight.shape[0], shuffle)).contiguous(memory_format=CL)
+    check_out_dtype(out_dtype)
+    return x.new_empty(out_shape(x, weight.shape[0], shuffle), dtype=out_dtype or x.dtype).contiguous(
+        memory_format=CL)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -113,7 +134,7 @@ def relu_mask_from_output(relu: bool, res_scale: float, skip, shuffle: int, back
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend, backward = inputs
+    x, weight, bias, in_shift, skip, relu, res_scale, shuffle, backend, backward = inputs[:10]
     ctx.mask_from_output = relu_mask_from_output(relu, res_scale, skip, shuffle, backend)
     ctx.save_for_backward(x, weight, bias, in_shift, output if ctx.mask_from_output else None)
     ctx.opts = dict(relu=relu, res_scale=res_scale, shuffle=shuffle)
@@ -122,6 +143,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight, bias, in_shift, out = ctx.saved_tensors
+    # An output written in another dtype: its gradient in x's, as a cast's backward gives it
+    # (the gradients below are computed in x's dtype; skip has x's dtype too).
+    grad = grad.to(x.dtype)
     need_x, need_w, need_b, need_s, need_skip = ctx.needs_input_grad[:5]
     opts = ctx.opts
     need_b = need_b and bias is not None
@@ -144,7 +168,7 @@ def _backward(ctx, grad):
     choice = dispatch.choose("conv2d_backward", dispatch.Signature.of("conv2d_backward", x, weight, flags),
                              ctx.backward, lambda name: runs[name])
     grads = runs[choice.name]()
-    return (*grads, grad if need_skip else None, None, None, None, None, None)
+    return (*grads, grad if need_skip else None, None, None, None, None, None, None)
 
 
 conv2d_op.register_autograd(_backward, setup_context=_setup)
@@ -154,14 +178,17 @@ conv2d_op.register_autograd(_backward, setup_context=_setup)
 
 
 def conv2d_choice(x, weight, bias=None, in_shift=None, skip=None, relu=False, shuffle=1,
-                  backend: str | None = None) -> dispatch.Choice:
+                  backend: str | None = None, out_dtype: torch.dtype | None = None) -> dispatch.Choice:
     """The implementation conv2d(...) would run for these inputs (fastsr.ops.dispatch)."""
-    sig = dispatch.Signature.of("conv2d", x, weight, (relu, skip is not None, shuffle, in_shift is not None))
+    flags = (relu, skip is not None, shuffle, in_shift is not None)
+    if out_dtype is not None and out_dtype != x.dtype:
+        flags += (str(out_dtype).replace("torch.", ""),)  # only then: other keys stay as they were
+    sig = dispatch.Signature.of("conv2d", x, weight, flags)
 
     def make_run(name: str):  # fresh data of the real shapes; the real weights
         fresh = torch.randn_like(x)
         fresh_skip = None if skip is None else torch.randn_like(skip)
-        return lambda: run_conv(fresh, weight, bias, in_shift, fresh_skip, relu, 1.0, shuffle, name)
+        return lambda: run_conv(fresh, weight, bias, in_shift, fresh_skip, relu, 1.0, shuffle, name, out_dtype)
 
     return dispatch.choose("conv2d", sig, backend, make_run)
 
@@ -177,20 +204,22 @@ def conv2d(
     skip: torch.Tensor | None = None,
     shuffle: int = 1,
     backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Fused conv: pixel_shuffle(res_scale * act(conv(x - in_shift) + bias) + skip, shuffle).
 
     x: (N, Cin, H, W) float (channels-last storage avoids a copy); weight (Cout, Cin, k, k),
-    k in {1, 3, 5}; returns (N, Cout/r^2, rH, rW), channels-last, dtype of x.
+    k in {1, 3, 5}; returns (N, Cout/r^2, rH, rW), channels-last, in out_dtype (default x's
+    dtype; the Triton head kernel writes it directly, other implementations cast).
     backend: None (the measured choice, fastsr.ops.dispatch), a family ("triton", "aten",
     "cpu", "reference": its implementations only) or an implementation name.
     """
     x, weight, skip = autocast_args(x, weight, skip)
     check_conv_args(x, weight, bias, in_shift, skip, shuffle)
     with torch.no_grad():  # choosing (and timing) records nothing
-        choice = conv2d_choice(x, weight, bias, in_shift, skip, relu, shuffle, backend)
+        choice = conv2d_choice(x, weight, bias, in_shift, skip, relu, shuffle, backend, out_dtype)
     return apply_conv(choice, backward_request(backend), x, weight, bias, in_shift=in_shift, relu=relu,
-                      res_scale=res_scale, skip=skip, shuffle=shuffle)
+                      res_scale=res_scale, skip=skip, shuffle=shuffle, out_dtype=out_dtype)
 
 
 def backward_request(backend: str | None) -> str:
@@ -207,16 +236,20 @@ def backward_request(backend: str | None) -> str:
 
 
 def apply_conv(choice: dispatch.Choice, backward: str, x, weight, bias=None, *, in_shift=None, relu=False,
-               res_scale=1.0, skip=None, shuffle=1) -> torch.Tensor:
+               res_scale=1.0, skip=None, shuffle=1, out_dtype=None) -> torch.Tensor:
     """conv2d with the implementation already chosen (checked inputs, dtypes final)."""
+    if out_dtype == x.dtype:
+        out_dtype = None
     if choice.name == "reference":
-        return conv2d_ref(x, weight.to(x.dtype), bias, in_shift=in_shift, relu=relu, res_scale=res_scale,
-                          skip=skip, shuffle=shuffle)
+        check_out_dtype(out_dtype)
+        y = conv2d_ref(x, weight.to(x.dtype), bias, in_shift=in_shift, relu=relu, res_scale=res_scale,
+                       skip=skip, shuffle=shuffle)
+        return y if out_dtype is None else y.to(out_dtype)
     args = (x, weight, bias, in_shift, skip, relu, float(res_scale), int(shuffle), choice.name, backward)
     if bypass_dispatcher(x, weight, bias, in_shift, skip):
-        return run_conv(*args[:-1])
-    return conv2d_op(*args)
+        return run_conv(*args[:-1], out_dtype)
+    return conv2d_op(*args, out_dtype)
 
 
-__all__ = ["IMPLEMENTATIONS", "apply_conv", "backward_request", "conv2d", "conv2d_backward_op", "conv2d_choice",
+__all__ = ["IMPLEMENTATIONS", "WRITES_OUT_DTYPE", "apply_conv", "check_out_dtype", "backward_request", "conv2d", "conv2d_backward_op", "conv2d_choice",
            "conv2d_op", "run_conv"]

@@ -11,26 +11,29 @@ import torch
 from fastsr.ops.checks import nhwc
 
 
-def conv(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, shuffle=1):
-    """fastsr::conv2d as one Triton kernel, the epilogues (shuffle included) in it.
+def conv(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, shuffle=1, out_dtype=None):
+    """fastsr::conv2d as one Triton kernel, the epilogues (shuffle included) in it, the output
+    in out_dtype (default x's dtype).
 
-    The weight is packed per call (`pack_weight`): a free view of the fused plan's weights
-    (stored in the kernels' layout), except for a shuffle conv, whose columns go in shuffle
-    order: one gather (295 KB at EDSR-baseline's x2 upsampler)."""
+    A conv whose KS*KS*Cin fits one 32-wide K step (the head: 3x3 on the image, 27) runs the
+    head kernel (fastsr.kernels.conv2d_head: the 27 taps in one tensor-core step, 3xTF32 for a
+    float32 image, the features written in out_dtype). Every other conv runs conv2d_nhwc, cast
+    after it where out_dtype differs from x's. The weight is packed per call (`pack_weight`): a
+    free view of the fused plan's weights (stored in the kernels' layout), except for a shuffle
+    conv, whose columns go in shuffle order: one gather (295 KB at EDSR-baseline's x2 upsampler)."""
     from fastsr.kernels.conv2d import conv2d_nhwc, pack_weight
+    from fastsr.kernels.conv2d_head import conv2d_head_nhwc, head_conv_supported
 
-    out = conv2d_nhwc(
-        nhwc(x),
-        pack_weight(weight.to(x.dtype), shuffle),
-        None if bias is None else bias.float().contiguous(),
-        weight.shape[-1],
-        in_shift=None if in_shift is None else in_shift.float().contiguous(),
-        relu=relu,
-        res_scale=res_scale,
-        skip=None if skip is None else nhwc(skip),
-        shuffle=shuffle,
-    )
-    return out.permute(0, 3, 1, 2)
+    k = weight.shape[-1]
+    w = pack_weight(weight.to(x.dtype), shuffle)
+    b = None if bias is None else bias.float().contiguous()
+    s = None if in_shift is None else in_shift.float().contiguous()
+    if head_conv_supported(x.shape[1], k, skip=skip, shuffle=shuffle):
+        out = conv2d_head_nhwc(nhwc(x), w, b, k, in_shift=s, relu=relu, res_scale=res_scale, out_dtype=out_dtype)
+        return out.permute(0, 3, 1, 2)
+    out = conv2d_nhwc(nhwc(x), w, b, k, in_shift=s, relu=relu, res_scale=res_scale,
+                      skip=None if skip is None else nhwc(skip), shuffle=shuffle).permute(0, 3, 1, 2)
+    return out if out_dtype is None or out_dtype == out.dtype else out.to(out_dtype)
 
 
 def block_supported(channels: int, kernel_size: int) -> bool:
