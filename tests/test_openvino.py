@@ -149,3 +149,19 @@ def test_converted_graphs_are_kept_on_disk_by_the_weights_bytes(tmp_path, monkey
     assert len(conversions) == 3
     monkeypatch.setenv("FASTSR_OPENVINO_CACHE", "")
     assert ov_backend.ir_cache_dir() is None
+
+
+def test_a_channels_last_model_converts_and_shares_the_cache_key():
+    """model.to(memory_format=channels_last) (as users and bench/run.py do) makes the (3, 3, 1, 1)
+    mean weights "contiguous" with a non-unit last stride: the weights' digest must still read
+    their bytes, and give the key of the same model in the usual layout."""
+    from fastsr.ops.backends.openvino import _graph_digest
+
+    model, eager = _pair(backend="openvino")
+    key = _graph_digest(model, 0)
+    model = model.to(memory_format=torch.channels_last)
+    assert model.sub_mean.weight.stride(-1) != 1  # the case itself
+    assert _graph_digest(model, 0) == key
+    x = (torch.rand(1, 3, 6, 5) * 255).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4 * 255)

@@ -136,9 +136,11 @@ def _graph_digest(model: nn.Module, scale_idx: int) -> str:
     digest = hashlib.sha256(f"{type(model).__name__}|{model.arch}|{scale_idx}|{model.rgb_range}|{__version__}|"
                             f"{torch.__version__}|{ov.__version__}".encode())
     for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # Flattened first: a channels-last (3, 3, 1, 1) weight is "contiguous" with strides
+        # (3, 1, 3, 3), and a dtype view needs a unit last stride.
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:32]
 
 
