@@ -236,25 +236,30 @@ def work_block_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
 
 
 def work_wgrad(a: dict, cfg: dict, grid: list[int]) -> Work:
-    """_wgrad_kernel: dW partials = im2col(x)^T @ g over each split's pixels (split-K), fp32
-    partial tiles written to the workspace."""
+    """_wgrad_kernel: dW partials = im2col(x)^T @ g over each split's image rows (split-K), in row
+    segments of BLOCK_P pixels (cdiv(W, BLOCK_P) per row, the last one padded); a PER_TAP k-block
+    is TAPS taps of one kernel row sharing each G tile; fp32 partial tiles to the workspace."""
     x, g = a["x_ptr"], a["g_ptr"]
     e = _BYTES[x["dtype"]]
-    m, cin, c_g, ks = a["M"], a["C_IN"], a["C_G"], a["KS"]
+    m, w, cin, c_g, ks = a["M"], a["W"], a["C_IN"], a["C_G"], a["KS"]
     k_rows = ks * ks * cin
     bkw, bq, bp = a["BLOCK_KW"], a["BLOCK_Q"], a["BLOCK_P"]
-    kb, qb = _cdiv(k_rows, bkw), _cdiv(c_g, bq)
+    taps = a.get("TAPS", 1)
+    kb = (ks * ks // taps) * _cdiv(cin, bkw) if a.get("PER_TAP") else _cdiv(k_rows, bkw)
+    qb = _cdiv(c_g, bq)
     programs = grid[0]
     splits = max(1, programs // (kb * qb))
-    per = a["P_PER_SPLIT"]
-    steps = _cdiv(per, bp)
-    issued = 2.0 * programs * bkw * bq * steps * bp
+    padded = kb * qb * (m // w) * _cdiv(w, bp) * bp  # pixel slots all programs step over
+    issued = 2.0 * padded * taps * bkw * bq
     mask = 1 if a["IN_MASK"] else 0
-    operands = programs * steps * (bkw * bp + (1 + mask) * bp * bq) * e
+    per_pixel = (taps * bkw + (1 + mask) * bq) * e
+    # Shared memory is filled for every slot (masked ones with zeros); L2 is read only for the
+    # real pixels (a masked-off cp.async lane fetches nothing).
+    operands, l2 = padded * per_pixel, kb * qb * m * per_pixel
     ws = splits * (k_rows + 1) * c_g * 4
     io = _nbytes(x) + _nbytes(g) * (1 + mask) + ws
-    return Work(2.0 * m * k_rows * c_g, issued, io, operands + ws, operands, programs,
-                [f"{splits} splits x {kb * qb} tiles"])
+    return Work(2.0 * m * k_rows * c_g, issued, io, l2 + ws, operands, programs,
+                [f"{splits} splits x {kb * qb} tiles, {taps} taps/tile"])
 
 
 def work_reduce(a: dict, cfg: dict) -> Work:

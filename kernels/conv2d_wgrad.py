@@ -6,20 +6,29 @@ this kernel computes dW and db.
 wgrad (`_wgrad_kernel`): a GEMM dW_packed = A^T @ G with M = KS*KS*Cin rows (row k = tap*Cin + ci,
   the packed-weight order), N = Cout, K = the N*H*W pixels. A^T[k, p] = (x - in_shift)[p + tap_k, ci_k]
   is an implicit im2col gather (padding reads 0, in_shift only on in-bounds taps, as in the
-  forward); G = gy, loaded with the same shuffle gather and ReLU mask as dgrad. The pixel axis is
-  split-K: program (k-block, n-block, split) sums BLOCK_P-pixel steps over its own fixed range of
-  P_PER_SPLIT pixels and writes the fp32 partial tile to workspace slot `split`; the bias partial
-  (a column sum of the same G tiles) goes to an extra row of the slot. `_wgrad_reduce_kernel` then
-  adds the slots in the fixed order 0, 1, ..., SPLITS-1, applies res_scale, and writes dW directly
-  in PyTorch's (Cout, Cin, KS, KS) layout (and db), in the parameters' dtypes. The split
-  boundaries are fixed by the launcher (multiples of the largest BLOCK_P), not by the tuned config.
+  forward); G = gy, loaded with the same shuffle gather and ReLU mask as dgrad.
+  Split-K over pixels: program (k-block, n-block, split) walks its split's fixed range of
+  ROWS_PER_SPLIT image rows (flat over the batch) in row segments of BLOCK_P pixels; a segment
+  has one (image, row), so the loop has no division: the column is `ow0 + arange`, and the
+  segment/row/image advance by compares. A k-block is, for Cin >= 16, BLOCK_KW channels of the
+  TAPS = 3 taps of one kernel row (3x3 with BLOCK_Q <= 64; 1 tap at 1x1/5x5
+  and for the x2 upsampler's 128-wide column blocks, whose 3 accumulators would not fit 4 warps): one G tile feeds 3 MMAs, and the
+  in-bounds mask of a tap is 1-D over pixels (a scalar row test folded into the column bound),
+  so x loads are 16-byte vectors; for narrow inputs (the head, Cin = 3) all KS^2*Cin rows are one
+  block with per-row taps. Each program writes its fp32 partial tiles to workspace slot `split`;
+  only the k-block-0 programs sum G's columns (the bias partial, an extra row of the slot).
+  `_wgrad_reduce_kernel` adds the slots in the fixed order 0, 1, ..., SPLITS-1, applies
+  res_scale, and writes dW in PyTorch's (Cout, Cin, KS, KS) layout (and db), in the parameters'
+  dtypes. The split boundaries are whole rows fixed by the launcher, not by the tuned config.
 
-Cost per pixel (e = bytes per element, F = C = 64, 3x3, fp16, e = 2; DRAM traffic, L2 re-reads
-not counted):
+Cost per pixel (e = bytes per element, F = C = 64, 3x3, bf16, e = 2):
   wgrad   FLOPs 2*KS^2*Cin*Cout = 73,728; reads Cin*e of x and Cout*e of g once from DRAM (256 B);
-          each of the KS^2*Cin/BLOCK_KW row blocks re-reads its pixel tiles from L2. The split-K
-          workspace is SPLITS*(KS^2*Cin + 1)*Cout*4 bytes (~4 MiB for F = 64 on 132 SMs), written
-          once and read once by the reduction: per-step, not per-pixel, cost.
+          from L2, each of the 3 kernel-row blocks reads 3 shifted x tiles and one g tile (and
+          the ReLU mask): (9*Cin + 3*Cout (+3*Cout)) * e = 1536 (1920) B, against 2304 (3456) B
+          with one tap per block. Row segments pad a row to a multiple of BLOCK_P pixels: MMA and
+          shared memory, not L2 (masked lanes fetch nothing). The split-K workspace is
+          SPLITS*(KS^2*Cin + 1)*Cout*4 bytes (~10 MiB for F = 64 on 132 SMs), written once and
+          read once by the reduction.
 """
 from __future__ import annotations
 
@@ -48,22 +57,119 @@ __all__ = ["conv2d_wgrad_nhwc"]
 
 
 @triton.jit
+def _wgrad_loop(
+    x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b,
+    t, oh, n_steps, H, W,
+    dh, dw0, c0, offs_c, ch_ok, x_col, dh_k, dw_k, k_ok, g_col, q_ok,
+    C_IN: tl.constexpr, C_G: tl.constexpr, R: tl.constexpr, PER_TAP: tl.constexpr, TAPS: tl.constexpr,
+    CH_MASK: tl.constexpr, Q_MASK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, IN_MASK: tl.constexpr, WITH_B: tl.constexpr,
+    INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """The split's main loop: n_steps row segments of BLOCK_P pixels, starting at flat row t
+    (row oh of its image), column 0. A row segment has one (image, row), so every index is a
+    scalar plus `ow = ow0 + arange`: no division in the loop, and the masks are 1-D over
+    pixels (per-tap blocks) or rows x pixels of comparisons only (the all-rows head block).
+    WITH_B (the k-block-0 programs only): also the column sums of G, the bias partial."""
+    C_SH: tl.constexpr = C_G // (R * R)
+    offs_p = tl.arange(0, BLOCK_P)
+    ow0 = t * 0
+    for _ in range(n_steps):
+        ow = ow0 + offs_p
+        pix_ok = ow < W
+        pix0 = t.to(tl.int64) * W + ow0  # flat NHW index of the segment's first pixel
+        # G tile: BLOCK_P pixels x BLOCK_Q gradient channels, unshuffled on load: LR row t is HR
+        # rows t*R .. t*R + R-1 (W*C_G elements), pixel ow starts at HR column ow*R.
+        g_off = t.to(tl.int64) * W * C_G + (ow * (R * C_SH))[:, None] + g_col[None, :]
+        if Q_MASK:
+            g_mask = pix_ok[:, None] & q_ok[None, :]
+        else:
+            g_mask = pix_ok[:, None]
+        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0)
+        if INTERP:
+            g = g.to(tl.float32)
+        if IN_MASK:
+            keep = tl.load(gmask_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32) != 0.0
+            g = tl.where(keep, g, tl.zeros_like(g))
+        if WITH_B:
+            acc_b += tl.sum(g.to(tl.float32), axis=0)
+        if PER_TAP:
+            # One kernel row (dh) of taps: x rows oh + dh, columns ow + dw. In-bounds: a scalar
+            # for the row, one compare per pixel for the column; channels all valid unless the
+            # last chunk is partial (CH_MASK).
+            # In bounds: 0 <= ow, ow + dw < W and the row oh + dh inside the image: two compares
+            # per pixel against scalar bounds (an outside row makes the range empty).
+            w_lim = tl.where((oh + dh >= 0) & (oh + dh < H), W, 0)
+            base = (pix0 + dh * W) * C_IN + c0
+            for j in tl.static_range(TAPS):
+                dw = dw0 + j
+                okp = (ow >= tl.maximum(-dw, 0)) & (ow < tl.minimum(w_lim, w_lim - dw))
+                if CH_MASK:
+                    a_mask = ch_ok[:, None] & okp[None, :]
+                else:
+                    a_mask = okp[None, :]
+                a = tl.load(x_ptr + base + ((offs_p + dw) * C_IN)[None, :] + offs_c[:, None], mask=a_mask, other=0.0)
+                if INTERP:
+                    a = a.to(tl.float32)
+                if HAS_SHIFT:
+                    # (x - shift) rounded to x's dtype, exactly as the forward computed it.
+                    a = _round_to(tl.where(a_mask, a.to(tl.float32) - s[:, None], 0.0), x_ptr, INTERP)
+                if j == 0:
+                    acc0 = _mma(a, g, acc0, PREC, USE_INPUT_PRECISION)
+                elif j == 1:
+                    acc1 = _mma(a, g, acc1, PREC, USE_INPUT_PRECISION)
+                else:
+                    acc2 = _mma(a, g, acc2, PREC, USE_INPUT_PRECISION)
+        else:
+            # All K_ROWS rows (every tap of a narrow input, the head) in one block: each row
+            # has its own (dh, dw); the row test is per row, the column test per element.
+            ih = oh + dh_k
+            iw = ow[None, :] + dw_k[:, None]
+            a_mask = (k_ok & (ih >= 0) & (ih < H))[:, None] & pix_ok[None, :] & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + pix0 * C_IN + x_col[:, None] + (offs_p * C_IN)[None, :], mask=a_mask, other=0.0)
+            if INTERP:
+                a = a.to(tl.float32)
+            if HAS_SHIFT:
+                a = _round_to(tl.where(a_mask, a.to(tl.float32) - s[:, None], 0.0), x_ptr, INTERP)
+            acc0 = _mma(a, g, acc0, PREC, USE_INPUT_PRECISION)
+        # Next segment; past the row's end, the next row (and past the image's last row, row 0
+        # of the next image): scalar selects, no division.
+        ow0 += BLOCK_P
+        nxt = ow0 >= W
+        ow0 = tl.where(nxt, 0, ow0)
+        t = tl.where(nxt, t + 1, t)
+        oh = tl.where(nxt, oh + 1, oh)
+        oh = tl.where(oh == H, 0, oh)
+    return acc0, acc1, acc2, acc_b
+
+
+@triton.jit
 def _wgrad_kernel(
     x_ptr, g_ptr, gmask_ptr, shift_ptr, ws_ptr,
-    M, H, W, P_PER_SPLIT,
+    M, H, W, ROWS_PER_SPLIT,
     C_IN: tl.constexpr, C_G: tl.constexpr, KS: tl.constexpr, R: tl.constexpr,
     HAS_SHIFT: tl.constexpr, IN_MASK: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_Q: tl.constexpr,
+    PER_TAP: tl.constexpr, TAPS: tl.constexpr,
 ):
-    """Partial dW_packed[k, q] (and db[q] in row K_ROWS) over this program's pixel range."""
-    PAD = KS // 2
-    K_ROWS = KS * KS * C_IN
-    NUM_KB = (K_ROWS + BLOCK_KW - 1) // BLOCK_KW
-    NUM_QB = (C_G + BLOCK_Q - 1) // BLOCK_Q
-    C_SH = C_G // (R * R)
+    """Partial dW_packed[k, q] (and db[q] in row K_ROWS) over this program's rows of pixels.
+
+    PER_TAP: a k-block is BLOCK_KW channels (chunk c0) of TAPS taps of one kernel row (TAPS = KS:
+    the whole row, dw = -P..P, sharing each G tile; TAPS = 1: one tap). Otherwise (narrow Cin,
+    the head) a k-block is BLOCK_KW consecutive packed rows spanning taps."""
+    PAD: tl.constexpr = KS // 2
+    K_ROWS: tl.constexpr = KS * KS * C_IN
+    NUM_CH: tl.constexpr = (C_IN + BLOCK_KW - 1) // BLOCK_KW
+    if PER_TAP:
+        NUM_KB: tl.constexpr = (KS * KS // TAPS) * NUM_CH
+    else:
+        NUM_KB: tl.constexpr = (K_ROWS + BLOCK_KW - 1) // BLOCK_KW
+    NUM_QB: tl.constexpr = (C_G + BLOCK_Q - 1) // BLOCK_Q
+    C_SH: tl.constexpr = C_G // (R * R)
     W_G = W * R
-    # Tiles fastest, splits slowest: the programs running together share one pixel range, so
+    # Tiles fastest, splits slowest: the programs running together share one range of rows, so
     # its x and g rows come from DRAM once and from L2 for the other row/column blocks.
     pid = tl.program_id(0)
     pid_kq = pid % (NUM_KB * NUM_QB)
@@ -71,59 +177,81 @@ def _wgrad_kernel(
     pid_q = pid_kq % NUM_QB
     pid_k = pid_kq // NUM_QB
 
-    # Rows: packed-weight index k = tap*C_IN + ci -> the (dh, dw) shift and channel it reads.
-    offs_k = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
-    k_ok = offs_k < K_ROWS
-    tap = offs_k // C_IN
-    ci = offs_k % C_IN
-    dh = tap // KS - PAD
-    dw = tap % KS - PAD
-    x_col = (dh * W + dw) * C_IN + ci  # x[p + tap, ci] = x_ptr + p*C_IN + x_col (NHW index p)
-    if HAS_SHIFT:
-        s = tl.load(shift_ptr + ci, mask=k_ok, other=0.0)
+    offs_c = tl.arange(0, BLOCK_KW)
+    if PER_TAP:
+        grp = pid_k // NUM_CH
+        c0 = (pid_k - grp * NUM_CH) * BLOCK_KW
+        if TAPS == KS:
+            dh = grp - PAD
+            tap0 = grp * KS  # the row's first tap; its TAPS taps are tap0 .. tap0 + KS - 1
+            dw0 = -PAD
+        else:
+            tap0 = grp
+            dh = grp // KS - PAD
+            dw0 = grp % KS - PAD
+        ch_ok = offs_c < C_IN - c0
+        offs_k = tap0 * C_IN + c0 + offs_c  # rows of tap j: offs_k + j*C_IN
+        k_ok = ch_ok
+        dh_k = offs_c  # unused in this mode
+        dw_k = offs_c
+        x_col = offs_c
+        if HAS_SHIFT:
+            s = tl.load(shift_ptr + c0 + offs_c, mask=ch_ok, other=0.0)
+        else:
+            s = 0.0
+    else:
+        # Rows: packed-weight index k = tap*C_IN + ci -> the (dh, dw) shift and channel it reads.
+        offs_k = pid_k * BLOCK_KW + offs_c
+        k_ok = offs_k < K_ROWS
+        tap = offs_k // C_IN
+        ci = offs_k % C_IN
+        dh_k = tap // KS - PAD
+        dw_k = tap % KS - PAD
+        x_col = (dh_k * W + dw_k) * C_IN + ci  # x[p + tap, ci] = x_ptr + p*C_IN + x_col (NHW index p)
+        if HAS_SHIFT:
+            s = tl.load(shift_ptr + ci, mask=k_ok, other=0.0)
+        else:
+            s = 0.0
+        dh = 0
+        c0 = 0
+        ch_ok = k_ok
+        dw0 = 0
     # Columns: gradient channel q in gather order (see _dgrad_mainloop).
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < C_G
     ij = offs_q // C_SH
     g_col = ((ij // R) * W_G + ij % R) * C_SH + offs_q % C_SH
 
-    acc = tl.zeros((BLOCK_KW, BLOCK_Q), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_KW, BLOCK_Q), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_KW, BLOCK_Q), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_KW, BLOCK_Q), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    p_start = split * P_PER_SPLIT
-    p_end = tl.minimum(p_start + P_PER_SPLIT, M)
-    offs_p = tl.arange(0, BLOCK_P)
-    for p0 in range(p_start, p_end, BLOCK_P):
-        p = p0 + offs_p
-        p_ok = p < p_end
-        ow = p % W
-        t = p // W
-        oh = t % H
-        img = t // H
-        # A^T tile: BLOCK_KW rows x BLOCK_P pixels of the shifted input (implicit im2col).
-        ih = oh[None, :] + dh[:, None]
-        iw = ow[None, :] + dw[:, None]
-        a_mask = k_ok[:, None] & p_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_ptr + (p.to(tl.int64) * C_IN)[None, :] + x_col[:, None], mask=a_mask, other=0.0)
-        # G tile: BLOCK_P pixels x BLOCK_Q gradient channels, unshuffled on load.
-        g_row = ((img * H + oh).to(tl.int64) * R * W_G + ow * R) * C_SH
-        g_off = g_row[:, None] + g_col[None, :]
-        g_mask = p_ok[:, None] & q_ok[None, :]
-        g = tl.load(g_ptr + g_off, mask=g_mask, other=0.0)
-        if INTERP:
-            a = a.to(tl.float32)
-            g = g.to(tl.float32)
-        if IN_MASK:
-            keep = tl.load(gmask_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32) != 0.0
-            g = tl.where(keep, g, tl.zeros_like(g))
-        if HAS_SHIFT:
-            # (x - shift) rounded to x's dtype, exactly as the forward computed it.
-            a = _round_to(tl.where(a_mask, a.to(tl.float32) - s[:, None], 0.0), x_ptr, INTERP)
-        acc = _mma(a, g, acc, PREC, USE_INPUT_PRECISION)
-        acc_b += tl.sum(g.to(tl.float32), axis=0)
+    rows = M // W
+    t0 = split * ROWS_PER_SPLIT
+    n_steps = (tl.minimum(t0 + ROWS_PER_SPLIT, rows) - t0) * ((W + BLOCK_P - 1) // BLOCK_P)
+    oh0 = t0 % H
+    CH_MASK: tl.constexpr = (C_IN % BLOCK_KW) != 0 or not PER_TAP
+    Q_MASK: tl.constexpr = (C_G % BLOCK_Q) != 0
+    # The bias is the column sum of G: only the programs of k-block 0 (which store it) sum it.
+    if pid_k == 0:
+        acc0, acc1, acc2, acc_b = _wgrad_loop(
+            x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, n_steps, H, W,
+            dh, dw0, c0, offs_c, ch_ok, x_col, dh_k, dw_k, k_ok, g_col, q_ok,
+            C_IN, C_G, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, True,
+            INTERP, PREC, USE_INPUT_PRECISION, BLOCK_P)
+    else:
+        acc0, acc1, acc2, acc_b = _wgrad_loop(
+            x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, n_steps, H, W,
+            dh, dw0, c0, offs_c, ch_ok, x_col, dh_k, dw_k, k_ok, g_col, q_ok,
+            C_IN, C_G, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, False,
+            INTERP, PREC, USE_INPUT_PRECISION, BLOCK_P)
 
     slot = ws_ptr + split.to(tl.int64) * ((K_ROWS + 1) * C_G)
-    tl.store(slot + offs_k[:, None] * C_G + offs_q[None, :], acc, mask=k_ok[:, None] & q_ok[None, :])
-    # Every row block computed the same column sums; block 0 writes them.
+    st_mask = ch_ok[:, None] & q_ok[None, :]
+    tl.store(slot + offs_k[:, None] * C_G + offs_q[None, :], acc0, mask=st_mask)
+    if PER_TAP and TAPS > 1:
+        tl.store(slot + (offs_k + C_IN)[:, None] * C_G + offs_q[None, :], acc1, mask=st_mask)
+        tl.store(slot + (offs_k + 2 * C_IN)[:, None] * C_G + offs_q[None, :], acc2, mask=st_mask)
     if pid_k == 0:
         tl.store(slot + K_ROWS * C_G + offs_q, acc_b, mask=q_ok)
 
@@ -160,11 +288,15 @@ def _wgrad_reduce_kernel(
 
 
 def _wgrad_configs():
-    # BLOCK_P pixels per K step x (warps, stages). Operands per stage at BLOCK_KW = 64,
-    # BLOCK_Q = 64, fp16: (64 + 64) * BLOCK_P * 2 B = 16 KiB at BLOCK_P = 64.
+    # BLOCK_P pixels of one image row per K step x (warps, stages). Operands per stage at
+    # BLOCK_KW = 64, BLOCK_Q = 64, 3 taps, bf16: (3*64 + 64) * BLOCK_P * 2 B = 16 KiB at
+    # BLOCK_P = 32. A row of W pixels takes cdiv(W, BLOCK_P) steps, so BLOCK_P = 16 (and 32 at
+    # 96) keep the training patches' rows (48 LR, 96 HR pixels) free of the padding 64 adds
+    # (masked slots cost MMA and shared memory, not L2). No 128: at 3 taps x 64 x 128 a stage
+    # is 64 KiB+ (the tail's 64 -> 3 config needed 289 KiB at 3 stages, over the 227 KiB limit).
     return [
         triton.Config({"BLOCK_P": bp}, num_warps=wp, num_stages=st)
-        for bp, wp, st in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)]
+        for bp, wp, st in [(16, 4, 4), (32, 4, 3), (32, 4, 4), (64, 4, 3), (64, 8, 3)]
     ]
 
 
@@ -172,26 +304,40 @@ def _wgrad_configs():
 # BLOCK_P sets the summation order inside a split: with torch.use_deterministic_algorithms
 # (or FASTSR_DETERMINISTIC=1) this config is used instead, so gradients are bitwise equal
 # across processes and machines with the same GPU, not only between runs of one process.
-_WGRAD_PINNED = dict(BLOCK_P=64, num_warps=4, num_stages=3)  # one of _wgrad_configs()
+_WGRAD_PINNED = dict(BLOCK_P=32, num_warps=4, num_stages=3)  # one of _wgrad_configs()
 
-_wgrad_tuned = triton.autotune(configs=_wgrad_configs(), key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK"])(
+_wgrad_tuned = triton.autotune(configs=_wgrad_configs(),
+                               key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK", "PER_TAP", "TAPS"])(
     _wgrad_kernel
 )
-# Split boundaries are multiples of the largest tuned BLOCK_P, so every config sums the same
-# pixels into the same slot (the order inside a slot depends only on the config, which the
-# autotuner caches: two runs give bitwise-equal gradients).
-_P_ALIGN = 32 if _INTERPRET else max(c.kwargs["BLOCK_P"] for c in _wgrad_configs())
+# Splits are ranges of whole image rows (flat over the batch), fixed by the launcher, not by
+# the tuned config: every config sums the same pixels into the same slot (the order inside a
+# slot depends only on the config, which the autotuner caches: two runs give bitwise-equal
+# gradients).
+_INTERPRET_BLOCK_P = 16
 _MIN_PIXELS_PER_SPLIT = 32 if _INTERPRET else 512
 _INTERPRET_MAX_SPLITS = 3
 _PROGRAMS_PER_SM = 2
 _REDUCE_BLOCK = 256 if _INTERPRET else 1024
 
 
-def _wgrad_block_kw(k_rows: int) -> int:
-    """Packed-weight rows per program: one tap of Cin = 64, all 27 rows of the head conv."""
-    if _INTERPRET:
-        return 16 if k_rows <= 48 else 32 if k_rows < 256 else 64
-    return min(64, max(16, _next_pow2(k_rows)))
+def _wgrad_tiling(c_in: int, ks: int, c_g: int, dtype: torch.dtype) -> dict:
+    """The k-block geometry: PER_TAP (Cin >= 16) blocks are BLOCK_KW channels of TAPS taps of one
+    kernel row (TAPS = 3 for 3x3 convs whose accumulators fit: 3 x BLOCK_KW x BLOCK_Q fp32 at
+    BLOCK_Q <= 64, one G tile per 3 MMAs), so their masks are 1-D over pixels; narrower inputs
+    (the head, Cin = 3: 27 rows) take all packed rows in one BLOCK_KW block (27 of 32 used)."""
+    per_tap = c_in >= 16
+    if per_tap:
+        block_kw = (16 if c_in <= 32 else 32) if _INTERPRET else min(64, _next_pow2(c_in))
+    else:
+        k_rows = ks * ks * c_in
+        block_kw = (16 if k_rows <= 48 else 32 if k_rows < 256 else 64) if _INTERPRET \
+            else min(64, max(16, _next_pow2(k_rows)))
+    block_q = _wgrad_block_q(c_g, dtype)
+    taps = 3 if per_tap and ks == 3 and block_q <= 64 else 1
+    num_kb = (ks * ks // taps) * triton.cdiv(c_in, block_kw) if per_tap else triton.cdiv(ks * ks * c_in, block_kw)
+    return dict(BLOCK_KW=block_kw, BLOCK_Q=block_q, PER_TAP=per_tap, TAPS=taps,
+                tiles=num_kb * triton.cdiv(c_g, block_q))
 
 
 def _wgrad_block_q(c_g: int, dtype: torch.dtype) -> int:
@@ -201,16 +347,16 @@ def _wgrad_block_q(c_g: int, dtype: torch.dtype) -> int:
     return min(max(16, _next_pow2(c_g)), cap)
 
 
-def _num_splits(m: int, tiles: int, device: torch.device) -> tuple[int, int]:
-    """(splits, pixels per split) for the split-K over m pixels."""
+def _num_splits(rows: int, tiles: int, device: torch.device, row_pixels: int = 1) -> tuple[int, int]:
+    """(splits, image rows per split) for the split-K over `rows` image rows of `row_pixels`
+    pixels each (flat over the batch: N*H rows of W)."""
     if _INTERPRET:
         want = _INTERPRET_MAX_SPLITS
     else:
         want = triton.cdiv(_PROGRAMS_PER_SM * _common._multiprocessor_count(device), tiles)
-    splits = max(1, min(want, m // _MIN_PIXELS_PER_SPLIT))
-    per = triton.cdiv(triton.cdiv(m, splits), _P_ALIGN) * _P_ALIGN
-    return triton.cdiv(m, per), per
-
+    splits = max(1, min(want, rows * row_pixels // _MIN_PIXELS_PER_SPLIT, rows))
+    per = triton.cdiv(rows, splits)
+    return triton.cdiv(rows, per), per
 
 
 def conv2d_wgrad_nhwc(x, grad_out, kernel_size: int, *, shuffle: int = 1, res_scale: float = 1.0, in_shift=None,
@@ -265,23 +411,22 @@ def conv2d_wgrad_nhwc(x, grad_out, kernel_size: int, *, shuffle: int = 1, res_sc
         raise ValueError(f"{m * r * r} output pixels; at most {_INT32_MAX} are supported")
 
     k_rows = ks * ks * c_in
-    block_kw = _wgrad_block_kw(k_rows)
-    block_q = _wgrad_block_q(c_out, x.dtype)
-    tiles = triton.cdiv(k_rows, block_kw) * triton.cdiv(c_out, block_q)
-    splits, per_split = _num_splits(m, tiles, x.device)
+    tiling = _wgrad_tiling(c_in, ks, c_out, x.dtype)
+    tiles = tiling.pop("tiles")
+    splits, rows_per_split = _num_splits(n * h, tiles, x.device, w)
     ws = torch.empty((splits, k_rows + 1, c_out), device=x.device, dtype=torch.float32)
     cfg = _launch_config_args(x.dtype)
     args = (x, grad_out, grad_mask if grad_mask is not None else grad_out,
-            in_shift if in_shift is not None else ws, ws, m, h, w, per_split)
+            in_shift if in_shift is not None else ws, ws, m, h, w, rows_per_split)
     meta = dict(C_IN=c_in, C_G=c_out, KS=ks, R=r, HAS_SHIFT=in_shift is not None, IN_MASK=grad_mask is not None,
-                BLOCK_KW=block_kw, BLOCK_Q=block_q, **cfg)
+                **tiling, **cfg)
     total = (k_rows + 1) * c_out
     red_args = (ws, dw if dw is not None else ws, db if db is not None else ws, splits, float(res_scale))
     red_meta = dict(C_IN=c_in, C_G=c_out, KS=ks, R=r, HAS_DW=dw is not None, HAS_DB=db is not None,
                     INTERP=cfg["INTERP"], BLOCK=_REDUCE_BLOCK)
     red_grid = (triton.cdiv(total, _REDUCE_BLOCK),)
     _launch(_wgrad_kernel, _wgrad_tuned, (tiles * splits,), args, meta,
-            interpret=dict(BLOCK_P=_P_ALIGN), pinned=_WGRAD_PINNED, like=x)
+            interpret=dict(BLOCK_P=_INTERPRET_BLOCK_P), pinned=_WGRAD_PINNED, like=x)
     # Nothing to tune: the reduction always runs its one config.
     _launch(_wgrad_reduce_kernel, _wgrad_reduce_kernel, red_grid, red_args, red_meta, interpret={}, like=x)
     return dw, db

@@ -29,7 +29,7 @@ from testenv import TRITON_DEVICE
 from fastsr.memory import activation_bytes
 from fastsr.kernels.conv2d_backward import conv2d_backward_nhwc
 from fastsr.kernels.conv2d_dgrad import pack_weight_dgrad
-from fastsr.kernels.conv2d_wgrad import _num_splits
+from fastsr.kernels.conv2d_wgrad import _num_splits, conv2d_wgrad_nhwc
 from fastsr.kernels.resblock_backward import resblock_backward_nhwc
 from fastsr.ops.conv2d import backward_request, conv2d, conv2d_backward_op, conv2d_op
 from fastsr.ops.resblock import resblock, resblock_backward_op, resblock_op
@@ -145,6 +145,56 @@ def test_conv2d_backward_parity(case):
         # db is produced in fp32 (the bias's dtype): bound it like an fp32 result of dtype inputs.
         assert_parity(db.to(dtype) if dtype != torch.float32 else db, ref64[2], eager[2], dtype, what + " db")
         assert db.dtype == torch.float32
+
+
+# conv2d_wgrad_nhwc's pixel walk: each split is a range of image rows (flat over the batch),
+# stepped as row segments of BLOCK_P pixels (16 under the interpreter), with (row, image)
+# advanced by compares, not division. Widths 37 / 19 / 33 / 21 / 18 give several segments and a
+# partial last one; 16 exactly one; heights 3-7 at batch 3 put split boundaries and image
+# boundaries inside one program's range. Per-tap k-blocks (Cin >= 16: 3 taps of a kernel row at
+# 3x3, 1 tap at 5x5 and 1x1) and the head's all-rows block (Cin = 3); shuffle 2 and 3, in_shift,
+# grad_mask. (id, N, H, W, Cin, Cout, ks, r, shift, mask, dtype)
+WGRAD_CASES = [
+    ("w37_b3_mask", 3, 5, 37, 16, 16, 3, 1, False, True, "fp32"),
+    ("w16_b1_shift_cin17", 1, 7, 16, 17, 16, 3, 1, True, False, "fp32"),
+    ("w19_b3_r2_mask_bf16", 3, 3, 19, 16, 64, 3, 2, False, True, "bf16"),
+    ("w17_r3_fp16", 1, 4, 17, 16, 36, 3, 3, False, False, "fp16"),
+    ("head_3to64_w33_b3_shift", 3, 3, 33, 3, 64, 3, 1, True, False, "fp32"),
+    ("tail_64to3_w21_bf16", 1, 6, 21, 64, 3, 3, 1, False, False, "bf16"),
+    ("k5_w18_b3_shift_mask", 3, 4, 18, 16, 16, 5, 1, True, True, "fp32"),
+    ("k1_w20_b3_r2", 3, 3, 20, 16, 32, 1, 2, False, False, "fp32"),
+]
+
+
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=[c[0] for c in WGRAD_CASES])
+def test_wgrad_row_walk_parity(case):
+    name, n, h, w, c_in, c_out, ks, r, has_shift, has_mask, dtype_name = case
+    dtype = DTYPES[dtype_name]
+    gen = _gen(name)
+    x = _randn(gen, n, c_in, h, w).to(dtype)
+    g = _randn(gen, n, c_out // (r * r), h * r, w * r).to(dtype)
+    shift = _randn(gen, c_in) if has_shift else None
+    mask = (torch.rand(g.shape, generator=gen) > 0.4).to(dtype) if has_mask else None
+    assert _num_splits(n * h, 1, torch.device("cpu"), w)[0] > 1  # split boundaries inside the batch
+    outs = dict(dw_out=_nan((c_out, c_in, ks, ks), dtype), db_out=_nan((c_out,), torch.float32))
+    args = (_nhwc(x), _nhwc(g), ks)
+    kw = dict(shuffle=r, res_scale=0.5, in_shift=shift, grad_mask=None if mask is None else _nhwc(mask))
+    dw, db = conv2d_wgrad_nhwc(*args, **kw, **outs)
+    assert dw is outs["dw_out"] and db is outs["db_out"]
+    again = conv2d_wgrad_nhwc(*args, **kw)
+    assert torch.equal(again[0], dw) and torch.equal(again[1], db)  # bitwise: fixed splits and order
+
+    weight = torch.zeros(c_out, c_in, ks, ks)  # wgrad does not read the weight's values
+    gz = g if mask is None else g * (mask != 0).to(dtype)
+
+    def spec(w_, b_):
+        s_ = None if shift is None else shift.to(w_.dtype)
+        return conv2d_ref(x.to(w_.dtype), w_, b_, in_shift=s_, res_scale=0.5, shuffle=r)
+
+    ref64 = _autograd(spec, (weight, torch.zeros(c_out)), gz, torch.float64)
+    eager = [None] * 2 if dtype == torch.float32 else _autograd(spec, (weight, torch.zeros(c_out)), gz, dtype)
+    assert_parity(dw, ref64[0], eager[0], dtype, f"wgrad [{name}] dW")
+    assert_parity(db.to(dtype) if dtype != torch.float32 else db, ref64[1], eager[1], dtype, f"wgrad [{name}] db")
 
 
 # --------------------------------------------------------------------------------------
@@ -353,7 +403,7 @@ def test_opcheck_triton_autograd():
 def test_triton_backward_is_bitwise_deterministic():
     gen = _gen("determinism")
     n, h, w, cin, cout = 3, 7, 9, 16, 64
-    assert _num_splits(n * h * w, 2, torch.device("cpu"))[0] > 1  # the split-K path is exercised
+    assert _num_splits(n * h, 2, torch.device("cpu"), w)[0] > 1  # the split-K path is exercised
     x, wt, b = _randn(gen, n, h, w, cin), _weight(gen, cout, cin, 3), _randn(gen, cout)
     g = _randn(gen, n, 2 * h, 2 * w, cout // 4)
     kw = dict(in_shift=_randn(gen, cin), relu=True, res_scale=0.5, shuffle=2)
