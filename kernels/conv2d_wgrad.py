@@ -11,8 +11,7 @@ wgrad (`_wgrad_kernel`): a GEMM dW_packed = A^T @ G with M = KS*KS*Cin rows (row
   ROWS_PER_SPLIT image rows (flat over the batch) in row segments of BLOCK_P pixels; a segment
   has one (image, row), so the loop has no division: the column is `ow0 + arange`, and the
   segment/row/image advance by compares. A k-block is, for Cin >= 16, BLOCK_KW channels of the
-  TAPS = 3 taps of one kernel row (3x3 with BLOCK_Q <= 64; 1 tap at 1x1/5x5
-  and for the x2 upsampler's 128-wide column blocks, whose 3 accumulators would not fit 4 warps): one G tile feeds 3 MMAs, and the
+  TAPS = 3 taps of one kernel row (3x3; 1 tap at 1x1/5x5): one G tile feeds 3 MMAs, and the
   in-bounds mask of a tap is 1-D over pixels (a scalar row test folded into the column bound),
   so x loads are 16-byte vectors; for narrow inputs (the head, Cin = 3) all KS^2*Cin rows are one
   block with per-row taps. Each program writes its fp32 partial tiles to workspace slot `split`;
@@ -296,18 +295,37 @@ def _wgrad_configs():
     # is 64 KiB+ (the tail's 64 -> 3 config needed 289 KiB at 3 stages, over the 227 KiB limit).
     return [
         triton.Config({"BLOCK_P": bp}, num_warps=wp, num_stages=st)
-        for bp, wp, st in [(16, 4, 4), (32, 4, 3), (32, 4, 4), (64, 4, 3), (64, 8, 3)]
+        for bp, wp, st in [(16, 4, 4), (32, 4, 3), (32, 4, 4), (64, 4, 3), (32, 8, 3), (64, 8, 3)]
     ]
+
+
+# fp32 accumulator registers per thread a config may hold: TAPS x BLOCK_KW x BLOCK_Q over its
+# threads. 3 x 64 x 64 at 4 warps is 96 (144-163 registers in all, no spills); the x2
+# upsampler's 3 x 64 x 128 would be 192 at 4 warps, so it runs only the 8-warp configs (96).
+_ACC_REGS_MAX = 96
+
+
+def _acc_regs(kw: dict, num_warps: int) -> int:
+    return kw["TAPS"] * kw["BLOCK_KW"] * kw["BLOCK_Q"] // (32 * num_warps)
+
+
+def _prune_wgrad_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: drop configs whose accumulators would not fit (_ACC_REGS_MAX)."""
+    keep = [c for c in configs if _acc_regs(kwargs, c.num_warps) <= _ACC_REGS_MAX]
+    return keep or configs
 
 
 # The autotuner picks a config by timing, so two processes may pick different ones, and
 # BLOCK_P sets the summation order inside a split: with torch.use_deterministic_algorithms
 # (or FASTSR_DETERMINISTIC=1) this config is used instead, so gradients are bitwise equal
 # across processes and machines with the same GPU, not only between runs of one process.
-_WGRAD_PINNED = dict(BLOCK_P=32, num_warps=4, num_stages=3)  # one of _wgrad_configs()
+# Two, both in _wgrad_configs(): the 8-warp one where the 4-warp one's accumulators do not fit.
+_WGRAD_PINNED = dict(BLOCK_P=32, num_warps=4, num_stages=3)
+_WGRAD_PINNED_WIDE = dict(BLOCK_P=32, num_warps=8, num_stages=3)
 
 _wgrad_tuned = triton.autotune(configs=_wgrad_configs(),
-                               key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK", "PER_TAP", "TAPS"])(
+                               key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK", "PER_TAP", "TAPS"],
+                               prune_configs_by={"early_config_prune": _prune_wgrad_configs})(
     _wgrad_kernel
 )
 # Splits are ranges of whole image rows (flat over the batch), fixed by the launcher, not by
@@ -323,9 +341,9 @@ _REDUCE_BLOCK = 256 if _INTERPRET else 1024
 
 def _wgrad_tiling(c_in: int, ks: int, c_g: int, dtype: torch.dtype) -> dict:
     """The k-block geometry: PER_TAP (Cin >= 16) blocks are BLOCK_KW channels of TAPS taps of one
-    kernel row (TAPS = 3 for 3x3 convs whose accumulators fit: 3 x BLOCK_KW x BLOCK_Q fp32 at
-    BLOCK_Q <= 64, one G tile per 3 MMAs), so their masks are 1-D over pixels; narrower inputs
-    (the head, Cin = 3: 27 rows) take all packed rows in one BLOCK_KW block (27 of 32 used)."""
+    kernel row (TAPS = 3 for 3x3 convs: 3 accumulators, one G tile per 3 MMAs), so their masks are 1-D over pixels; narrower inputs
+    (the head, Cin = 3: 27 rows) take all packed rows in one BLOCK_KW block (27 of 32 used).
+    At BLOCK_Q = 128 (the x2 upsampler) 3 taps leave only the 8-warp configs (_ACC_REGS_MAX)."""
     per_tap = c_in >= 16
     if per_tap:
         block_kw = (16 if c_in <= 32 else 32) if _INTERPRET else min(64, _next_pow2(c_in))
@@ -334,7 +352,7 @@ def _wgrad_tiling(c_in: int, ks: int, c_g: int, dtype: torch.dtype) -> dict:
         block_kw = (16 if k_rows <= 48 else 32 if k_rows < 256 else 64) if _INTERPRET \
             else min(64, max(16, _next_pow2(k_rows)))
     block_q = _wgrad_block_q(c_g, dtype)
-    taps = 3 if per_tap and ks == 3 and block_q <= 64 else 1
+    taps = 3 if per_tap and ks == 3 else 1
     num_kb = (ks * ks // taps) * triton.cdiv(c_in, block_kw) if per_tap else triton.cdiv(ks * ks * c_in, block_kw)
     return dict(BLOCK_KW=block_kw, BLOCK_Q=block_q, PER_TAP=per_tap, TAPS=taps,
                 tiles=num_kb * triton.cdiv(c_g, block_q))
@@ -426,7 +444,9 @@ def conv2d_wgrad_nhwc(x, grad_out, kernel_size: int, *, shuffle: int = 1, res_sc
                     INTERP=cfg["INTERP"], BLOCK=_REDUCE_BLOCK)
     red_grid = (triton.cdiv(total, _REDUCE_BLOCK),)
     _launch(_wgrad_kernel, _wgrad_tuned, (tiles * splits,), args, meta,
-            interpret=dict(BLOCK_P=_INTERPRET_BLOCK_P), pinned=_WGRAD_PINNED, like=x)
+            interpret=dict(BLOCK_P=_INTERPRET_BLOCK_P), like=x,
+            pinned=_WGRAD_PINNED if _acc_regs(tiling, _WGRAD_PINNED["num_warps"]) <= _ACC_REGS_MAX
+            else _WGRAD_PINNED_WIDE)
     # Nothing to tune: the reduction always runs its one config.
     _launch(_wgrad_reduce_kernel, _wgrad_reduce_kernel, red_grid, red_args, red_meta, interpret={}, like=x)
     return dw, db
