@@ -477,7 +477,11 @@ def test_training_parity_tiny_edsr(monkeypatch):
     eager = fastsr.EDSR(2, 2, 8, res_scale=0.5)
     fused = fastsr.EDSR(2, 2, 8, res_scale=0.5, fused=True, backend="triton")
     fused.load_state_dict(eager.state_dict())
-    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (eager, fused)]
+    # eps 1e-6, not Adam's 1e-8: the L1 loss's gradients are +-1/N, so a bias gradient can be
+    # exactly 0 (as many signs each way), and Adam turns the +-4e-9 that either side's
+    # summation order leaves there into a full +-lr step of opposite signs. With eps 1e-6 such
+    # a residue moves a parameter by ~lr * 4e-3 while real gradients (~0.05) still take lr.
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-6) for m in (eager, fused)]
     gen = torch.Generator().manual_seed(0)
     for step in range(20):
         lr_img = torch.rand(1, 3, 4, 5, generator=gen) * 255
