@@ -49,6 +49,36 @@ def _mma(a, b, acc, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tap_of_step(step, KS: tl.constexpr, K_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(tap, k0, dh, dw) of step `step` of the flat KS*KS taps x K_CHUNKS channel-chunk loop the
+    conv main loops run: the tap index, the chunk's first channel, and the tap's (row, column)
+    shift from the centre."""
+    if K_CHUNKS == 1:
+        tap = step
+        k0 = 0
+    else:
+        tap = step // K_CHUNKS
+        k0 = (step - tap * K_CHUNKS) * BLOCK_K
+    return tap, k0, tap // KS - KS // 2, tap % KS - KS // 2
+
+
+@triton.jit
+def _shuffle_col(q, R: tl.constexpr, C_SH: tl.constexpr, W_HR):
+    """Offset of shuffle-order column q = (i*R + j)*C_SH + c (pack_weight(w, r)) from the
+    upscaled NHWC element of sub-pixel (0, 0), channel 0, of the same low-resolution pixel:
+    sub-pixel (i, j), channel c of an upscaled image W_HR pixels wide."""
+    ij = q // C_SH
+    return ((ij // R) * W_HR + ij % R) * C_SH + q % C_SH
+
+
+@triton.jit
+def _conv_channel(q, R: tl.constexpr, C_SH: tl.constexpr):
+    """The conv output channel c*R^2 + i*R + j (PyTorch's PixelShuffle order) of shuffle-order
+    column q = (i*R + j)*C_SH + c."""
+    return (q % C_SH) * (R * R) + q // C_SH
+
+
+@triton.jit
 def _conv_mainloop(
     acc,
     src_ptr, img, oh, ow, m_mask, H_src, W_src,
@@ -67,7 +97,6 @@ def _conv_mainloop(
     KS*KS*ceil(C_SRC/BLOCK_K) steps: each step loads one BLOCK_M x BLOCK_K activation tile
     (BLOCK_K contiguous channels per pixel: 16-byte vector loads) and one BLOCK_K x BLOCK_N
     weight tile (contiguous rows of the packed weight, from L2), and issues one MMA."""
-    PAD = KS // 2
     K_CHUNKS = (C_SRC + BLOCK_K - 1) // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
     # Pointers of the centre tap's first chunk, built once; each step only adds a scalar
@@ -76,14 +105,7 @@ def _conv_mainloop(
     a_base = src_ptr + (pix0.to(tl.int64) * C_SRC)[:, None] + offs_k[None, :]
     b_base = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
     for step in range(KS * KS * K_CHUNKS):
-        if K_CHUNKS == 1:
-            tap = step
-            k0 = 0
-        else:
-            tap = step // K_CHUNKS
-            k0 = (step - tap * K_CHUNKS) * BLOCK_K
-        dh = tap // KS - PAD
-        dw = tap % KS - PAD
+        tap, k0, dh, dw = _tap_of_step(step, KS, K_CHUNKS, BLOCK_K)
         ih = oh + dh
         iw = ow + dw
         row_ok = m_mask & (ih >= 0) & (ih < H_src) & (iw >= 0) & (iw < W_src)

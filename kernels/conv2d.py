@@ -65,7 +65,7 @@ from ._common import (
     _launch_config_args,
     _shuffle_perm,
 )
-from ._jit import _conv_mainloop, _round_to, _tile_coords
+from ._jit import _conv_channel, _conv_mainloop, _round_to, _shuffle_col, _tile_coords
 from .conv2d_tma import conv2d_nhwc_tma, tma_conv_supported
 
 __all__ = ["pack_weight", "conv2d_nhwc", "SUPPORTED_KERNEL_SIZES", "SUPPORTED_SHUFFLES"]
@@ -100,7 +100,7 @@ def _conv2d_nhwc_kernel(
         else:
             # Columns are in shuffle order (pack_weight(w, r)): column q holds conv channel
             # (q % C_SH) * R^2 + q // C_SH; the bias stays in PyTorch's order.
-            bias = tl.load(bias_ptr + (offs_n % C_SH) * (R * R) + offs_n // C_SH, mask=n_mask, other=0.0)
+            bias = tl.load(bias_ptr + _conv_channel(offs_n, R, C_SH), mask=n_mask, other=0.0)
         acc += bias[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
@@ -117,10 +117,8 @@ def _conv2d_nhwc_kernel(
         # F = 64 bf16): the store vectorizes to 16 bytes per thread, full 32-byte sectors.
         # The address splits into a per-pixel and a per-column part: out_off = row[m] + col[q].
         W_OUT = W * R
-        ij = offs_n // C_SH
         row = ((img * H + oh).to(tl.int64) * R * W_OUT + ow * R) * C_SH
-        col = ((ij // R) * W_OUT + ij % R) * C_SH + offs_n % C_SH
-        out_off = row[:, None] + col[None, :]
+        out_off = row[:, None] + _shuffle_col(offs_n, R, C_SH, W_OUT)[None, :]
     tl.store(out_ptr + out_off, _round_to(acc, out_ptr, INTERP), mask=mask)
 
 

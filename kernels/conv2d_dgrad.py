@@ -49,7 +49,7 @@ from ._common import (
     _result,
     _shuffle_perm,
 )
-from ._jit import _mma, _round_to, _tile_coords
+from ._jit import _mma, _round_to, _shuffle_col, _tap_of_step, _tile_coords
 from .conv2d import pack_weight
 
 __all__ = ["pack_weight_dgrad", "conv2d_dgrad_nhwc"]
@@ -72,7 +72,6 @@ def _dgrad_mainloop(
     w*R + j, c] at address row(n, h, w) + col(q) (R = 1: the plain NHWC address). With IN_MASK,
     elements where gmask (same layout as g) is 0 read as 0: the ReLU-backward prologue.
     Otherwise the same flat tap x chunk loop as the forward's `_conv_mainloop`."""
-    PAD = KS // 2
     K_CHUNKS = (C_G + BLOCK_K - 1) // BLOCK_K
     C_SH = C_G // (R * R)
     W_G = W * R
@@ -81,14 +80,7 @@ def _dgrad_mainloop(
     row0 = ((img * H + oh).to(tl.int64) * R * W_G + ow * R) * C_SH
     b_base = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
     for step in range(KS * KS * K_CHUNKS):
-        if K_CHUNKS == 1:
-            tap = step
-            k0 = 0
-        else:
-            tap = step // K_CHUNKS
-            k0 = (step - tap * K_CHUNKS) * BLOCK_K
-        dh = tap // KS - PAD
-        dw = tap % KS - PAD
+        tap, k0, dh, dw = _tap_of_step(step, KS, K_CHUNKS, BLOCK_K)
         ih = oh + dh
         iw = ow + dw
         row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -97,8 +89,7 @@ def _dgrad_mainloop(
         if R == 1:
             col = q
         else:
-            ij = q // C_SH
-            col = ((ij // R) * W_G + ij % R) * C_SH + q % C_SH
+            col = _shuffle_col(q, R, C_SH, W_G)
         a_mask = row_ok[:, None] & k_ok[None, :]
         a_off = row0[:, None] + ((dh * W_G + dw) * R * C_SH + col)[None, :]
         a = tl.load(g_ptr + a_off, mask=a_mask, other=0.0)

@@ -50,7 +50,7 @@ from ._common import (
     _next_pow2,
     _result,
 )
-from ._jit import _mma, _round_to
+from ._jit import _conv_channel, _mma, _round_to
 
 __all__ = ["conv2d_wgrad_nhwc"]
 
@@ -218,6 +218,8 @@ def _wgrad_kernel(
     # Columns: gradient channel q in gather order (see _dgrad_mainloop).
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < C_G
+    # The same address as _jit._shuffle_col, written out: through the helper the 64->3 tail's
+    # BLOCK_P=64 w4 config compiled to 87 registers and 22.9 int+pred/HGMMA instead of 71 and 19.1.
     ij = offs_q // C_SH
     g_col = ((ij // R) * W_G + ij % R) * C_SH + offs_q % C_SH
 
@@ -276,7 +278,7 @@ def _wgrad_reduce_kernel(
     k = offs // C_G
     q = offs % C_G
     C_SH = C_G // (R * R)
-    co = (q % C_SH) * (R * R) + q // C_SH
+    co = _conv_channel(q, R, C_SH)
     if HAS_DW:
         tap = k // C_IN
         ci = k % C_IN
