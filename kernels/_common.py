@@ -7,7 +7,6 @@ from each other's internals. Device code they share is in `_jit.py`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import os
 
@@ -66,19 +65,6 @@ def _block_n(c_out: int, shuffle: int = 1) -> int:
     # bytes than 3 tiles of 256 (33% padding, BLOCK_M <= 128 for the registers).
     cap = 64 if _INTERPRET else 256 if shuffle > 1 and c_out <= 256 else 128
     return min(max(16, _next_pow2(c_out)), cap)
-
-
-@functools.lru_cache(maxsize=64)
-def _shuffle_perm(c_out: int, shuffle: int, device) -> torch.Tensor:
-    """perm[q] = the conv output channel at shuffle-order position q = (i*r + j)*C/r^2 + c:
-    conv channel c*r^2 + i*r + j, which PixelShuffle(r) sends to sub-pixel (i, j), channel c.
-    In this order each (i, j) group is C/r^2 consecutive positions that land in one output
-    pixel's contiguous channels (the upsampler's packed columns and dgrad's gather order).
-    Made once per (Cout, r, device): building it is 4 small device ops, more launches than the
-    gather that uses it. Never modified (index_select only reads it)."""
-    r2 = shuffle * shuffle
-    c_sh = c_out // r2
-    return (torch.arange(c_sh, device=device)[None, :] * r2 + torch.arange(r2, device=device)[:, None]).reshape(-1)
 
 
 def _block_k(c_in: int, dtype: torch.dtype) -> int:

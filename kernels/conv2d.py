@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsr.ops.shuffle_order import shuffle_perm
+
 from . import _common
 from ._common import (
     _INT32_MAX,
@@ -63,7 +65,6 @@ from ._common import (
     _conv_configs,
     _launch,
     _launch_config_args,
-    _shuffle_perm,
 )
 from ._jit import _conv_channel, _conv_mainloop, _round_to, _shuffle_col, _tile_coords
 from .conv2d_tma import conv2d_nhwc_tma, tma_conv_supported
@@ -161,7 +162,7 @@ def pack_weight(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
 
     Columns: for shuffle = 1 column co is output channel co. For shuffle r > 1 (a conv followed
     by PixelShuffle(r), the upsampler) they are in shuffle order: column q = (i*r + j)*Cout/r^2 + c
-    holds conv channel co = c*r^2 + i*r + j (`_common._shuffle_perm`), the channel PixelShuffle
+    holds conv channel co = c*r^2 + i*r + j (`fastsr.ops.shuffle_order.shuffle_perm`), the channel PixelShuffle
     writes to sub-pixel (i, j), channel c. Each (i, j) group of Cout/r^2 columns is then one
     output pixel's contiguous channels, which the kernel stores with 16-byte stores. The one
     packing of a shuffle conv's weight: conv2d_nhwc with shuffle=r expects it (its bias stays in
@@ -171,7 +172,7 @@ def pack_weight(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
     c_out, c_in, kh, kw = weight.shape
     packed = weight.permute(2, 3, 1, 0).reshape(kh * kw * c_in, c_out)
     if _check_shuffle(shuffle, c_out) > 1:
-        return packed[:, _shuffle_perm(c_out, shuffle, weight.device)]  # index_select: a contiguous copy
+        return packed[:, shuffle_perm(c_out, shuffle, weight.device)]  # index_select: a contiguous copy
     return packed.contiguous()
 
 

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsr.ops.shuffle_order import shuffle_perm
+
 from . import _common
 from ._common import (
     _INT32_MAX,
@@ -47,7 +49,6 @@ from ._common import (
     _launch,
     _launch_config_args,
     _result,
-    _shuffle_perm,
 )
 from ._jit import _mma, _round_to, _shuffle_col, _tap_of_step, _tile_coords
 from .conv2d import pack_weight
@@ -148,7 +149,7 @@ def pack_weight_dgrad(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
     _check_tensor("weight", weight, rank=4)
     w = weight.flip(2, 3).transpose(0, 1)  # (Cin, Cout, KS, KS)
     if shuffle > 1:
-        w = w[:, _shuffle_perm(weight.shape[0], shuffle, weight.device)]
+        w = w[:, shuffle_perm(weight.shape[0], shuffle, weight.device)]
     return pack_weight(w)
 
 

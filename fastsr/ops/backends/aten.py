@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fastsr.ops.backends import glibc_heap
 from fastsr.ops.checks import CL, autocast_off
 from fastsr.ops.reference import conv2d_ref
+from fastsr.ops.shuffle_order import shuffle_perm
 
 
 def _post_ops(x: torch.Tensor) -> bool:
@@ -50,30 +51,23 @@ def _packed(w: torch.Tensor, pad: list[int], x: torch.Tensor) -> torch.Tensor:
     return found[2]
 
 
-# Upsampler weights with their output channels in shuffle order (`_shuffle_perm`), made once
+# Upsampler weights with their output channels in shuffle order (`shuffle_perm`), made once
 # per weight tensor, keyed like _PACKED.
 _SHUFFLE_ORDERED: dict[int, tuple] = {}
 
 
-def _shuffle_perm(c_out: int, r: int, device) -> torch.Tensor:
-    """perm[q] = the conv channel that goes to position q = (i*r + j)*C + c, C = c_out / r^2:
-    PixelShuffle sends conv channel c*r^2 + i*r + j to sub-pixel (i, j) of channel c."""
-    c = c_out // (r * r)
-    return (torch.arange(c, device=device)[None, :] * r * r + torch.arange(r * r, device=device)[:, None]).reshape(-1)
-
-
 def _shuffle_ordered(w: torch.Tensor, r: int, x: torch.Tensor) -> torch.Tensor:
-    """w[perm] for `_shuffle_perm`; made once per weight where `_packed` keeps its packed form
+    """w[perm] for `shuffle_perm`; made once per weight where `_packed` keeps its packed form
     (the same conditions and the same keying: a fresh w[perm] per call would be packed
     again per call), indexed per call elsewhere (microseconds against the conv)."""
     if not _post_ops(x) or torch.is_grad_enabled() or torch.compiler.is_compiling() \
             or type(w) not in (torch.Tensor, nn.Parameter):
-        return w[_shuffle_perm(w.shape[0], r, w.device)]
+        return w[shuffle_perm(w.shape[0], r, w.device)]
     key = id(w)
     version = -1 if w.is_inference() else w._version
     found = _SHUFFLE_ORDERED.get(key)
     if found is None or found[0]() is not w or found[1] != version:
-        ordered = w[_shuffle_perm(w.shape[0], r, w.device)].contiguous()
+        ordered = w[shuffle_perm(w.shape[0], r, w.device)].contiguous()
         found = (weakref.ref(w, lambda _, key=key: _SHUFFLE_ORDERED.pop(key, None)), version, ordered)
         _SHUFFLE_ORDERED[key] = found
     return found[2]
@@ -113,7 +107,7 @@ def conv(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, s
     w, b = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if shuffle > 1:
         w = _shuffle_ordered(w, shuffle, x)
-        b = None if b is None else b[_shuffle_perm(b.shape[0], shuffle, b.device)]
+        b = None if b is None else b[shuffle_perm(b.shape[0], shuffle, b.device)]
     pad = [weight.shape[-1] // 2] * 2
     if _post_ops(x) and skip is not None and not relu and shuffle == 1:
         if res_scale != 1.0:  # scaled per call: a fresh tensor, packed inside the primitive as before
