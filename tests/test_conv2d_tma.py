@@ -43,32 +43,9 @@ CASES = [
 
 
 @pytest.fixture
-def tma_on(monkeypatch):
-    """The TMA path on: patched under the interpreter; on a GPU only where it has TMA."""
-    if TRITON_DEVICE == "cpu":
-        monkeypatch.setattr(common, "_has_tma", lambda device: True)
-    elif not common._has_tma(torch.device(TRITON_DEVICE)):
-        pytest.skip("this GPU has no TMA (compute capability < 9.0)")
-
-
-@pytest.fixture
-def launches(monkeypatch):
+def launches(count_kernel_choice):
     """Counts of the TMA launcher's and the pointer kernel's launches through conv2d_nhwc."""
-    counts = {"tma": 0, "pointer": 0}
-    tma, launch = conv2d_mod.conv2d_nhwc_tma, conv2d_mod._launch
-
-    def count_tma(*a, **k):
-        counts["tma"] += 1
-        return tma(*a, **k)
-
-    def count_pointer(kernel, *a, **k):
-        assert kernel is conv2d_mod._conv2d_nhwc_kernel
-        counts["pointer"] += 1
-        return launch(kernel, *a, **k)
-
-    monkeypatch.setattr(conv2d_mod, "conv2d_nhwc_tma", count_tma)
-    monkeypatch.setattr(conv2d_mod, "_launch", count_pointer)
-    return counts
+    return count_kernel_choice(conv2d_mod, "conv2d_nhwc_tma", conv2d_mod._conv2d_nhwc_kernel)
 
 
 def _inputs(name, n, h, w, c_in, c_out, ks, opt, dtype):

@@ -28,12 +28,10 @@ from fastsr.kernels.resblock import resblock_nhwc
 from fastsr.kernels.resblock_tma import tma_block_supported
 from fastsr.ops.reference import conv2d_ref
 from parity import assert_parity
-import test_conv2d_tma
 from testenv import TRITON_DEVICE
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# The fixture that turns the TMA path on (patched under the interpreter; on a GPU only with TMA).
-tma_on = test_conv2d_tma.tma_on
+# tma_on (conftest.py) turns the TMA path on: patched under the interpreter, on a GPU only with TMA.
 
 # (id, N, H, W, C, ks, res_scale): four-row steps (3x3, C 16/32/64) and one-row steps (5x5);
 # W 31 = three 14-wide tiles (the last 3 wide), H 9 = three 4-row tiles (the last 1 row).
@@ -47,23 +45,9 @@ CASES = [
 
 
 @pytest.fixture
-def launches(monkeypatch):
+def launches(count_kernel_choice):
     """Counts of the TMA block's and the pointer block kernel's launches through resblock_nhwc."""
-    counts = {"tma": 0, "pointer": 0}
-    tma, launch = resblock_mod.resblock_nhwc_tma, resblock_mod._launch
-
-    def count_tma(*a, **k):
-        counts["tma"] += 1
-        return tma(*a, **k)
-
-    def count_pointer(kernel, *a, **k):
-        assert kernel is resblock_mod._resblock_nhwc_kernel
-        counts["pointer"] += 1
-        return launch(kernel, *a, **k)
-
-    monkeypatch.setattr(resblock_mod, "resblock_nhwc_tma", count_tma)
-    monkeypatch.setattr(resblock_mod, "_launch", count_pointer)
-    return counts
+    return count_kernel_choice(resblock_mod, "resblock_nhwc_tma", resblock_mod._resblock_nhwc_kernel)
 
 
 def _inputs(name: str, n: int, h: int, w: int, c: int, ks: int, dtype: torch.dtype):
