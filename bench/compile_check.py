@@ -535,11 +535,16 @@ def sass_facts(instrs: list[dict]) -> dict:
         n_mma = sum(op == mma_op for op in body)
         n_int = sum(op in _INT_OPS for op in body)
         n_pred = sum(op in _PRED_OPS for op in body)
-        load_w = [_access_bytes(ins["opcode"]) for ins in instrs[a:b + 1] if ins["op"] in ("LDG", "LDGSTS")]
+        # The operands' global loads: the loop's; in a fully unrolled kernel (one K step, the
+        # head) the MMAs' operands are all loaded before the last MMA, so everything up to it.
+        span = instrs[a:b + 1] if not unrolled else instrs[:b + 1]
+        load_w = [_access_bytes(ins["opcode"]) for ins in span if ins["op"] in ("LDG", "LDGSTS")]
         loops.append(dict(instructions=len(body), mma=n_mma, int_ops=n_int, pred_ops=n_pred,
                           int_pred_per_mma=round((n_int + n_pred) / n_mma, 1), addr=instrs[a]["addr"],
                           unrolled=unrolled, widest_load=max(load_w, default=0),
-                          tma_loads=sum(op == "UTMALDG" for op in body)))
+                          narrowest_load=min(load_w, default=0),
+                          loads_by_width={str(w): load_w.count(w) for w in sorted(set(load_w))},
+                          tma_loads=sum(ins["op"] == "UTMALDG" for ins in span)))
     hot = max(loops, key=lambda lp: (lp["mma"], lp["int_pred_per_mma"]), default=None)
     # wgmma shape (m64nNk16) and where its A operand lives: "gdesc" first = A and B both
     # from shared memory (a descriptor), a register first = A from registers.
@@ -559,6 +564,8 @@ def sass_facts(instrs: list[dict]) -> dict:
         loads_by_width={str(w): (ldg_widths + cp_widths).count(w) for w in sorted(set(ldg_widths + cp_widths))},
         stores_by_width={str(w): st_widths.count(w) for w in sorted(set(st_widths))},
         hot_loop_widest_load=hot["widest_load"] if hot else None,
+        hot_loop_narrowest_load=hot["narrowest_load"] if hot else None,
+        hot_loop_loads_by_width=hot["loads_by_width"] if hot else None,
         hot_loop_tma_loads=hot["tma_loads"] if hot else None,
         hgmma_shape=common[0] if common else None, hgmma_a_from_smem=common[1] if common else None,
         hot_loop_mma=mma_op if hot else None,
@@ -926,6 +933,38 @@ def check_wide_loads(rows: list[dict]) -> list[str]:
     return bad
 
 
+# The roles whose kernels are convolutions (tensor-core work); "reduce" (wgrad's slot sum) and
+# "other" are not.
+MMA_ROLES = ("head", "body", "block", "upsampler", "tail", "dgrad", "wgrad")
+
+
+def check_hopper(rows: list[dict]) -> list[str]:
+    """Problems against issue 13's done-when, over every compiled config (sm_90 emissions):
+    every conv kernel (MMA_ROLES) issues HGMMA; no kernel spills; a conv kernel's operand loads
+    (its hot loop's global loads; a fully unrolled kernel's, up to its last MMA) are 16 bytes
+    wide or TMA boxes; body convs and the residual block load through TMA (UTMALDG in the hot
+    loop); the upsampler's global stores are at least 8 bytes wide (or TMA stores)."""
+    bad = []
+    for r in rows:
+        sass, what = r["sass"], f"{r['role']} {r['name'].strip('_')} {_shape_text(r['constexprs'])} {r['config_text']}"
+        if sass["spill_store_bytes"] is None or sass["spill_store_bytes"] > 0 or sass["ldl"] or sass["stl"]:
+            bad.append(f"{what}: spills ({sass['spill_store_bytes']} B, {sass['ldl']} LDL / {sass['stl']} STL)")
+        role = r["role"].split("+")[0]
+        if role not in MMA_ROLES:
+            continue
+        if sass["mma"] != "HGMMA":
+            bad.append(f"{what}: mma {sass['mma']}, not HGMMA")
+            continue
+        narrow = sass.get("hot_loop_narrowest_load")
+        if narrow is not None and 0 < narrow < 16:
+            bad.append(f"{what}: operand loads {sass['hot_loop_loads_by_width']} (bytes: count), not all 16 B or TMA")
+        if role in ("body", "block") and not sass.get("hot_loop_tma_loads"):
+            bad.append(f"{what}: no TMA load (UTMALDG) in the hot loop")
+        if role == "upsampler" and sass["stg"] and sass["narrowest_store"] < 8:
+            bad.append(f"{what}: {sass['narrowest_store']}-byte global stores (want >= 8 B or TMA)")
+    return bad
+
+
 def _kernel_dtype(signature: dict) -> str:
     """The element type of the kernel's first tensor argument: a pointer ("*bf16") or a TMA
     descriptor ("tensordesc<bf16[1, 1, 128, 64]>")."""
@@ -977,6 +1016,7 @@ def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: 
     order = {r: i for i, r in enumerate(ROLES)}
     rows.sort(key=lambda r: (order.get(r["role"].split("+")[0], 99), r["name"], r["dtype"], r["config_text"]))
     problems += [f"NARROW {p}" for p in check_wide_loads(rows)] if meta.get("check_wide_loads") else []
+    problems += [f"HOPPER {p}" for p in check_hopper(rows)] if meta.get("check_hopper") else []
     meta = {**meta, "compile_s": round(compile_s, 1), "kernels_compiled": len(vs)}
     if out_dir is not None:
         manifest = {"arch": arch, **meta, "kernels": entries, "launches": records, "torch_ops": list(torch_ops)}
@@ -1079,6 +1119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emit", type=Path, metavar="DIR", help="write cubins, manifest.json, sass_report.{json,txt}")
     p.add_argument("--check-wide-loads", action="store_true",
                    help="fail if a bf16/fp16 body conv has no 16-byte global load")
+    p.add_argument("--check-hopper", action="store_true",
+                   help="fail on issue 13's done-when: a conv kernel without HGMMA, any spill, conv operand loads "
+                        "narrower than 16 B and not TMA, a body conv or block without TMA loads, upsampler "
+                        "stores under 8 B (sm_90)")
     p.add_argument("--no-specialize", action="store_true",
                    help="compile without the attributes the JIT derives from real arguments (the old, wrong way)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile threads")
@@ -1102,7 +1146,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = dict(model=None, quick=args.quick)
     meta.update(triton=triton.__version__, torch=torch.__version__, first_config=args.first_config,
                 pinned_configs=os.environ.get("FASTSR_DETERMINISTIC") == "1",
-                check_wide_loads=args.check_wide_loads, jit_attrs=not args.no_specialize,
+                check_wide_loads=args.check_wide_loads, check_hopper=args.check_hopper,
+                jit_attrs=not args.no_specialize,
                 launches_recorded=len(launches))
     if args.emit:
         args.emit.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,41 @@ def test_gpu_check_script_parses_and_measure_needs_a_gpu():
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "static_model.py"), str(REPO_ROOT),
                            "--measure"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--measure needs a CUDA GPU" in proc.stderr, proc.stderr
+
+
+
+_CHECK_HOPPER_CASES = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from compile_check import check_hopper
+
+def row(role, **sass):
+    base = dict(mma="HGMMA", spill_store_bytes=0, ldl=0, stl=0, hot_loop_narrowest_load=16,
+                hot_loop_loads_by_width={"16": 4}, hot_loop_tma_loads=0, stg=4, narrowest_store=16)
+    return dict(role=role, name="_k_kernel", constexprs={"C_IN": 64, "C_OUT": 64, "KS": 3}, config_text="cfg",
+                sass={**base, **sass})
+
+clean = [row("body", hot_loop_tma_loads=9), row("block", hot_loop_tma_loads=6), row("upsampler", narrowest_store=8),
+         row("reduce", mma="none", hot_loop_narrowest_load=4), row("head", hot_loop_narrowest_load=None)]
+cases = {
+    "mma none, not HGMMA": row("wgrad", mma="none"),
+    "spills (24 B": row("head", spill_store_bytes=24),
+    "not all 16 B or TMA": row("dgrad", hot_loop_narrowest_load=2, hot_loop_loads_by_width={"2": 8, "16": 1}),
+    "no TMA load (UTMALDG)": row("body"),
+    "2-byte global stores": row("upsampler", narrowest_store=2),
+}
+print(json.dumps({"clean": check_hopper(clean), **{k: check_hopper([r]) for k, r in cases.items()}}))
+"""
+
+
+def test_check_hopper_flags_each_done_when_rule():
+    """The issue-13 check (--check-hopper), on hand-made SASS facts: one problem per broken
+    rule, none for clean rows, and no HGMMA or load-width demand on the non-conv roles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _CHECK_HOPPER_CASES, str(REPO_ROOT / "bench")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got.pop("clean") == []
+    for text, problems in got.items():
+        assert len(problems) == 1 and text in problems[0], (text, problems)
