@@ -167,10 +167,24 @@ def work_head(a: dict, cfg: dict) -> Work:
 
 
 def work_dgrad(a: dict, cfg: dict) -> Work:
-    """_dgrad_kernel: dx = conv of the (unshuffled) output gradient with flipped weights."""
+    """_dgrad_kernel: dx = conv of the (unshuffled) output gradient with flipped weights. With
+    G_PAD (a narrow gradient read from its padded copy, `_pad_grad_kernel`): BLOCK_K-wide K steps
+    of BLOCK_K / G_PAD taps, unrolled; A is one G_PAD*e-byte vector per (pixel, real tap) (the
+    dummy slots are masked and fetch nothing), B the whole packed weight (KS^2 * G_PAD rows) per tile."""
     g, out = a["g_ptr"], a["out_ptr"]
     e = _BYTES[g["dtype"]]
     m, c_g, c_in, ks = a["M"], a["C_G"], a["C_IN"], a["KS"]
+    if a.get("G_PAD"):
+        bm, bn, bk, gp = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"], a["G_PAD"]
+        steps = _cdiv(ks * ks, bk // gp)
+        tiles_m, tiles_n = _cdiv(m, bm), _cdiv(c_in, bn)
+        issued = 2.0 * tiles_m * bm * tiles_n * bn * steps * bk
+        operands = tiles_m * tiles_n * (bm + bn) * ks * ks * gp * e
+        io = _nbytes(g) + _nbytes(out) + _nbytes(a["w_ptr"]) + (_nbytes(a["omask_ptr"]) if a["OUT_MASK"] else 0)
+        stores = _nbytes(out) + (_nbytes(a["omask_ptr"]) if a["OUT_MASK"] else 0)
+        return Work(2.0 * m * ks * ks * c_g * c_in, issued, io, operands + stores, operands, tiles_m * tiles_n,
+                    [f"padded gradient, {bk // gp} taps per K step, {steps} steps"],
+                    straight_line_warps=cfg.get("num_warps", 4))
     # The prologue mask (IN_MASK) is a second gradient-shaped read per A element.
     issued, operands, tiles = _conv_like(m, ks * ks, c_g, c_in, e, a, a_extra=1.0 if a["IN_MASK"] else 0.0)
     io = _nbytes(g) + _nbytes(out) + _nbytes(a["w_ptr"]) + (_nbytes(a["gmask_ptr"]) if a["IN_MASK"] else 0) \
@@ -270,6 +284,13 @@ def work_reduce(a: dict, cfg: dict) -> Work:
     return Work(0.0, 0.0, ws + outs, ws + outs, 0.0, _cdiv(total, a["BLOCK"]))
 
 
+def work_pad_grad(a: dict, cfg: dict) -> Work:
+    """_pad_grad_kernel: the narrow gradient copied into its bordered, channel-padded layout for
+    dgrad (one read of g and the mask, one write of the copy)."""
+    moved = _nbytes(a["g_ptr"]) + (_nbytes(a["gmask_ptr"]) if a["IN_MASK"] else 0) + _nbytes(a["out_ptr"])
+    return Work(0.0, 0.0, moved, moved, 0.0, _cdiv(a["TOTAL"], a["BLOCK_P"]))
+
+
 def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int], sass: dict | None = None) -> Work:
     """The work of one launch: its recorded arguments with one of its configs (a launch with a
     pinned config, e.g. wgrad under FASTSR_DETERMINISTIC=1, has its block sizes in the arguments);
@@ -283,6 +304,8 @@ def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int], sass: dict 
         return work_head(a, cfg)
     if kernel == "_dgrad_kernel":
         return work_dgrad(a, cfg)
+    if kernel == "_pad_grad_kernel":
+        return work_pad_grad(a, cfg)
     if kernel == "_resblock_nhwc_kernel":
         return work_block(a, cfg)
     if kernel == "_resblock_tma_kernel":
@@ -341,6 +364,8 @@ def _label(rec: dict) -> str:
     a = rec["args"]
     if rec["kernel"] in ("_resblock_nhwc_kernel", "_resblock_tma_kernel"):
         return f"{a['C']}->{a['C']} k{a['KS']}"
+    if rec["kernel"] == "_pad_grad_kernel":
+        return f"pad {a['C_G']}->{a['G_PAD']} ch k{a['KS']}"
     cin = a.get("C_IN")
     cout = a.get("C_OUT", a.get("C_G"))
     r = a.get("SHUFFLE", a.get("R", 1))

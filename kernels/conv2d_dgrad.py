@@ -20,6 +20,20 @@ dgrad (`_dgrad_kernel`): the forward's implicit GEMM with M = N*H*W pixels, N = 
   Tiling, block sizes and autotune configs are the forward's (`_conv_configs`, `_block_n`,
   `_block_k`); the MMA and rounding helpers are shared.
 
+A narrow gradient (Cout < 16 without a shuffle: the tail's 3 RGB channels) is not read in place:
+  its pixels are 3*e bytes apart, so a tap's A tile would be a 2-byte gather filling 3 of a
+  16-wide K chunk (16/3 of the MMA work wasted), and no TMA box or 16-byte vector fits it. The
+  launcher first copies it (`_pad_grad_kernel`, one pass) into gp = (N, H + 2P, W + 2P, G_PAD),
+  G_PAD = max(16 B / e, next_pow2(Cout)) (bf16/fp16 RGB: 8, fp32: 4): zero in the extra
+  channels and in a P = KS // 2 pixel border, the prologue mask applied. Then one (pixel, tap)
+  is one aligned 16-byte vector, a K step holds BLOCK_K / G_PAD whole taps (BLOCK_K 32 for
+  bf16/fp16, 16 for fp32: a 4 KiB weight tile, one 16-byte vector per thread even at 8 warps;
+  bf16 3x3: 3 steps, K 96 issued for 27 useful, against 9 x 16 = 144 in place), and the border
+  is the conv's zero padding, so the unrolled steps load without bounds masks
+  (`_dgrad_padded_mainloop`; `pack_weight_dgrad(..., g_pad=)` lays out the matching rows). The copy costs, per output pixel,
+  a read of Cout*e and a write of ~G_PAD*e = 16 B (EDSR's training step, 16 x 96x96 bf16:
+  0.9 MB read, 2.5 MB written), against dx's Cin*e = 128 B.
+
 Cost per pixel (e = bytes per element, F = C = 64, 3x3, fp16, e = 2; DRAM traffic, L2 re-reads
 not counted):
   dgrad   FLOPs 2*KS^2*Cin*Cout = 73,728; reads Cout*e of g (+ Cout*e of the prologue mask, or
@@ -48,6 +62,7 @@ from ._common import (
     _conv_configs,
     _launch,
     _launch_config_args,
+    _next_pow2,
     _result,
 )
 from ._jit import _mma, _round_to, _shuffle_col, _tap_of_step, _tile_coords
@@ -107,22 +122,107 @@ def _dgrad_mainloop(
 
 
 @triton.jit
+def _dgrad_padded_mainloop(
+    acc,
+    g_ptr, img, oh, ow, M, H, W,
+    w_ptr, offs_n, n_mask,
+    C_IN: tl.constexpr, KS: tl.constexpr, G_PAD: tl.constexpr, INTERP: tl.constexpr,
+    PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc[m, n] += sum over taps t and q < G_PAD of gp[img, oh + kh(t), ow + kw(t), q] * w[t*G_PAD + q, n]
+
+    gp is the bordered, channel-padded gradient `_pad_grad_kernel` writes: (N, H + 2P, W + 2P,
+    G_PAD), P = KS // 2, zero in the border (the conv's padding) and in channels >= C_G. A step
+    is a BLOCK_K-wide K chunk of TPS = BLOCK_K / G_PAD whole taps: column k is tap
+    step*TPS + k // G_PAD, channel k % G_PAD, so each (pixel, tap) is one aligned G_PAD*e = 16-byte
+    vector (fp32 at G_PAD = 4, bf16/fp16 at 8) and no load needs a bounds mask: rows past M read
+    the last pixel's taps (their results are never stored), and only the last step's slots past
+    the KS*KS taps (and their weight rows, past the packed weight's end) are masked. The steps
+    are unrolled: their tap offsets are known per column group at compile time."""
+    TPS: tl.constexpr = BLOCK_K // G_PAD
+    STEPS: tl.constexpr = (KS * KS + TPS - 1) // TPS
+    P: tl.constexpr = KS // 2
+    W_P = W + 2 * P
+    offs_k = tl.arange(0, BLOCK_K)
+    # Centre element of each pixel in gp (monotonic in the pixel index, so clamping it to pixel
+    # M - 1's keeps the tail rows' taps inside gp).
+    centre = (img * (H + 2 * P) + oh + P) * W_P + ow + P
+    last = M - 1
+    last_centre = ((last // W // H) * (H + 2 * P) + (last // W) % H + P) * W_P + last % W + P
+    a_base = g_ptr + tl.minimum(centre, last_centre).to(tl.int64)[:, None] * G_PAD
+    b_base = w_ptr + offs_k[:, None] * C_IN + offs_n[None, :]
+    for step in tl.static_range(STEPS):
+        tap = step * TPS + offs_k // G_PAD
+        a_off = ((tap // KS - P) * W_P + tap % KS - P) * G_PAD + offs_k % G_PAD
+        b_ptrs = b_base + step * BLOCK_K * C_IN
+        if (step + 1) * TPS > KS * KS:  # the last step has empty tap slots
+            tap_ok = tap < KS * KS
+            a = tl.load(a_base + a_off[None, :], mask=tap_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=tap_ok[:, None] & n_mask[None, :], other=0.0)
+        else:
+            a = tl.load(a_base + a_off[None, :])
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        if INTERP:
+            # See _conv_mainloop: the interpreter cannot multiply bf16; widening is exact.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = _mma(a, b, acc, PREC, USE_INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _pad_grad_kernel(
+    g_ptr, gmask_ptr, out_ptr,
+    TOTAL, H, W,
+    C_G: tl.constexpr, G_PAD: tl.constexpr, KS: tl.constexpr, IN_MASK: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """out[n, h', w', q] = g[n, h' - P, w' - P, q] (where gmask is nonzero, with IN_MASK) inside the
+    image and q < C_G; 0 in the P = KS // 2 pixel border and in channels C_G..G_PAD-1. out is
+    (N, H + 2P, W + 2P, G_PAD): every element written, one G_PAD-wide vector per pixel."""
+    P: tl.constexpr = KS // 2
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels of out
+    q = tl.arange(0, G_PAD)
+    w_p = offs % (W + 2 * P)
+    t = offs // (W + 2 * P)
+    h_p = t % (H + 2 * P)
+    img = t // (H + 2 * P)
+    inside = (offs < TOTAL) & (h_p >= P) & (h_p < H + P) & (w_p >= P) & (w_p < W + P)
+    src = ((img * H + h_p - P) * W + w_p - P).to(tl.int64) * C_G
+    ok = inside[:, None] & (q < C_G)[None, :]
+    # Through fp32 (exact both ways): the interpreter has no arithmetic on bf16.
+    v = tl.load(g_ptr + src[:, None] + q[None, :], mask=ok, other=0.0).to(tl.float32)
+    if IN_MASK:
+        keep = tl.load(gmask_ptr + src[:, None] + q[None, :], mask=ok, other=0.0).to(tl.float32) != 0.0
+        v = tl.where(keep, v, 0.0)
+    dst = offs.to(tl.int64)[:, None] * G_PAD + q[None, :]
+    tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=(offs < TOTAL)[:, None])
+
+
+@triton.jit
 def _dgrad_kernel(
     g_ptr, gmask_ptr, w_ptr, omask_ptr, out_ptr,
     M, H, W, scale,
     C_G: tl.constexpr, C_IN: tl.constexpr, KS: tl.constexpr, R: tl.constexpr,
     IN_MASK: tl.constexpr, OUT_MASK: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, G_PAD: tl.constexpr = 0,
 ):
     # Same grid as the forward: 1-D, channel blocks fastest.
     offs_m, offs_n, m_mask, n_mask, img, oh, ow = _tile_coords(M, H, W, C_IN, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _dgrad_mainloop(
-        acc, g_ptr, gmask_ptr, img, oh, ow, m_mask, H, W, w_ptr, offs_n, n_mask,
-        C_G, C_IN, KS, R, IN_MASK, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K,
-    )
+    if G_PAD > 0:
+        # g is the bordered, channel-padded copy (`_pad_grad_kernel`; the prologue mask applied)
+        acc = _dgrad_padded_mainloop(
+            acc, g_ptr, img, oh, ow, M, H, W, w_ptr, offs_n, n_mask,
+            C_IN, KS, G_PAD, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K,
+        )
+    else:
+        acc = _dgrad_mainloop(
+            acc, g_ptr, gmask_ptr, img, oh, ow, m_mask, H, W, w_ptr, offs_n, n_mask,
+            C_G, C_IN, KS, R, IN_MASK, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K,
+        )
 
     # ---- epilogue in fp32: res_scale, the input ReLU's mask, one rounding at the store ----
     acc = acc * scale
@@ -134,19 +234,81 @@ def _dgrad_kernel(
     tl.store(out_ptr + off, _round_to(acc, out_ptr, INTERP), mask=mask)
 
 
+def _prune_padded(configs, named_args, **kwargs):
+    """The padded path's steps are unrolled (no loop to pipeline): configs differing only in
+    num_stages compile to the same code, so keep one of each (BLOCK_M, num_warps)."""
+    if not kwargs.get("G_PAD"):
+        return configs
+    seen, kept = set(), []
+    for c in configs:
+        key = (c.kwargs["BLOCK_M"], c.num_warps)
+        if key not in seen:
+            seen.add(key)
+            kept.append(c)
+    return kept
+
+
 _dgrad_tuned = triton.autotune(
-    configs=_conv_configs(), key=["C_G", "C_IN", "KS", "R", "IN_MASK", "OUT_MASK"]  # + dtypes
+    configs=_conv_configs(), key=["C_G", "C_IN", "KS", "R", "IN_MASK", "OUT_MASK", "G_PAD"],  # + dtypes
+    prune_configs_by={"early_config_prune": _prune_padded},
 )(_dgrad_kernel)
 
+_PAD_BLOCK_P = 256  # pixels per program of the pad kernel: 4 KiB of bf16 output at G_PAD = 8
 
-def pack_weight_dgrad(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
+
+def _g_pad(c_g: int, r: int, dtype: torch.dtype) -> int:
+    """Channels per pixel of the padded gradient copy the dgrad reads, 0 for none (read in place).
+    A gradient of fewer than 16 channels without a shuffle (the tail's 3) would fill a 16-wide K
+    chunk per tap with zeros and be gathered with narrow loads; padded to a power of two of at
+    least 16 bytes (bf16/fp16: 8 channels, fp32: 4 for RGB) one (pixel, tap) is one 16-byte load
+    and a K chunk holds 16 / G_PAD taps."""
+    if r != 1 or c_g >= 16:
+        return 0
+    return max(16 // torch.empty((), dtype=dtype).element_size(), _next_pow2(c_g))
+
+
+def _padded_block_k(dtype: torch.dtype) -> int:
+    """K per step of the padded path: a BLOCK_K x 64 weight tile of 4 KiB (bf16/fp16: 32 = 4
+    taps; fp32: 16 = 4 taps), so even an 8-warp program loads it as one 16-byte vector per thread
+    (a 16 x 64 bf16 tile would be 8 bytes per thread there)."""
+    return 16 if dtype == torch.float32 else 32
+
+
+def _pad_grad(grad_out, grad_mask, g_pad: int, ks: int) -> torch.Tensor:
+    """The copy `_pad_grad_kernel` writes: (N, H + 2P, W + 2P, g_pad), P = ks // 2, the prologue
+    mask applied. Bytes: reads N*H*W*C_G*e (+ the mask), writes N*(H+2P)*(W+2P)*16."""
+    n, h, w, c_g = grad_out.shape
+    p = ks // 2
+    out = torch.empty((n, h + 2 * p, w + 2 * p, g_pad), device=grad_out.device, dtype=grad_out.dtype)
+    total = n * (h + 2 * p) * (w + 2 * p)
+    if total * g_pad > _INT32_MAX:
+        raise ValueError(f"the padded gradient would have {total * g_pad} elements; at most {_INT32_MAX} are supported")
+    grid = (triton.cdiv(total, _PAD_BLOCK_P),)
+    with _common._device_ctx(grad_out):
+        _pad_grad_kernel[grid](grad_out, grad_mask if grad_mask is not None else grad_out, out, total, h, w,
+                               C_G=c_g, G_PAD=g_pad, KS=ks, IN_MASK=grad_mask is not None, BLOCK_P=_PAD_BLOCK_P)
+    return out
+
+
+def pack_weight_dgrad(weight: torch.Tensor, shuffle: int = 1, g_pad: int = 0) -> torch.Tensor:
     """(Cout, Cin, KS, KS) -> (KS*KS*Cout, Cin): the packed weight of the dgrad conv.
 
     Row (kh*KS + kw)*Cout + q holds W[co(q), :, KS-1-kh, KS-1-kw] (flipped taps, in and out
     channels swapped). For shuffle r > 1 the rows of a tap are in gather order:
     q = (i*r + j)*Cout/r^2 + c holds conv channel co = c*r^2 + i*r + j, the channel the
-    pixel-shuffled gradient stores at sub-pixel (i, j), channel c."""
+    pixel-shuffled gradient stores at sub-pixel (i, j), channel c.
+
+    g_pad > 0 (the padded gradient's channels; shuffle 1, Cout <= g_pad): (KS*KS*g_pad, Cin),
+    row tap*g_pad + q holds the same W[q, :, flipped tap] for q < Cout and zeros for the other q
+    (the padded gradient's zero channels)."""
     _check_tensor("weight", weight, rank=4)
+    if g_pad:
+        c_out, c_in, ks = weight.shape[0], weight.shape[1], weight.shape[2]
+        if shuffle != 1 or g_pad < c_out:
+            raise ValueError(f"g_pad={g_pad} needs shuffle 1 and Cout <= g_pad, got shuffle={shuffle}, Cout={c_out}")
+        packed = weight.new_zeros((ks * ks, g_pad, c_in))
+        packed[:, :c_out] = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(ks * ks, c_out, c_in)
+        return packed.reshape(ks * ks * g_pad, c_in)
     w = weight.flip(2, 3).transpose(0, 1)  # (Cin, Cout, KS, KS)
     if shuffle > 1:
         w = w[:, shuffle_perm(weight.shape[0], shuffle, weight.device)]
@@ -165,7 +327,9 @@ def conv2d_dgrad_nhwc(grad_out, weight, kernel_size: int, *, shuffle: int = 1, r
                 conv's input was relu(h); pass h or relu(h)).
     Returns dx (N, H, W, Cin) in grad_out's dtype (or writes `out`). fp32 accumulation.
     Per pixel: 2*KS^2*Cin*Cout FLOPs; reads Cout*e of grad (+Cout*e of grad_mask or Cin*e of
-    input_mask), writes Cin*e.
+    input_mask), writes Cin*e. A narrow grad_out (Cout < 16, shuffle 1) is first copied into a
+    bordered, 16-byte-per-pixel layout (one extra launch, the mask applied there; see the module
+    docstring) and dgrad reads the copy.
     """
     _check_activation("grad_out", grad_out)
     ks = _check_kernel_size(kernel_size, _common.SUPPORTED_KERNEL_SIZES)
@@ -194,14 +358,21 @@ def conv2d_dgrad_nhwc(grad_out, weight, kernel_size: int, *, shuffle: int = 1, r
         return out
     if m * r * r > _INT32_MAX:
         raise ValueError(f"{m * r * r} output pixels; at most {_INT32_MAX} are supported")
-    w_packed = pack_weight_dgrad(weight, r)
+    g_pad = _g_pad(c_out, r, grad_out.dtype)
+    if g_pad:
+        # Narrow gradient (the tail's 3 channels): read from a bordered, channel-padded copy,
+        # the prologue mask applied there (see _dgrad_padded_mainloop).
+        g, gmask, block_k = _pad_grad(grad_out, grad_mask, g_pad, ks), None, _padded_block_k(grad_out.dtype)
+    else:
+        g, gmask, block_k = grad_out, grad_mask, _block_k(c_out, grad_out.dtype)
+    w_packed = pack_weight_dgrad(weight, r, g_pad)
     block_n = _block_n(c_in)
     num_n_blocks = triton.cdiv(c_in, block_n)
-    dummy = grad_out
-    args = (grad_out, grad_mask if grad_mask is not None else dummy, w_packed,
+    dummy = g
+    args = (g, gmask if gmask is not None else dummy, w_packed,
             input_mask if input_mask is not None else dummy, out, m, h, w, float(res_scale))
-    meta = dict(C_G=c_out, C_IN=c_in, KS=ks, R=r, IN_MASK=grad_mask is not None, OUT_MASK=input_mask is not None,
-                BLOCK_N=block_n, BLOCK_K=_block_k(c_out, grad_out.dtype), **_launch_config_args(grad_out.dtype))
+    meta = dict(C_G=c_out, C_IN=c_in, KS=ks, R=r, IN_MASK=gmask is not None, OUT_MASK=input_mask is not None,
+                BLOCK_N=block_n, BLOCK_K=block_k, G_PAD=g_pad, **_launch_config_args(grad_out.dtype))
 
     def grid(meta_):
         return (triton.cdiv(m, meta_["BLOCK_M"]) * num_n_blocks,)
