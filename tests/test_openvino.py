@@ -48,6 +48,28 @@ def test_fp32_matches_the_eager_model_and_compiles_once_per_shape():
     assert len(runner._converted) == 1
 
 
+def test_outputs_are_not_the_requests_buffers_and_any_input_layout_or_dtype_works():
+    """The runner writes x into one input buffer per shape and reads the request's output in
+    place: each result must be its own tensor (a later call must not rewrite an earlier
+    result), and a channels-last or bfloat16 input must give what the NCHW float32 one does."""
+    model, eager = _pair(backend="openvino")
+    torch.manual_seed(1)
+    x1, x2 = torch.rand(1, 3, 9, 7) * 255, torch.rand(1, 3, 9, 7) * 255
+    with torch.no_grad():
+        out1 = model(x1)
+        kept = out1.clone()
+        out2 = model(x2)
+        torch.testing.assert_close(out1, kept, rtol=0, atol=0)
+        torch.testing.assert_close(out2, eager(x2), rtol=1e-4, atol=1e-4 * 255)
+        cl = model(x1.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(cl, kept, rtol=0, atol=0)
+        xb = x1.to(torch.bfloat16)
+        outb = model(xb)
+        assert outb.dtype == torch.bfloat16
+        # A bf16 input runs OpenVINO in bf16 (the compute dtype is x's): bf16's bound, not bits.
+        torch.testing.assert_close(outb.float(), eager(xb.float()), rtol=0.02, atol=3.0)
+
+
 def test_forced_openvino_refuses_training_and_gradients():
     model, _ = _pair(backend="openvino")
     x = torch.rand(1, 3, 6, 6) * 255

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class OpenVINOForward:
             pass  # a read-only cache: the graph still serves this process
         return graph
 
-    def compiled(self, shape: tuple[int, ...], scale_idx: int, precision: str):
+    def compiled(self, shape: tuple[int, ...], scale_idx: int, precision: str) -> "_Compiled":
         """The compiled model for inputs of `shape` (N, 3, H, W), compiled on first use."""
         import openvino as ov
 
@@ -103,8 +104,8 @@ class OpenVINOForward:
             graph = self._ov_model(scale_idx).clone()
             graph.reshape(ov.PartialShape(list(shape)))
             threads = torch.get_num_threads()
-            found = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                           "INFERENCE_NUM_THREADS": threads})
+            found = _Compiled(ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                                      "INFERENCE_NUM_THREADS": threads}), shape)
             while len(self._compiled) >= self.max_shapes:
                 self._compiled.pop(next(iter(self._compiled)))
         self._compiled[key] = found  # most recently used last
@@ -112,9 +113,28 @@ class OpenVINOForward:
 
     def __call__(self, x: torch.Tensor, scale_idx: int, precision: str) -> torch.Tensor:
         """x: (N, 3, H, W) CPU float in 0..rgb_range -> the network's output, x's dtype, NCHW."""
-        compiled = self.compiled(tuple(x.shape), scale_idx, precision)
-        out = compiled(x.detach().float().contiguous().numpy())[0]
-        return torch.from_numpy(out).to(x.dtype)
+        return self.compiled(tuple(x.shape), scale_idx, precision)(x)
+
+
+class _Compiled:
+    """One compiled shape: its infer request and an NCHW fp32 input buffer the request reads in
+    place. Per call, one pass writes x into the buffer (any memory format, any float dtype) and
+    one pass copies the output out in x's dtype; OpenVINO's own input and output copies
+    (share_inputs/share_outputs off, its defaults) are skipped. The lock keeps two threads
+    from sharing the request and the buffer at once."""
+
+    def __init__(self, model, shape: tuple[int, ...]):
+        self.model = model
+        self.request = model.create_infer_request()
+        self.buffer = torch.empty(shape, dtype=torch.float32)
+        self.lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.buffer.copy_(x.detach())
+            out = self.request.infer([self.buffer.numpy()], share_inputs=True, share_outputs=True)[0]
+            # The output array is the request's own buffer, rewritten by the next call: copied.
+            return torch.from_numpy(out).to(x.dtype, copy=True)
 
 
 def ir_cache_dir() -> Path | None:
