@@ -70,13 +70,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device: str, min_repeats: int, min_time_s: float) -> list[float]:
-    """Milliseconds per call after warm-up: CUDA events on GPU, a monotonic clock on CPU."""
-    t = time.perf_counter()
-    fn()
-    _sync(device)
-    if time.perf_counter() - t > 2.0:  # slow calls (big models on CPU): fewer repeats
-        min_repeats = min(min_repeats, 3)
+def time_fn(fn, device: str, min_repeats: int, min_time_s: float, warm: bool = True) -> list[float]:
+    """Milliseconds per call after warm-up (warm=False: the caller warmed fn up): CUDA events
+    on GPU, a monotonic clock on CPU."""
+    if warm:
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        if time.perf_counter() - t > 2.0:  # slow calls (big models on CPU): fewer repeats
+            min_repeats = min(min_repeats, 3)
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < min_repeats or (time.perf_counter() - start_all < min_time_s and len(times) < 200):
@@ -91,6 +93,28 @@ def time_fn(fn, device: str, min_repeats: int, min_time_s: float) -> list[float]
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def time_interleaved(fns: dict, device: str, min_repeats: int, min_time_s: float, slow: bool) -> dict[str, list[float]]:
+    """Milliseconds per call of each provider of one workload, timed in interleaved rounds:
+    every round calls each provider once, in a fresh random order (seeded), so drift of the
+    machine (clocks, a neighbour's load) lands on all of them alike and no provider always runs
+    right after the same other one. Each fn was warmed up by the caller; `slow` (a warm-up
+    call over 2 s) caps the repeats at 3. Rounds go on until every provider has min_repeats
+    calls and min_time_s of its own timed calls, at most 200 rounds."""
+    import random
+
+    if slow:
+        min_repeats = min(min_repeats, 3)
+    order = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    while any(len(v) < min_repeats for v in times.values()) or (
+            min(sum(v) for v in times.values()) < min_time_s * 1e3 and len(next(iter(times.values()))) < 200):
+        names = list(fns)
+        order.shuffle(names)
+        for name in names:
+            times[name] += time_fn(fns[name], device, 1, 0.0, warm=False)
     return times
 
 
@@ -482,23 +506,32 @@ def run(args) -> list[dict]:
     for wl in workloads:
         for dtype in dtypes:
             group: list[dict] = []
+            made: dict = {}
+            compile_times: dict[str, float] = {}
+            slow = False
             for provider in providers:
                 if provider.startswith("compile") and args.no_compile:
                     continue
                 fn = wl.make(provider, dtype, device)
                 if fn is None:
                     continue
-                compile_s = 0.0
                 t0 = time.perf_counter()
                 try:
+                    fn()  # the first call (compiles, plans, chooses), then one warm-up call
+                    _sync(device)
+                    compile_times[provider] = time.perf_counter() - t0 if provider.startswith("compile") else 0.0
+                    t1 = time.perf_counter()
                     fn()
                     _sync(device)
                 except Exception as e:  # a provider that cannot run this case is reported, not fatal
                     print(f"  {wl.name} {provider} {dtype}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     continue
-                if provider.startswith("compile"):
-                    compile_s = time.perf_counter() - t0
-                times = time_fn(fn, device, args.repeats, args.min_time)
+                slow = slow or time.perf_counter() - t1 > 2.0
+                made[provider] = fn
+            all_times = time_interleaved(made, device, args.repeats, args.min_time, slow)
+            for provider, fn in made.items():
+                times = all_times[provider]
+                compile_s = compile_times[provider]
                 med, q25, q75 = quartiles(times)
                 # An engine's buffers are its own, outside torch's allocator: not measured here.
                 mem = float("nan") if provider in ENGINES else peak_memory_mb(fn, device)
