@@ -82,7 +82,7 @@ _FAKE_DEVICE_BASE = CUDA_ALLOC_ALIGN << 32  # the stand-in device address of eve
 
 # The model sizes the issue asks for: inference at batch 1, a paper-recipe training step.
 TRAIN_BATCH, TRAIN_PATCH = 16, (48, 48)
-ROLES = ("head", "body", "block", "upsampler", "tail", "dgrad", "wgrad", "reduce", "other")
+ROLES = ("head", "body", "block", "upsampler", "tail", "dgrad", "wgrad", "reduce", "pad", "other")
 
 
 # ------------------------------------------------------------------------------ recording
@@ -245,6 +245,8 @@ def gpu_code_path(sms: int = H200["sms"], arch: int = 90) -> Iterator[None]:
 
 # The one-launch residual block's kernels (kernels/resblock.py: the pointer form and the TMA form).
 BLOCK_KERNELS = ("_resblock_nhwc_kernel", "_resblock_tma_kernel")
+# Copies into a bordered, channel-padded layout that a conv then reads with 16-byte loads.
+PAD_KERNELS = ("_pad_grad_kernel", "_pad_image_kernel")
 
 
 @contextlib.contextmanager
@@ -628,6 +630,8 @@ def role_of(launch: Launch, spec: Specialized, image_channels: int = 3) -> str:
         return "wgrad"
     if name == "_wgrad_reduce_kernel":
         return "reduce"
+    if name in PAD_KERNELS:
+        return "pad"  # a layout copy feeding a conv's 16-byte operand loads (no MMA)
     if name not in ("_conv2d_nhwc_kernel", "_conv2d_tma_kernel", "_conv2d_head_kernel"):
         return "other"
     if launch.launcher == "conv2d_nhwc" and "resblock_backward_nhwc" in launch.callers and get("HAS_SKIP"):
@@ -933,8 +937,8 @@ def check_wide_loads(rows: list[dict]) -> list[str]:
     return bad
 
 
-# The roles whose kernels are convolutions (tensor-core work); "reduce" (wgrad's slot sum) and
-# "other" are not.
+# The roles whose kernels are convolutions (tensor-core work); "reduce" (wgrad's slot sum),
+# "pad" (the bordered operand copies) and "other" are not.
 MMA_ROLES = ("head", "body", "block", "upsampler", "tail", "dgrad", "wgrad")
 
 

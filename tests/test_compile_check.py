@@ -47,7 +47,7 @@ def test_model_emission_quick_form(tmp_path):
     assert manifest["arch"] == 90
     kernels = manifest["kernels"]
     roles = {k["role"] for k in kernels}
-    assert roles == {"head", "body", "block", "upsampler", "tail", "dgrad", "wgrad", "reduce"}, roles
+    assert roles == {"head", "body", "block", "upsampler", "tail", "dgrad", "wgrad", "reduce", "pad"}, roles
     for k in kernels:
         assert set(k) >= {"name", "role", "config", "cubin"}
         assert (tmp_path / k["cubin"]).stat().st_size > 0
