@@ -145,25 +145,37 @@ def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
 
 
 def work_head(a: dict, cfg: dict) -> Work:
-    """_conv2d_head_kernel (kernels/conv2d_head.py): K = KS*KS*Cin (27 for the head) in one K_PAD
-    step; a tile is BLOCK_M pixels of one image row (a partial last tile per row), a BLOCK_M x
-    K_PAD gather of the image (its 9 taps re-read neighbours: counted through L2 here, L1 may keep
-    them), the fp32 weight once per tile, 3 MMAs for an fp32 image (3xTF32: hi*hi + hi*lo +
-    lo*hi), the output (in its own dtype) written once. The program is straight-line code (no K
-    loop): its issue count is the kernel's instructions per warp."""
+    """_conv2d_head_kernel (kernels/conv2d_head.py): reads the padded image copy (N, H+2P, W+2P,
+    C_X) that `_pad_image_kernel` writes (one C_X*e = 16-byte vector per pixel and tap); unrolled
+    K steps of BLOCK_K (BLOCK_K / C_X whole taps) and one K_REM step for the remaining taps; a
+    tile is BLOCK_M pixels of one image row (a partial last tile per row), its BLOCK_M x KS^2
+    vectors gathered (the taps re-read neighbours: counted through L2 here, L1 may keep them),
+    the weight rows once per tile, 3 MMAs per step for an fp32 image (3xTF32), the output (in its
+    own dtype) written once. Straight-line code: its issue count is the instructions per warp."""
     x, out = a["x_ptr"], a["out_ptr"]
     ex = _BYTES[x["dtype"]]
-    n, h, w_, cin = x["shape"]
-    m, cout, ks = n * h * w_, a["C_OUT"], a["KS"]
-    bm, bn, kp = a["BLOCK_M"], a["BLOCK_N"], a["K_PAD"]
+    n, hp, wp, c_x = x["shape"]
+    ks, cin, cout = a["KS"], a["C_IN"], a["C_OUT"]
+    h, w_ = hp - 2 * (ks // 2), wp - 2 * (ks // 2)
+    m = n * h * w_
+    bm, bn, bk, k_rem = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"], a["K_REM"]
+    k_issued = (ks * ks // (bk // c_x)) * bk + k_rem
     tiles = n * h * _cdiv(w_, bm) * _cdiv(cout, bn)
     passes = 3 if a["SPLIT"] else 1
-    issued = 2.0 * tiles * bm * bn * kp * passes
-    operands = tiles * (bm * ks * ks * cin + kp * bn) * ex
+    issued = 2.0 * tiles * bm * bn * k_issued * passes
+    w_rows = ks * ks * c_x
+    operands = tiles * (bm * ks * ks * c_x + w_rows * bn) * ex
     io = _nbytes(x) + _nbytes(out) + _nbytes(a["w_ptr"])
-    return Work(2.0 * m * ks * ks * cin * cout, issued, io, operands + _nbytes(out), tiles * kp * bn * ex * 2, tiles,
-                ["3 MMA passes (3xTF32)" if passes > 1 else "1 MMA pass"],
+    return Work(2.0 * m * ks * ks * cin * cout, issued, io, operands + _nbytes(out), tiles * k_issued * bn * ex * 2,
+                tiles, [f"K {k_issued} per pass, " + ("3 MMA passes (3xTF32)" if passes > 1 else "1 MMA pass")],
                 straight_line_warps=cfg.get("num_warps", 4))
+
+
+def work_pad_image(a: dict, cfg: dict) -> Work:
+    """_pad_image_kernel: the image copied (shifted) into the head's bordered, channel-padded
+    layout (one read of the image, one write of the copy)."""
+    moved = _nbytes(a["x_ptr"]) + _nbytes(a["out_ptr"])
+    return Work(0.0, 0.0, moved, moved, 0.0, _cdiv(a["TOTAL"], a["BLOCK_P"]))
 
 
 def work_dgrad(a: dict, cfg: dict) -> Work:
@@ -256,7 +268,7 @@ def work_wgrad(a: dict, cfg: dict, grid: list[int]) -> Work:
     x, g = a["x_ptr"], a["g_ptr"]
     e = _BYTES[x["dtype"]]
     m, w, cin, c_g, ks = a["M"], a["W"], a["C_IN"], a["C_G"], a["KS"]
-    k_rows = ks * ks * cin
+    k_rows = ks * ks * a.get("C_X", cin)  # the head block's rows are the padded copy's (C_X channels)
     bkw, bq, bp = a["BLOCK_KW"], a["BLOCK_Q"], a["BLOCK_P"]
     taps = a.get("TAPS", 1)
     kb = (ks * ks // taps) * _cdiv(cin, bkw) if a.get("PER_TAP") else _cdiv(k_rows, bkw)
@@ -264,7 +276,7 @@ def work_wgrad(a: dict, cfg: dict, grid: list[int]) -> Work:
     programs = grid[0]
     splits = max(1, programs // (kb * qb))
     padded = kb * qb * (m // w) * _cdiv(w, bp) * bp  # pixel slots all programs step over
-    issued = 2.0 * padded * taps * bkw * bq
+    issued = 2.0 * padded * taps * bkw * bq * (3 if a.get("SPLIT") else 1)  # 3xTF32: 3 MMAs
     mask = 1 if a["IN_MASK"] else 0
     per_pixel = (taps * bkw + (1 + mask) * bq) * e
     # Shared memory is filled for every slot (masked ones with zeros); L2 is read only for the
@@ -272,13 +284,13 @@ def work_wgrad(a: dict, cfg: dict, grid: list[int]) -> Work:
     operands, l2 = padded * per_pixel, kb * qb * m * per_pixel
     ws = splits * (k_rows + 1) * c_g * 4
     io = _nbytes(x) + _nbytes(g) * (1 + mask) + ws
-    return Work(2.0 * m * k_rows * c_g, issued, io, l2 + ws, operands, programs,
+    return Work(2.0 * m * ks * ks * cin * c_g, issued, io, l2 + ws, operands, programs,
                 [f"{splits} splits x {kb * qb} tiles, {taps} taps/tile"])
 
 
 def work_reduce(a: dict, cfg: dict) -> Work:
     """_wgrad_reduce_kernel: sum the split partials in a fixed order, write dW and db."""
-    total = (a["KS"] ** 2 * a["C_IN"] + 1) * a["C_G"]
+    total = (a["KS"] ** 2 * a.get("C_X", a["C_IN"]) + 1) * a["C_G"]
     ws = a["SPLITS"] * total * 4
     outs = (_nbytes(a["dw_ptr"]) if a["HAS_DW"] else 0) + (_nbytes(a["db_ptr"]) if a["HAS_DB"] else 0)
     return Work(0.0, 0.0, ws + outs, ws + outs, 0.0, _cdiv(total, a["BLOCK"]))
@@ -306,6 +318,8 @@ def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int], sass: dict 
         return work_dgrad(a, cfg)
     if kernel == "_pad_grad_kernel":
         return work_pad_grad(a, cfg)
+    if kernel == "_pad_image_kernel":
+        return work_pad_image(a, cfg)
     if kernel == "_resblock_nhwc_kernel":
         return work_block(a, cfg)
     if kernel == "_resblock_tma_kernel":
@@ -366,6 +380,8 @@ def _label(rec: dict) -> str:
         return f"{a['C']}->{a['C']} k{a['KS']}"
     if rec["kernel"] == "_pad_grad_kernel":
         return f"pad {a['C_G']}->{a['G_PAD']} ch k{a['KS']}"
+    if rec["kernel"] == "_pad_image_kernel":
+        return f"pad image {a['C_IN']}->{a['C_X']} ch k{a['KS']}"
     cin = a.get("C_IN")
     cout = a.get("C_OUT", a.get("C_G"))
     r = a.get("SHUFFLE", a.get("R", 1))

@@ -38,6 +38,49 @@ def _round_to(v, ptr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _bordered_source(offs, TOTAL, H, W, P: tl.constexpr):
+    """For flat pixel indices offs of a bordered (N, H + 2P, W + 2P) copy (the padded operand
+    copies: `conv2d_head.pad_image_nhwc`, `conv2d_dgrad`'s padded gradient): the int64 flat
+    index of the source pixel in the (N, H, W) tensor, and whether the pixel is inside the
+    image (False in the P-pixel border and past TOTAL, the copy's pixel count)."""
+    w_p = offs % (W + 2 * P)
+    t = offs // (W + 2 * P)
+    h_p = t % (H + 2 * P)
+    img = t // (H + 2 * P)
+    inside = (offs < TOTAL) & (h_p >= P) & (h_p < H + P) & (w_p >= P) & (w_p < W + P)
+    return ((img * H + h_p - P) * W + w_p - P).to(tl.int64), inside
+
+
+@triton.jit
+def _tf32_rna(v):
+    """fp32 -> the nearest tf32 value (10 stored mantissa bits; ties away from zero, as
+    cvt.rna.tf32.f32), kept in fp32. Integer ops on the bits: the GPU and the interpreter
+    compute the same value. Finite inputs only (images, weights, gradients)."""
+    u = v.to(tl.uint32, bitcast=True)
+    u = (u + 0x1000) & 0xFFFFE000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma_3xtf32(a, b, acc, INTERP: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr):
+    """acc += a @ b for fp32 a, b at fp32-level accuracy on tf32 tensor cores (3xTF32): each
+    operand v = hi + lo, hi = tf32(v), lo = tf32(v - hi), and acc += lo_a*hi_b + hi_a*lo_b +
+    hi_a*hi_b (small terms first; lo*lo, ~2^-22 of a product, dropped). The parts are exact tf32
+    values, so each MMA's products are exact in fp32 (11 x 11 significant bits); the roundings
+    are the split's and fp32 accumulation's. Under the interpreter "ieee" (its fp32 dot)
+    computes the same products of the same values. A b whose values are exact in tf32 (widened
+    bf16 / fp16: 8 / 11 significant bits) has lo_b = 0: its middle MMA adds exact zeros."""
+    a_hi = _tf32_rna(a)
+    a_lo = _tf32_rna(a - a_hi)
+    b_hi = _tf32_rna(b)
+    b_lo = _tf32_rna(b - b_hi)
+    acc = _mma(a_lo, b_hi, acc, "ieee" if INTERP else "tf32", USE_INPUT_PRECISION)
+    acc = _mma(a_hi, b_lo, acc, "ieee" if INTERP else "tf32", USE_INPUT_PRECISION)
+    acc = _mma(a_hi, b_hi, acc, "ieee" if INTERP else "tf32", USE_INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _mma(a, b, acc, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr):
     """acc += a @ b in fp32. PREC is "ieee" for fp32 operands (no TF32), "tf32" otherwise
     (Triton's default; it only matters for fp32 operands)."""
@@ -87,7 +130,7 @@ def _conv_mainloop(
     C_SRC: tl.constexpr, C_OUT: tl.constexpr, KS: tl.constexpr,
     HAS_SHIFT: tl.constexpr, INTERP: tl.constexpr,
     PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, W_COLS: tl.constexpr,
 ):
     """acc[m, n] += sum over taps (kh, kw) and channels ci of
          src[img[m], oh[m] + kh - P, ow[m] + kw - P, ci] * w[(kh*KS + kw)*C_SRC + ci, n]
@@ -96,14 +139,19 @@ def _conv_mainloop(
     outside [0, H_src) x [0, W_src) or with m_mask False read as zero. One flat loop over
     KS*KS*ceil(C_SRC/BLOCK_K) steps: each step loads one BLOCK_M x BLOCK_K activation tile
     (BLOCK_K contiguous channels per pixel: 16-byte vector loads) and one BLOCK_K x BLOCK_N
-    weight tile (contiguous rows of the packed weight, from L2), and issues one MMA."""
+    weight tile (contiguous rows of the packed weight, from L2), and issues one MMA.
+
+    W_COLS: the packed weight's row length. C_OUT, or (a narrow output: the tail's 3 channels)
+    its columns zero-padded to the one BLOCK_N tile (`pad_weight_columns`): then every weight
+    row is one aligned 16-byte-multiple run and its load has no column mask (a 3-column row
+    would be 2-byte loads)."""
     K_CHUNKS = (C_SRC + BLOCK_K - 1) // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
     # Pointers of the centre tap's first chunk, built once; each step only adds a scalar
     # offset (tap shift, channel chunk) to them.
     pix0 = (img * H_src + oh) * W_src + ow  # flattened NHW index of the centre tap
     a_base = src_ptr + (pix0.to(tl.int64) * C_SRC)[:, None] + offs_k[None, :]
-    b_base = w_ptr + offs_k[:, None] * C_OUT + offs_n[None, :]
+    b_base = w_ptr + offs_k[:, None] * W_COLS + offs_n[None, :]
     for step in range(KS * KS * K_CHUNKS):
         tap, k0, dh, dw = _tap_of_step(step, KS, K_CHUNKS, BLOCK_K)
         ih = oh + dh
@@ -112,7 +160,10 @@ def _conv_mainloop(
         k_ok = offs_k < C_SRC - k0
         a_mask = row_ok[:, None] & k_ok[None, :]
         a = tl.load(a_base + ((dh * W_src + dw) * C_SRC + k0), mask=a_mask, other=0.0)
-        b = tl.load(b_base + (tap * C_SRC + k0) * C_OUT, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+        if W_COLS > C_OUT:  # padded columns: all BLOCK_N exist (zeros past C_OUT)
+            b = tl.load(b_base + (tap * C_SRC + k0) * W_COLS, mask=k_ok[:, None], other=0.0)
+        else:
+            b = tl.load(b_base + (tap * C_SRC + k0) * W_COLS, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
         if INTERP:
             # The interpreter cannot multiply bf16 (it stores it as raw uint16 bits);
             # widening is exact, and products of bf16/fp16 values are exact in fp32, so

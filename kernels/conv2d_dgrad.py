@@ -65,7 +65,7 @@ from ._common import (
     _next_pow2,
     _result,
 )
-from ._jit import _mma, _round_to, _shuffle_col, _tap_of_step, _tile_coords
+from ._jit import _bordered_source, _mma, _round_to, _shuffle_col, _tap_of_step, _tile_coords
 from .conv2d import pack_weight
 
 __all__ = ["pack_weight_dgrad", "conv2d_dgrad_nhwc"]
@@ -183,12 +183,8 @@ def _pad_grad_kernel(
     P: tl.constexpr = KS // 2
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels of out
     q = tl.arange(0, G_PAD)
-    w_p = offs % (W + 2 * P)
-    t = offs // (W + 2 * P)
-    h_p = t % (H + 2 * P)
-    img = t // (H + 2 * P)
-    inside = (offs < TOTAL) & (h_p >= P) & (h_p < H + P) & (w_p >= P) & (w_p < W + P)
-    src = ((img * H + h_p - P) * W + w_p - P).to(tl.int64) * C_G
+    src, inside = _bordered_source(offs, TOTAL, H, W, P)
+    src = src * C_G
     ok = inside[:, None] & (q < C_G)[None, :]
     # Through fp32 (exact both ways): the interpreter has no arithmetic on bf16.
     v = tl.load(g_ptr + src[:, None] + q[None, :], mask=ok, other=0.0).to(tl.float32)

@@ -50,7 +50,8 @@ from ._common import (
     _next_pow2,
     _result,
 )
-from ._jit import _conv_channel, _mma, _round_to
+from .conv2d_head import head_image_channels, pad_image_nhwc
+from ._jit import _conv_channel, _mma, _mma_3xtf32, _round_to
 
 __all__ = ["conv2d_wgrad_nhwc"]
 
@@ -58,19 +59,22 @@ __all__ = ["conv2d_wgrad_nhwc"]
 @triton.jit
 def _wgrad_loop(
     x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b,
-    t, oh, n_steps, H, W,
-    dh, dw0, c0, offs_c, ch_ok, x_col, dh_k, dw_k, k_ok, g_col, q_ok,
-    C_IN: tl.constexpr, C_G: tl.constexpr, R: tl.constexpr, PER_TAP: tl.constexpr, TAPS: tl.constexpr,
+    t, oh, xr, n_steps, H, W,
+    dh, dw0, c0, offs_c, ch_ok, x_col, k_ok, g_col, q_ok,
+    C_IN: tl.constexpr, C_X: tl.constexpr, C_G: tl.constexpr, KS: tl.constexpr, R: tl.constexpr,
+    PER_TAP: tl.constexpr, TAPS: tl.constexpr,
     CH_MASK: tl.constexpr, Q_MASK: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, IN_MASK: tl.constexpr, WITH_B: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, IN_MASK: tl.constexpr, WITH_B: tl.constexpr, SPLIT: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """The split's main loop: n_steps row segments of BLOCK_P pixels, starting at flat row t
     (row oh of its image), column 0. A row segment has one (image, row), so every index is a
     scalar plus `ow = ow0 + arange`: no division in the loop, and the masks are 1-D over
-    pixels (per-tap blocks) or rows x pixels of comparisons only (the all-rows head block).
+    pixels (per-tap blocks); the all-rows head block reads the padded image copy (row xr of it
+    is the segment's row) and needs no bounds mask at all.
     WITH_B (the k-block-0 programs only): also the column sums of G, the bias partial."""
+    P: tl.constexpr = KS // 2
     C_SH: tl.constexpr = C_G // (R * R)
     offs_p = tl.arange(0, BLOCK_P)
     ow0 = t * 0
@@ -121,17 +125,21 @@ def _wgrad_loop(
                 else:
                     acc2 = _mma(a, g, acc2, PREC, USE_INPUT_PRECISION)
         else:
-            # All K_ROWS rows (every tap of a narrow input, the head) in one block: each row
-            # has its own (dh, dw); the row test is per row, the column test per element.
-            ih = oh + dh_k
-            iw = ow[None, :] + dw_k[:, None]
-            a_mask = (k_ok & (ih >= 0) & (ih < H))[:, None] & pix_ok[None, :] & (iw >= 0) & (iw < W)
-            a = tl.load(x_ptr + pix0 * C_IN + x_col[:, None] + (offs_p * C_IN)[None, :], mask=a_mask, other=0.0)
-            if INTERP:
-                a = a.to(tl.float32)
-            if HAS_SHIFT:
-                a = _round_to(tl.where(a_mask, a.to(tl.float32) - s[:, None], 0.0), x_ptr, INTERP)
-            acc0 = _mma(a, g, acc0, PREC, USE_INPUT_PRECISION)
+            # Rows of every tap of a narrow input (the head) in one block, from the padded copy
+            # (`conv2d_head.pad_image_nhwc`: shifted, bordered, C_X channels): each (tap, pixel)
+            # is one aligned 16-byte vector of C_X rows, the border is the zero padding, so only
+            # the rows past the last tap are masked. Pixels past the row's end read pixel W - 1
+            # (their G columns are zero).
+            xrow = (xr.to(tl.int64) * (W + 2 * P) + P) * C_X
+            a = tl.load(x_ptr + xrow + x_col[:, None] + (tl.minimum(ow, W - 1) * C_X)[None, :],
+                        mask=k_ok[:, None], other=0.0)
+            if SPLIT:
+                # fp32 image and gradient: 3xTF32 (_jit._mma_3xtf32), fp32-level products.
+                acc0 = _mma_3xtf32(a, g, acc0, INTERP, USE_INPUT_PRECISION)
+            else:
+                if INTERP:
+                    a = a.to(tl.float32)
+                acc0 = _mma(a, g, acc0, PREC, USE_INPUT_PRECISION)
         # Next segment; past the row's end, the next row (and past the image's last row, row 0
         # of the next image): scalar selects, no division.
         ow0 += BLOCK_P
@@ -139,6 +147,8 @@ def _wgrad_loop(
         ow0 = tl.where(nxt, 0, ow0)
         t = tl.where(nxt, t + 1, t)
         oh = tl.where(nxt, oh + 1, oh)
+        xr = tl.where(nxt, xr + 1, xr)  # the padded copy's row: + 2P more at a new image
+        xr = tl.where(oh == H, xr + 2 * P, xr)
         oh = tl.where(oh == H, 0, oh)
     return acc0, acc1, acc2, acc_b
 
@@ -151,15 +161,16 @@ def _wgrad_kernel(
     HAS_SHIFT: tl.constexpr, IN_MASK: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_Q: tl.constexpr,
-    PER_TAP: tl.constexpr, TAPS: tl.constexpr,
+    PER_TAP: tl.constexpr, TAPS: tl.constexpr, C_X: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Partial dW_packed[k, q] (and db[q] in row K_ROWS) over this program's rows of pixels.
 
     PER_TAP: a k-block is BLOCK_KW channels (chunk c0) of TAPS taps of one kernel row (TAPS = KS:
     the whole row, dw = -P..P, sharing each G tile; TAPS = 1: one tap). Otherwise (narrow Cin,
-    the head) a k-block is BLOCK_KW consecutive packed rows spanning taps."""
+    the head) a k-block is BLOCK_KW consecutive rows tap*C_X + c spanning taps of x's padded copy
+    (C_X channels, the last C_X - C_IN zero; C_X = C_IN for PER_TAP)."""
     PAD: tl.constexpr = KS // 2
-    K_ROWS: tl.constexpr = KS * KS * C_IN
+    K_ROWS: tl.constexpr = KS * KS * C_X
     NUM_CH: tl.constexpr = (C_IN + BLOCK_KW - 1) // BLOCK_KW
     if PER_TAP:
         NUM_KB: tl.constexpr = (KS * KS // TAPS) * NUM_CH
@@ -191,26 +202,19 @@ def _wgrad_kernel(
         ch_ok = offs_c < C_IN - c0
         offs_k = tap0 * C_IN + c0 + offs_c  # rows of tap j: offs_k + j*C_IN
         k_ok = ch_ok
-        dh_k = offs_c  # unused in this mode
-        dw_k = offs_c
-        x_col = offs_c
+        x_col = offs_c  # unused in this mode
         if HAS_SHIFT:
             s = tl.load(shift_ptr + c0 + offs_c, mask=ch_ok, other=0.0)
         else:
             s = 0.0
     else:
-        # Rows: packed-weight index k = tap*C_IN + ci -> the (dh, dw) shift and channel it reads.
+        # Rows: k = tap*C_X + c -> the (dh, dw) shift and channel it reads in the padded copy
+        # (W + 2P pixels a row): x[p + tap, c] = the pixel's element + x_col.
         offs_k = pid_k * BLOCK_KW + offs_c
         k_ok = offs_k < K_ROWS
-        tap = offs_k // C_IN
-        ci = offs_k % C_IN
-        dh_k = tap // KS - PAD
-        dw_k = tap % KS - PAD
-        x_col = (dh_k * W + dw_k) * C_IN + ci  # x[p + tap, ci] = x_ptr + p*C_IN + x_col (NHW index p)
-        if HAS_SHIFT:
-            s = tl.load(shift_ptr + ci, mask=k_ok, other=0.0)
-        else:
-            s = 0.0
+        tap = offs_k // C_X
+        x_col = ((tap // KS - PAD) * (W + 2 * PAD) + tap % KS - PAD) * C_X + offs_k % C_X
+        s = 0.0  # in the copy
         dh = 0
         c0 = 0
         ch_ok = k_ok
@@ -231,20 +235,21 @@ def _wgrad_kernel(
     t0 = split * ROWS_PER_SPLIT
     n_steps = (tl.minimum(t0 + ROWS_PER_SPLIT, rows) - t0) * ((W + BLOCK_P - 1) // BLOCK_P)
     oh0 = t0 % H
+    xr0 = t0 + (t0 // H) * (2 * PAD) + PAD  # row t0 in the padded copy (the head block reads it)
     CH_MASK: tl.constexpr = (C_IN % BLOCK_KW) != 0 or not PER_TAP
     Q_MASK: tl.constexpr = (C_G % BLOCK_Q) != 0
     # The bias is the column sum of G: only the programs of k-block 0 (which store it) sum it.
     if pid_k == 0:
         acc0, acc1, acc2, acc_b = _wgrad_loop(
-            x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, n_steps, H, W,
-            dh, dw0, c0, offs_c, ch_ok, x_col, dh_k, dw_k, k_ok, g_col, q_ok,
-            C_IN, C_G, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, True,
+            x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, xr0, n_steps, H, W,
+            dh, dw0, c0, offs_c, ch_ok, x_col, k_ok, g_col, q_ok,
+            C_IN, C_X, C_G, KS, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, True, SPLIT,
             INTERP, PREC, USE_INPUT_PRECISION, BLOCK_P)
     else:
         acc0, acc1, acc2, acc_b = _wgrad_loop(
-            x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, n_steps, H, W,
-            dh, dw0, c0, offs_c, ch_ok, x_col, dh_k, dw_k, k_ok, g_col, q_ok,
-            C_IN, C_G, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, False,
+            x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, xr0, n_steps, H, W,
+            dh, dw0, c0, offs_c, ch_ok, x_col, k_ok, g_col, q_ok,
+            C_IN, C_X, C_G, KS, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, False, SPLIT,
             INTERP, PREC, USE_INPUT_PRECISION, BLOCK_P)
 
     slot = ws_ptr + split.to(tl.int64) * ((K_ROWS + 1) * C_G)
@@ -262,10 +267,12 @@ def _wgrad_reduce_kernel(
     ws_ptr, dw_ptr, db_ptr, SPLITS, scale,
     C_IN: tl.constexpr, C_G: tl.constexpr, KS: tl.constexpr, R: tl.constexpr,
     HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, INTERP: tl.constexpr, BLOCK: tl.constexpr,
+    C_X: tl.constexpr,
 ):
     """dW, db = scale * sum over slots 0..SPLITS-1 (in that order) of the workspace, written as
-    dW[co, ci, kh, kw] / db[co] (co = the conv channel of gather column q)."""
-    K_ROWS = KS * KS * C_IN
+    dW[co, ci, kh, kw] / db[co] (co = the conv channel of gather column q). Workspace row
+    k = tap*C_X + ci; the rows of channels ci >= C_IN (the padded copy's zeros) are dropped."""
+    K_ROWS = KS * KS * C_X
     TOTAL = (K_ROWS + 1) * C_G
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < TOTAL
@@ -280,10 +287,10 @@ def _wgrad_reduce_kernel(
     C_SH = C_G // (R * R)
     co = _conv_channel(q, R, C_SH)
     if HAS_DW:
-        tap = k // C_IN
-        ci = k % C_IN
+        tap = k // C_X
+        ci = k % C_X
         dst = (co * C_IN + ci) * (KS * KS) + tap
-        tl.store(dw_ptr + dst, _round_to(acc, dw_ptr, INTERP), mask=ok & (k < K_ROWS))
+        tl.store(dw_ptr + dst, _round_to(acc, dw_ptr, INTERP), mask=ok & (k < K_ROWS) & (ci < C_IN))
     if HAS_DB:
         tl.store(db_ptr + co, _round_to(acc, db_ptr, INTERP), mask=ok & (k == K_ROWS))
 
@@ -326,7 +333,7 @@ _WGRAD_PINNED = dict(BLOCK_P=32, num_warps=4, num_stages=3)
 _WGRAD_PINNED_WIDE = dict(BLOCK_P=32, num_warps=8, num_stages=3)
 
 _wgrad_tuned = triton.autotune(configs=_wgrad_configs(),
-                               key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK", "PER_TAP", "TAPS"],
+                               key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK", "PER_TAP", "TAPS", "C_X", "SPLIT"],
                                prune_configs_by={"early_config_prune": _prune_wgrad_configs})(
     _wgrad_kernel
 )
@@ -347,17 +354,20 @@ def _wgrad_tiling(c_in: int, ks: int, c_g: int, dtype: torch.dtype) -> dict:
     (the head, Cin = 3: 27 rows) take all packed rows in one BLOCK_KW block (27 of 32 used).
     At BLOCK_Q = 128 (the x2 upsampler) 3 taps leave only the 8-warp configs (_ACC_REGS_MAX)."""
     per_tap = c_in >= 16
+    c_x = c_in if per_tap else head_image_channels(c_in, dtype)
     if per_tap:
         block_kw = (16 if c_in <= 32 else 32) if _INTERPRET else min(64, _next_pow2(c_in))
     else:
-        k_rows = ks * ks * c_in
+        # Rows tap*C_X + c of the padded image copy: the RGB head's 9 x 4 = 36 (27 real) in one
+        # 64-row block, the M of one HGMMA (wgmma's M is 64 per warpgroup).
+        k_rows = ks * ks * c_x
         block_kw = (16 if k_rows <= 48 else 32 if k_rows < 256 else 64) if _INTERPRET \
             else min(64, max(16, _next_pow2(k_rows)))
     block_q = _wgrad_block_q(c_g, dtype)
     taps = 3 if per_tap and ks == 3 else 1
-    num_kb = (ks * ks // taps) * triton.cdiv(c_in, block_kw) if per_tap else triton.cdiv(ks * ks * c_in, block_kw)
-    return dict(BLOCK_KW=block_kw, BLOCK_Q=block_q, PER_TAP=per_tap, TAPS=taps,
-                tiles=num_kb * triton.cdiv(c_g, block_q))
+    num_kb = (ks * ks // taps) * triton.cdiv(c_in, block_kw) if per_tap else triton.cdiv(ks * ks * c_x, block_kw)
+    return dict(BLOCK_KW=block_kw, BLOCK_Q=block_q, PER_TAP=per_tap, TAPS=taps, C_X=c_x,
+                SPLIT=not per_tap and dtype == torch.float32, tiles=num_kb * triton.cdiv(c_g, block_q))
 
 
 def _wgrad_block_q(c_g: int, dtype: torch.dtype) -> int:
@@ -430,20 +440,24 @@ def conv2d_wgrad_nhwc(x, grad_out, kernel_size: int, *, shuffle: int = 1, res_sc
     if m * r * r > _INT32_MAX:
         raise ValueError(f"{m * r * r} output pixels; at most {_INT32_MAX} are supported")
 
-    k_rows = ks * ks * c_in
     tiling = _wgrad_tiling(c_in, ks, c_out, x.dtype)
     tiles = tiling.pop("tiles")
+    k_rows = ks * ks * tiling["C_X"]
+    xk = x
+    if not tiling["PER_TAP"]:
+        # A narrow input (the head's image) is read from its padded copy, in_shift applied there.
+        xk = pad_image_nhwc(x, ks, in_shift)
     splits, rows_per_split = _num_splits(n * h, tiles, x.device, w)
     ws = torch.empty((splits, k_rows + 1, c_out), device=x.device, dtype=torch.float32)
     cfg = _launch_config_args(x.dtype)
-    args = (x, grad_out, grad_mask if grad_mask is not None else grad_out,
+    args = (xk, grad_out, grad_mask if grad_mask is not None else grad_out,
             in_shift if in_shift is not None else ws, ws, m, h, w, rows_per_split)
-    meta = dict(C_IN=c_in, C_G=c_out, KS=ks, R=r, HAS_SHIFT=in_shift is not None, IN_MASK=grad_mask is not None,
-                **tiling, **cfg)
+    meta = dict(C_IN=c_in, C_G=c_out, KS=ks, R=r, HAS_SHIFT=in_shift is not None and tiling["PER_TAP"],
+                IN_MASK=grad_mask is not None, **tiling, **cfg)
     total = (k_rows + 1) * c_out
     red_args = (ws, dw if dw is not None else ws, db if db is not None else ws, splits, float(res_scale))
     red_meta = dict(C_IN=c_in, C_G=c_out, KS=ks, R=r, HAS_DW=dw is not None, HAS_DB=db is not None,
-                    INTERP=cfg["INTERP"], BLOCK=_REDUCE_BLOCK)
+                    INTERP=cfg["INTERP"], BLOCK=_REDUCE_BLOCK, C_X=tiling["C_X"])
     red_grid = (triton.cdiv(total, _REDUCE_BLOCK),)
     _launch(_wgrad_kernel, _wgrad_tuned, (tiles * splits,), args, meta,
             interpret=dict(BLOCK_P=_INTERPRET_BLOCK_P), like=x,

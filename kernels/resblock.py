@@ -129,7 +129,7 @@ def _resblock_nhwc_kernel(
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 acc = _conv_mainloop(
                     acc, x_ptr, img, hh, ww, in_img, H, W, w1_ptr, offs_n, n_ok, b1_ptr,
-                    C, C, KS, False, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K,
+                    C, C, KS, False, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K, C,
                 )
                 acc += tl.load(b1_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
                 # ReLU, and conv2's zero padding: halo pixels outside the image hold 0.
@@ -161,7 +161,7 @@ def _resblock_nhwc_kernel(
                 # a valid pixel is inside the slot.
                 acc = _conv_mainloop(
                     acc, ws, 0, th + PAD, tw + PAD, out_ok, HALO_H, HALO_W, w2_ptr, offs_n, n_ok, b2_ptr,
-                    C, C, KS, False, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K,
+                    C, C, KS, False, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K, C,
                 )
                 acc += tl.load(b2_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
                 acc = acc * res_scale

@@ -102,7 +102,7 @@ def _check_static_model(emit_dir):
     assert "measured" in proc.stdout and "assumed" in proc.stdout  # the ceilings are labelled
     got = json.loads(out.read_text())
     inf = got["inference"]["launches"]
-    assert [e["role"] for e in inf] == ["head"] + ["block"] * 16 + ["body", "upsampler", "tail"]
+    assert [e["role"] for e in inf] == ["pad", "head"] + ["block"] * 16 + ["body", "upsampler", "tail"]
     # Per block: both candidates predicted, the lower one counted in the total, the pinned total
     # (the block kernel everywhere: the numbers before both were recorded) beside it.
     blocks = [e for e in inf if e["role"] == "block"]

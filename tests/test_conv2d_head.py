@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsr.kernels.conv2d import pack_weight
-from fastsr.kernels.conv2d_head import conv2d_head_nhwc, head_conv_supported
+from fastsr.kernels.conv2d_head import conv2d_head_nhwc, head_conv_supported, pad_image_nhwc
+from fastsr.kernels.conv2d_wgrad import conv2d_wgrad_nhwc
 from fastsr.ops.conv2d import conv2d
 from fastsr.ops.reference import conv2d_ref
 from parity import assert_parity
@@ -34,6 +35,10 @@ from testenv import TRITON_DEVICE
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP32_HEAD_TOL = 1e-6  # of max(1, max |ref64|): see the module docstring
+# The head's weight gradient (fp32 image x fp32 gradient, 3xTF32), of max |ref64| (dW's and db's
+# own): measured 1.0e-7..2.6e-7 over these cases and a 2x24x24 one, eager fp32 on CPU 3.6e-7..1.6e-6
+# (bench/results/2026-12-03_issue13_head_operand.md); plain tf32 products (~2^-11 each) would be ~1e-4.
+FP32_HEAD_WGRAD_TOL = 2e-6
 
 
 def _nhwc_ref(x, weight, bias, shift, ks, relu, res_scale, dtype):
@@ -113,6 +118,42 @@ def test_low_precision_image_head_parity(case, x_name, device):
         eager = _nhwc_ref(x.float(), weight.float(), bias, None if shift is None else shift.to(dtype).float(), ks,
                           relu, res_scale, torch.float32).to(dtype)
     assert_parity(got, ref64, eager, dtype, f"head[{name}, {x_name}]")
+
+
+@pytest.mark.parametrize("x_name", ["fp32", "bf16"])
+def test_pad_image_layout(x_name, device):
+    """The head's padded copy, element for element: x - in_shift (in x's dtype) inside, zeros in
+    the border and the spare channels (16 bytes per pixel: fp32 4 channels, bf16 8)."""
+    dtype = DTYPES[x_name]
+    x, _, _, shift = _inputs("pad_" + x_name, 3, 5, 7, 3, 8, 3, dict(shift=True), dtype, device)
+    got = pad_image_nhwc(x, 3, shift)
+    c_x = 4 if dtype == torch.float32 else 8
+    want = torch.zeros(3, 7, 9, c_x, dtype=dtype)
+    want[:, 1:-1, 1:-1, :3] = (x.cpu().float() - shift.cpu()).to(dtype)  # eager `x - mean` in x's dtype
+    assert got.shape == want.shape and torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("g_name", ["fp32", "bf16_valued"])
+@pytest.mark.parametrize("n,h,w", [(1, 13, 11), (3, 7, 9)])
+def test_head_wgrad_fp32_tight(n, h, w, g_name, device):
+    """The head's dW/db (fp32 0..255 image with the mean shifted out, 3xTF32 on the padded copy)
+    against float64 at fp32-level accuracy; bf16-valued gradients are what bf16 training hands it."""
+    name = f"wgrad_{n}x{h}x{w}_{g_name}"
+    x, _, _, shift = _inputs(name, n, h, w, 3, 64, 3, dict(shift=True), torch.float32, device)
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1)
+    g = torch.randn(n, h, w, 64, generator=gen)
+    if g_name != "fp32":
+        g = g.bfloat16().float()
+    g = g.to(device)
+    dw_out = torch.full((64, 3, 3, 3), float("nan"), device=device)
+    db_out = torch.full((64,), float("nan"), device=device)
+    dw, db = conv2d_wgrad_nhwc(x, g, 3, in_shift=shift, res_scale=0.5, dw_out=dw_out, db_out=db_out)
+    xs = (x.double() - shift.double()).permute(0, 3, 1, 2).cpu()
+    ref_w = 0.5 * torch.nn.grad.conv2d_weight(xs, (64, 3, 3, 3), g.double().permute(0, 3, 1, 2).cpu(), padding=1)
+    ref_b = 0.5 * g.double().sum((0, 1, 2)).cpu()
+    for got, ref, what in ((dw, ref_w, "dW"), (db, ref_b, "db")):
+        err = (got.cpu().double() - ref).abs().max().item()
+        assert err <= FP32_HEAD_WGRAD_TOL * ref.abs().max().item(), f"{name} {what}: max |fused - ref64| = {err:.3g}"
 
 
 def test_head_rejects_what_it_does_not_take(device):

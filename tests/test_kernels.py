@@ -344,3 +344,18 @@ def test_resblock_rejects_bad_inputs(device):
         resblock_nhwc(x, p1, b1, p2, b2[:4], 3)
     with pytest.raises(ValueError, match="out must not share memory with x"):
         resblock_nhwc(x, p1, b1, p2, b2, 3, out=x)
+
+
+def test_a_narrow_packed_weight_is_padded_to_its_one_tile(device):
+    """The tail's 3-column packed weight reaches the kernel zero-padded to its 16-column tile (so
+    its rows load as 16-byte vectors; parity of those convs: tail_16to3_k3 and k1_64to3_shift
+    above); a weight as wide as its tile is passed as it is, no copy."""
+    from fastsr.kernels.conv2d import pad_weight_columns
+
+    gen = torch.Generator().manual_seed(11)
+    narrow = pack_weight(_weight(gen, 3, 16, 3).to(device))
+    padded = pad_weight_columns(narrow, 16)
+    assert padded.shape == (144, 16) and padded.is_contiguous()
+    assert torch.equal(padded[:, :3], narrow) and not padded[:, 3:].any()
+    wide = pack_weight(_weight(gen, 64, 16, 3).to(device))
+    assert pad_weight_columns(wide, 64) is wide

@@ -15,9 +15,10 @@ def conv(x, weight, bias, in_shift=None, relu=False, res_scale=1.0, skip=None, s
     """fastsr::conv2d as one Triton kernel, the epilogues (shuffle included) in it, the output
     in out_dtype (default x's dtype).
 
-    A conv whose KS*KS*Cin fits one 32-wide K step (the head: 3x3 on the image, 27) runs the
-    head kernel (fastsr.kernels.conv2d_head: the 27 taps in one tensor-core step, 3xTF32 for a
-    float32 image, the features written in out_dtype). Every other conv runs conv2d_nhwc, cast
+    A conv whose KS*KS*Cin is at most 32 (the head: 3x3 on the image, 27) runs the head kernel
+    (fastsr.kernels.conv2d_head: a padded 16-byte-pixel copy of the image, then its taps in
+    unrolled tensor-core K steps, 3xTF32 for a float32 image, the features written in
+    out_dtype). Every other conv runs conv2d_nhwc, cast
     after it where out_dtype differs from x's. The weight is packed per call (`pack_weight`): a
     free view of the fused plan's weights (stored in the kernels' layout), except for a shuffle
     conv, whose columns go in shuffle order: one gather (295 KB at EDSR-baseline's x2 upsampler)."""
