@@ -50,6 +50,7 @@ from ._common import (
     _next_pow2,
     _result,
 )
+from .conv2d_dgrad import _pad_grad
 from .conv2d_head import head_image_channels, pad_image_nhwc
 from ._jit import _conv_channel, _mma, _mma_3xtf32, _round_to
 
@@ -61,8 +62,8 @@ def _wgrad_loop(
     x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b,
     t, oh, xr, n_steps, H, W,
     dh, dw0, c0, offs_c, ch_ok, x_col, k_ok, g_col, q_ok,
-    C_IN: tl.constexpr, C_X: tl.constexpr, C_G: tl.constexpr, KS: tl.constexpr, R: tl.constexpr,
-    PER_TAP: tl.constexpr, TAPS: tl.constexpr,
+    C_IN: tl.constexpr, C_X: tl.constexpr, C_G: tl.constexpr, G_COLS: tl.constexpr, KS: tl.constexpr,
+    R: tl.constexpr, PER_TAP: tl.constexpr, TAPS: tl.constexpr,
     CH_MASK: tl.constexpr, Q_MASK: tl.constexpr,
     HAS_SHIFT: tl.constexpr, IN_MASK: tl.constexpr, WITH_B: tl.constexpr, SPLIT: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
@@ -83,8 +84,9 @@ def _wgrad_loop(
         pix_ok = ow < W
         pix0 = t.to(tl.int64) * W + ow0  # flat NHW index of the segment's first pixel
         # G tile: BLOCK_P pixels x BLOCK_Q gradient channels, unshuffled on load: LR row t is HR
-        # rows t*R .. t*R + R-1 (W*C_G elements), pixel ow starts at HR column ow*R.
-        g_off = t.to(tl.int64) * W * C_G + (ow * (R * C_SH))[:, None] + g_col[None, :]
+        # rows t*R .. t*R + R-1 (W*G_COLS elements), pixel ow starts at HR column ow*R. G_COLS:
+        # C_G, or a narrow gradient's padded copy's row (BLOCK_Q channels, zeros past C_G).
+        g_off = t.to(tl.int64) * W * G_COLS + (ow * (G_COLS // R))[:, None] + g_col[None, :]
         if Q_MASK:
             g_mask = pix_ok[:, None] & q_ok[None, :]
         else:
@@ -162,6 +164,7 @@ def _wgrad_kernel(
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_Q: tl.constexpr,
     PER_TAP: tl.constexpr, TAPS: tl.constexpr, C_X: tl.constexpr, SPLIT: tl.constexpr,
+    G_COLS: tl.constexpr,
 ):
     """Partial dW_packed[k, q] (and db[q] in row K_ROWS) over this program's rows of pixels.
 
@@ -226,6 +229,8 @@ def _wgrad_kernel(
     # BLOCK_P=64 w4 config compiled to 87 registers and 22.9 int+pred/HGMMA instead of 71 and 19.1.
     ij = offs_q // C_SH
     g_col = ((ij // R) * W_G + ij % R) * C_SH + offs_q % C_SH
+    if G_COLS != C_G:
+        g_col = offs_q  # the padded copy of a narrow gradient (R = 1): channel q of the pixel
 
     acc0 = tl.zeros((BLOCK_KW, BLOCK_Q), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_KW, BLOCK_Q), dtype=tl.float32)
@@ -237,19 +242,19 @@ def _wgrad_kernel(
     oh0 = t0 % H
     xr0 = t0 + (t0 // H) * (2 * PAD) + PAD  # row t0 in the padded copy (the head block reads it)
     CH_MASK: tl.constexpr = (C_IN % BLOCK_KW) != 0 or not PER_TAP
-    Q_MASK: tl.constexpr = (C_G % BLOCK_Q) != 0
+    Q_MASK: tl.constexpr = (G_COLS % BLOCK_Q) != 0  # a padded gradient (G_COLS = BLOCK_Q) has none
     # The bias is the column sum of G: only the programs of k-block 0 (which store it) sum it.
     if pid_k == 0:
         acc0, acc1, acc2, acc_b = _wgrad_loop(
             x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, xr0, n_steps, H, W,
             dh, dw0, c0, offs_c, ch_ok, x_col, k_ok, g_col, q_ok,
-            C_IN, C_X, C_G, KS, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, True, SPLIT,
+            C_IN, C_X, C_G, G_COLS, KS, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, True, SPLIT,
             INTERP, PREC, USE_INPUT_PRECISION, BLOCK_P)
     else:
         acc0, acc1, acc2, acc_b = _wgrad_loop(
             x_ptr, g_ptr, gmask_ptr, s, acc0, acc1, acc2, acc_b, t0, oh0, xr0, n_steps, H, W,
             dh, dw0, c0, offs_c, ch_ok, x_col, k_ok, g_col, q_ok,
-            C_IN, C_X, C_G, KS, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, False, SPLIT,
+            C_IN, C_X, C_G, G_COLS, KS, R, PER_TAP, TAPS, CH_MASK, Q_MASK, HAS_SHIFT, IN_MASK, False, SPLIT,
             INTERP, PREC, USE_INPUT_PRECISION, BLOCK_P)
 
     slot = ws_ptr + split.to(tl.int64) * ((K_ROWS + 1) * C_G)
@@ -333,7 +338,7 @@ _WGRAD_PINNED = dict(BLOCK_P=32, num_warps=4, num_stages=3)
 _WGRAD_PINNED_WIDE = dict(BLOCK_P=32, num_warps=8, num_stages=3)
 
 _wgrad_tuned = triton.autotune(configs=_wgrad_configs(),
-                               key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK", "PER_TAP", "TAPS", "C_X", "SPLIT"],
+                               key=["C_IN", "C_G", "KS", "R", "HAS_SHIFT", "IN_MASK", "PER_TAP", "TAPS", "C_X", "SPLIT", "G_COLS"],
                                prune_configs_by={"early_config_prune": _prune_wgrad_configs})(
     _wgrad_kernel
 )
@@ -447,13 +452,21 @@ def conv2d_wgrad_nhwc(x, grad_out, kernel_size: int, *, shuffle: int = 1, res_sc
     if not tiling["PER_TAP"]:
         # A narrow input (the head's image) is read from its padded copy, in_shift applied there.
         xk = pad_image_nhwc(x, ks, in_shift)
+    gk, gmask, g_cols = grad_out, grad_mask, c_out
+    if r == 1 and c_out < tiling["BLOCK_Q"]:
+        # A narrow gradient (the tail's 3 channels) is read from a copy padded to its one
+        # BLOCK_Q tile (`_pad_grad`, no border, the mask applied there): 16-byte loads of whole
+        # pixels, no column mask (3 channels would be 2-byte loads). 16 x 48x48 x 4 patches of
+        # the x2 tail in bf16: 0.9 MB read, 4.7 MB written.
+        g_cols = tiling["BLOCK_Q"]
+        gk, gmask = _pad_grad(grad_out, grad_mask, g_cols, 1), None
     splits, rows_per_split = _num_splits(n * h, tiles, x.device, w)
     ws = torch.empty((splits, k_rows + 1, c_out), device=x.device, dtype=torch.float32)
     cfg = _launch_config_args(x.dtype)
-    args = (xk, grad_out, grad_mask if grad_mask is not None else grad_out,
+    args = (xk, gk, gmask if gmask is not None else gk,
             in_shift if in_shift is not None else ws, ws, m, h, w, rows_per_split)
     meta = dict(C_IN=c_in, C_G=c_out, KS=ks, R=r, HAS_SHIFT=in_shift is not None and tiling["PER_TAP"],
-                IN_MASK=grad_mask is not None, **tiling, **cfg)
+                IN_MASK=gmask is not None, G_COLS=g_cols, **tiling, **cfg)
     total = (k_rows + 1) * c_out
     red_args = (ws, dw if dw is not None else ws, db if db is not None else ws, splits, float(res_scale))
     red_meta = dict(C_IN=c_in, C_G=c_out, KS=ks, R=r, HAS_DW=dw is not None, HAS_DB=db is not None,

@@ -153,7 +153,7 @@ def test_conv2d_backward_parity(case):
 # partial last one; 16 exactly one; heights 3-7 at batch 3 put split boundaries and image
 # boundaries inside one program's range. Per-tap k-blocks (Cin >= 16: 3 taps of a kernel row at
 # 3x3, 1 tap at 5x5 and 1x1) and the head's all-rows block (Cin = 3); shuffle 2 and 3, in_shift,
-# grad_mask. (id, N, H, W, Cin, Cout, ks, r, shift, mask, dtype)
+# grad_mask, a narrow (padded) gradient. (id, N, H, W, Cin, Cout, ks, r, shift, mask, dtype)
 WGRAD_CASES = [
     ("w37_b3_mask", 3, 5, 37, 16, 16, 3, 1, False, True, "fp32"),
     ("w16_b1_shift_cin17", 1, 7, 16, 17, 16, 3, 1, True, False, "fp32"),
@@ -161,6 +161,10 @@ WGRAD_CASES = [
     ("w17_r3_fp16", 1, 4, 17, 16, 36, 3, 3, False, False, "fp16"),
     ("head_3to64_w33_b3_shift", 3, 3, 33, 3, 64, 3, 1, True, False, "fp32"),
     ("tail_64to3_w21_bf16", 1, 6, 21, 64, 3, 3, 1, False, False, "bf16"),
+    # A narrow gradient (Cout < BLOCK_Q, no shuffle) is read from its padded copy, the mask
+    # applied in the copy: the tail with a mask at batch 3, and an odd Cout at 5x5.
+    ("tail_64to3_w23_b3_mask", 3, 4, 23, 64, 3, 3, 1, False, True, "fp32"),
+    ("narrow_16to5_k5_b3_mask_fp16", 3, 4, 18, 16, 5, 5, 1, False, True, "fp16"),
     ("k5_w18_b3_shift_mask", 3, 4, 18, 16, 16, 5, 1, True, True, "fp32"),
     ("k1_w20_b3_r2", 3, 3, 20, 16, 32, 1, 2, False, False, "fp32"),
 ]
