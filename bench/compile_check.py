@@ -875,8 +875,13 @@ _COLUMNS = [  # (header, width, row -> text)
 def _shape_text(c: dict) -> str:
     """'64->64 k3 skip' from a launch's constexprs: channels in -> out, kernel size, the
     epilogue/prologue flags that are on."""
-    cin = c.get("C_IN", c.get("C"))
-    cout = c.get("C_OUT", c.get("C_G", c.get("C")))
+    if "G_PAD" in c and "C_IN" not in c:  # _pad_grad_kernel: C_G channels -> a G_PAD-wide copy
+        cin, cout = c["C_G"], f"{c['G_PAD']}ch"
+    elif "C_X" in c and "C_OUT" not in c and "C_G" not in c:  # _pad_image_kernel: C_IN -> C_X
+        cin, cout = c["C_IN"], f"{c['C_X']}ch"
+    else:
+        cin = c.get("C_IN", c.get("C"))
+        cout = c.get("C_OUT", c.get("C_G", c.get("C")))
     text = f"{cin}->{cout} k{c.get('KS', '?')}"
     r = c.get("SHUFFLE", c.get("R", 1))
     flags = [f"r{r}"] if r and r > 1 else []
