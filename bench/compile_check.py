@@ -246,7 +246,7 @@ def gpu_code_path(sms: int = H200["sms"], arch: int = 90) -> Iterator[None]:
 # The one-launch residual block's kernels (kernels/resblock.py: the pointer form and the TMA form).
 BLOCK_KERNELS = ("_resblock_nhwc_kernel", "_resblock_tma_kernel")
 # Copies into a bordered, channel-padded layout that a conv then reads with 16-byte loads.
-PAD_KERNELS = ("_pad_grad_kernel", "_pad_image_kernel")
+PAD_KERNELS = ("_pad_bordered_kernel",)  # kernels/pad.py
 
 
 @contextlib.contextmanager
@@ -875,13 +875,9 @@ _COLUMNS = [  # (header, width, row -> text)
 def _shape_text(c: dict) -> str:
     """'64->64 k3 skip' from a launch's constexprs: channels in -> out, kernel size, the
     epilogue/prologue flags that are on."""
-    if "G_PAD" in c and "C_IN" not in c:  # _pad_grad_kernel: C_G channels -> a G_PAD-wide copy
-        cin, cout = c["C_G"], f"{c['G_PAD']}ch"
-    elif "C_X" in c and "C_OUT" not in c and "C_G" not in c:  # _pad_image_kernel: C_IN -> C_X
-        cin, cout = c["C_IN"], f"{c['C_X']}ch"
-    else:
-        cin = c.get("C_IN", c.get("C"))
-        cout = c.get("C_OUT", c.get("C_G", c.get("C")))
+    cin = c.get("C_IN", c.get("C"))
+    # The padded copy (kernels/pad.py) writes C_PAD channels a pixel.
+    cout = f"{c['C_PAD']}ch" if "C_PAD" in c else c.get("C_OUT", c.get("C_G", c.get("C")))
     text = f"{cin}->{cout} k{c.get('KS', '?')}"
     r = c.get("SHUFFLE", c.get("R", 1))
     flags = [f"r{r}"] if r and r > 1 else []

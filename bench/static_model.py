@@ -146,7 +146,7 @@ def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
 
 def work_head(a: dict, cfg: dict) -> Work:
     """_conv2d_head_kernel (kernels/conv2d_head.py): reads the padded image copy (N, H+2P, W+2P,
-    C_X) that `_pad_image_kernel` writes (one C_X*e = 16-byte vector per pixel and tap); unrolled
+    C_X) that `pad_image_nhwc` writes (one C_X*e = 16-byte vector per pixel and tap); unrolled
     K steps of BLOCK_K (BLOCK_K / C_X whole taps) and one K_REM step for the remaining taps; a
     tile is BLOCK_M pixels of one image row (a partial last tile per row), its BLOCK_M x KS^2
     vectors gathered (the taps re-read neighbours: counted through L2 here, L1 may keep them),
@@ -171,16 +171,9 @@ def work_head(a: dict, cfg: dict) -> Work:
                 straight_line_warps=cfg.get("num_warps", 4))
 
 
-def work_pad_image(a: dict, cfg: dict) -> Work:
-    """_pad_image_kernel: the image copied (shifted) into the head's bordered, channel-padded
-    layout (one read of the image, one write of the copy)."""
-    moved = _nbytes(a["x_ptr"]) + _nbytes(a["out_ptr"])
-    return Work(0.0, 0.0, moved, moved, 0.0, _cdiv(a["TOTAL"], a["BLOCK_P"]))
-
-
 def work_dgrad(a: dict, cfg: dict) -> Work:
     """_dgrad_kernel: dx = conv of the (unshuffled) output gradient with flipped weights. With
-    G_PAD (a narrow gradient read from its padded copy, `_pad_grad_kernel`): BLOCK_K-wide K steps
+    G_PAD (a narrow gradient read from its padded copy, kernels/pad.py): BLOCK_K-wide K steps
     of BLOCK_K / G_PAD taps, unrolled; A is one G_PAD*e-byte vector per (pixel, real tap) (the
     dummy slots are masked and fetch nothing), B the whole packed weight (KS^2 * G_PAD rows) per tile."""
     g, out = a["g_ptr"], a["out_ptr"]
@@ -296,10 +289,10 @@ def work_reduce(a: dict, cfg: dict) -> Work:
     return Work(0.0, 0.0, ws + outs, ws + outs, 0.0, _cdiv(total, a["BLOCK"]))
 
 
-def work_pad_grad(a: dict, cfg: dict) -> Work:
-    """_pad_grad_kernel: the narrow gradient copied into its bordered, channel-padded layout for
-    dgrad (one read of g and the mask, one write of the copy)."""
-    moved = _nbytes(a["g_ptr"]) + (_nbytes(a["gmask_ptr"]) if a["IN_MASK"] else 0) + _nbytes(a["out_ptr"])
+def work_pad(a: dict, cfg: dict) -> Work:
+    """_pad_bordered_kernel (kernels/pad.py): a narrow tensor copied into its bordered,
+    channel-padded layout (one read of x and of the mask if any, one write of the copy)."""
+    moved = _nbytes(a["x_ptr"]) + (_nbytes(a["mask_ptr"]) if a["IN_MASK"] else 0) + _nbytes(a["out_ptr"])
     return Work(0.0, 0.0, moved, moved, 0.0, _cdiv(a["TOTAL"], a["BLOCK_P"]))
 
 
@@ -316,10 +309,8 @@ def launch_work(kernel: str, args: dict, cfg: dict, grid: list[int], sass: dict 
         return work_head(a, cfg)
     if kernel == "_dgrad_kernel":
         return work_dgrad(a, cfg)
-    if kernel == "_pad_grad_kernel":
-        return work_pad_grad(a, cfg)
-    if kernel == "_pad_image_kernel":
-        return work_pad_image(a, cfg)
+    if kernel == "_pad_bordered_kernel":
+        return work_pad(a, cfg)
     if kernel == "_resblock_nhwc_kernel":
         return work_block(a, cfg)
     if kernel == "_resblock_tma_kernel":
@@ -378,10 +369,8 @@ def _label(rec: dict) -> str:
     a = rec["args"]
     if rec["kernel"] in ("_resblock_nhwc_kernel", "_resblock_tma_kernel"):
         return f"{a['C']}->{a['C']} k{a['KS']}"
-    if rec["kernel"] == "_pad_grad_kernel":
-        return f"pad {a['C_G']}->{a['G_PAD']} ch k{a['KS']}"
-    if rec["kernel"] == "_pad_image_kernel":
-        return f"pad image {a['C_IN']}->{a['C_X']} ch k{a['KS']}"
+    if rec["kernel"] == "_pad_bordered_kernel":
+        return f"pad {a['C_IN']}->{a['C_PAD']} ch k{a['KS']}" + (" shift" if a["HAS_SHIFT"] else "")
     cin = a.get("C_IN")
     cout = a.get("C_OUT", a.get("C_G"))
     r = a.get("SHUFFLE", a.get("R", 1))

@@ -38,20 +38,6 @@ def _round_to(v, ptr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _bordered_source(offs, TOTAL, H, W, P: tl.constexpr):
-    """For flat pixel indices offs of a bordered (N, H + 2P, W + 2P) copy (the padded operand
-    copies: `conv2d_head.pad_image_nhwc`, `conv2d_dgrad`'s padded gradient): the int64 flat
-    index of the source pixel in the (N, H, W) tensor, and whether the pixel is inside the
-    image (False in the P-pixel border and past TOTAL, the copy's pixel count)."""
-    w_p = offs % (W + 2 * P)
-    t = offs // (W + 2 * P)
-    h_p = t % (H + 2 * P)
-    img = t // (H + 2 * P)
-    inside = (offs < TOTAL) & (h_p >= P) & (h_p < H + P) & (w_p >= P) & (w_p < W + P)
-    return ((img * H + h_p - P) * W + w_p - P).to(tl.int64), inside
-
-
-@triton.jit
 def _tf32_rna(v):
     """fp32 -> the nearest tf32 value (10 stored mantissa bits; ties away from zero, as
     cvt.rna.tf32.f32), kept in fp32. Integer ops on the bits: the GPU and the interpreter

@@ -23,7 +23,7 @@ dgrad (`_dgrad_kernel`): the forward's implicit GEMM with M = N*H*W pixels, N = 
 A narrow gradient (Cout < 16 without a shuffle: the tail's 3 RGB channels) is not read in place:
   its pixels are 3*e bytes apart, so a tap's A tile would be a 2-byte gather filling 3 of a
   16-wide K chunk (16/3 of the MMA work wasted), and no TMA box or 16-byte vector fits it. The
-  launcher first copies it (`_pad_grad_kernel`, one pass) into gp = (N, H + 2P, W + 2P, G_PAD),
+  launcher first copies it (`pad.pad_bordered_nhwc`, one pass) into gp = (N, H + 2P, W + 2P, G_PAD),
   G_PAD = max(16 B / e, next_pow2(Cout)) (bf16/fp16 RGB: 8, fp32: 4): zero in the extra
   channels and in a P = KS // 2 pixel border, the prologue mask applied. Then one (pixel, tap)
   is one aligned 16-byte vector, a K step holds BLOCK_K / G_PAD whole taps (BLOCK_K 32 for
@@ -62,11 +62,11 @@ from ._common import (
     _conv_configs,
     _launch,
     _launch_config_args,
-    _next_pow2,
     _result,
 )
-from ._jit import _bordered_source, _mma, _round_to, _shuffle_col, _tap_of_step, _tile_coords
+from ._jit import _mma, _round_to, _shuffle_col, _tap_of_step, _tile_coords
 from .conv2d import pack_weight
+from .pad import pad_bordered_nhwc, vector_channels
 
 __all__ = ["pack_weight_dgrad", "conv2d_dgrad_nhwc"]
 
@@ -131,7 +131,7 @@ def _dgrad_padded_mainloop(
 ):
     """acc[m, n] += sum over taps t and q < G_PAD of gp[img, oh + kh(t), ow + kw(t), q] * w[t*G_PAD + q, n]
 
-    gp is the bordered, channel-padded gradient `_pad_grad_kernel` writes: (N, H + 2P, W + 2P,
+    gp is the bordered, channel-padded gradient `pad.pad_bordered_nhwc` writes: (N, H + 2P, W + 2P,
     G_PAD), P = KS // 2, zero in the border (the conv's padding) and in channels >= C_G. A step
     is a BLOCK_K-wide K chunk of TPS = BLOCK_K / G_PAD whole taps: column k is tap
     step*TPS + k // G_PAD, channel k % G_PAD, so each (pixel, tap) is one aligned G_PAD*e = 16-byte
@@ -171,31 +171,6 @@ def _dgrad_padded_mainloop(
 
 
 @triton.jit
-def _pad_grad_kernel(
-    g_ptr, gmask_ptr, out_ptr,
-    TOTAL, H, W,
-    C_G: tl.constexpr, G_PAD: tl.constexpr, KS: tl.constexpr, IN_MASK: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """out[n, h', w', q] = g[n, h' - P, w' - P, q] (where gmask is nonzero, with IN_MASK) inside the
-    image and q < C_G; 0 in the P = KS // 2 pixel border and in channels C_G..G_PAD-1. out is
-    (N, H + 2P, W + 2P, G_PAD): every element written, one G_PAD-wide vector per pixel."""
-    P: tl.constexpr = KS // 2
-    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels of out
-    q = tl.arange(0, G_PAD)
-    src, inside = _bordered_source(offs, TOTAL, H, W, P)
-    src = src * C_G
-    ok = inside[:, None] & (q < C_G)[None, :]
-    # Through fp32 (exact both ways): the interpreter has no arithmetic on bf16.
-    v = tl.load(g_ptr + src[:, None] + q[None, :], mask=ok, other=0.0).to(tl.float32)
-    if IN_MASK:
-        keep = tl.load(gmask_ptr + src[:, None] + q[None, :], mask=ok, other=0.0).to(tl.float32) != 0.0
-        v = tl.where(keep, v, 0.0)
-    dst = offs.to(tl.int64)[:, None] * G_PAD + q[None, :]
-    tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=(offs < TOTAL)[:, None])
-
-
-@triton.jit
 def _dgrad_kernel(
     g_ptr, gmask_ptr, w_ptr, omask_ptr, out_ptr,
     M, H, W, scale,
@@ -209,7 +184,7 @@ def _dgrad_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if G_PAD > 0:
-        # g is the bordered, channel-padded copy (`_pad_grad_kernel`; the prologue mask applied)
+        # g is the bordered, channel-padded copy (`pad.pad_bordered_nhwc`; the prologue mask applied)
         acc = _dgrad_padded_mainloop(
             acc, g_ptr, img, oh, ow, M, H, W, w_ptr, offs_n, n_mask,
             C_IN, KS, G_PAD, INTERP, PREC, USE_INPUT_PRECISION, BLOCK_K,
@@ -249,9 +224,6 @@ _dgrad_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_padded},
 )(_dgrad_kernel)
 
-_PAD_BLOCK_P = 256  # pixels per program of the pad kernel: 4 KiB of bf16 output at G_PAD = 8
-
-
 def _g_pad(c_g: int, r: int, dtype: torch.dtype) -> int:
     """Channels per pixel of the padded gradient copy the dgrad reads, 0 for none (read in place).
     A gradient of fewer than 16 channels without a shuffle (the tail's 3) would fill a 16-wide K
@@ -260,7 +232,7 @@ def _g_pad(c_g: int, r: int, dtype: torch.dtype) -> int:
     and a K chunk holds 16 / G_PAD taps."""
     if r != 1 or c_g >= 16:
         return 0
-    return max(16 // torch.empty((), dtype=dtype).element_size(), _next_pow2(c_g))
+    return vector_channels(c_g, dtype)
 
 
 def _padded_block_k(dtype: torch.dtype) -> int:
@@ -268,22 +240,6 @@ def _padded_block_k(dtype: torch.dtype) -> int:
     taps; fp32: 16 = 4 taps), so even an 8-warp program loads it as one 16-byte vector per thread
     (a 16 x 64 bf16 tile would be 8 bytes per thread there)."""
     return 16 if dtype == torch.float32 else 32
-
-
-def _pad_grad(grad_out, grad_mask, g_pad: int, ks: int) -> torch.Tensor:
-    """The copy `_pad_grad_kernel` writes: (N, H + 2P, W + 2P, g_pad), P = ks // 2, the prologue
-    mask applied. Bytes: reads N*H*W*C_G*e (+ the mask), writes N*(H+2P)*(W+2P)*16."""
-    n, h, w, c_g = grad_out.shape
-    p = ks // 2
-    out = torch.empty((n, h + 2 * p, w + 2 * p, g_pad), device=grad_out.device, dtype=grad_out.dtype)
-    total = n * (h + 2 * p) * (w + 2 * p)
-    if total * g_pad > _INT32_MAX:
-        raise ValueError(f"the padded gradient would have {total * g_pad} elements; at most {_INT32_MAX} are supported")
-    grid = (triton.cdiv(total, _PAD_BLOCK_P),)
-    with _common._device_ctx(grad_out):
-        _pad_grad_kernel[grid](grad_out, grad_mask if grad_mask is not None else grad_out, out, total, h, w,
-                               C_G=c_g, G_PAD=g_pad, KS=ks, IN_MASK=grad_mask is not None, BLOCK_P=_PAD_BLOCK_P)
-    return out
 
 
 def pack_weight_dgrad(weight: torch.Tensor, shuffle: int = 1, g_pad: int = 0) -> torch.Tensor:
@@ -358,7 +314,8 @@ def conv2d_dgrad_nhwc(grad_out, weight, kernel_size: int, *, shuffle: int = 1, r
     if g_pad:
         # Narrow gradient (the tail's 3 channels): read from a bordered, channel-padded copy,
         # the prologue mask applied there (see _dgrad_padded_mainloop).
-        g, gmask, block_k = _pad_grad(grad_out, grad_mask, g_pad, ks), None, _padded_block_k(grad_out.dtype)
+        g, gmask = pad_bordered_nhwc(grad_out, ks, g_pad, mask=grad_mask), None
+        block_k = _padded_block_k(grad_out.dtype)
     else:
         g, gmask, block_k = grad_out, grad_mask, _block_k(c_out, grad_out.dtype)
     w_packed = pack_weight_dgrad(weight, r, g_pad)

@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _INT32_MAX,
     _INTERPRET_BLOCK_M,
     SUPPORTED_DTYPES,
     _block_n,
@@ -49,42 +48,18 @@ from ._common import (
     _check_packed_weight,
     _check_same_device,
     _check_vector,
-    _device_ctx,
     _launch,
     _next_pow2,
     _result,
     _DOT_HAS_INPUT_PRECISION,
     _INTERPRET,
 )
-from ._jit import _bordered_source, _mma, _mma_3xtf32, _round_to
+from ._jit import _mma, _mma_3xtf32, _round_to
+from .pad import pad_bordered_nhwc, vector_channels
 
 __all__ = ["HEAD_MAX_K", "conv2d_head_nhwc", "head_conv_supported", "pad_image_nhwc"]
 
 HEAD_MAX_K = 32  # KS*KS*Cin at most this: a narrow input (the image), its taps in a few unrolled K steps
-
-
-@triton.jit
-def _pad_image_kernel(
-    x_ptr, shift_ptr, out_ptr,
-    TOTAL, H, W,
-    C_IN: tl.constexpr, C_X: tl.constexpr, KS: tl.constexpr, HAS_SHIFT: tl.constexpr, INTERP: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    """out[n, h', w', c] = x[n, h' - P, w' - P, c] - in_shift[c] (rounded to x's dtype, as eager
-    `x - mean`) inside the image and c < C_IN, 0 in the P = KS // 2 pixel border (the conv's
-    zero padding, after the shift) and in channels C_IN..C_X-1. out is (N, H + 2P, W + 2P, C_X),
-    every element written, one C_X-wide vector per pixel."""
-    P: tl.constexpr = KS // 2
-    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels of out
-    c = tl.arange(0, C_X)
-    src, inside = _bordered_source(offs, TOTAL, H, W, P)
-    src = src * C_IN
-    ok = inside[:, None] & (c < C_IN)[None, :]
-    v = tl.load(x_ptr + src[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        v = tl.where(ok, v - tl.load(shift_ptr + c, mask=c < C_IN, other=0.0)[None, :], 0.0)
-    dst = offs.to(tl.int64)[:, None] * C_X + c[None, :]
-    tl.store(out_ptr + dst, _round_to(v, out_ptr, INTERP), mask=(offs < TOTAL)[:, None])
 
 
 @triton.jit
@@ -132,7 +107,7 @@ def _conv2d_head_kernel(
     INTERP: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_REM: tl.constexpr,
 ):
-    # x is the padded, shifted image (`_pad_image_kernel`: (N, H + 2P, W + 2P, C_X), the image's
+    # x is the padded, shifted image (`pad_image_nhwc`: (N, H + 2P, W + 2P, C_X), the image's
     # C_IN channels then zeros; C_IN only names the launch). A tile =
     # BLOCK_M pixels of one image row (1-D grid, channel blocks fastest): the row and image are
     # per-program scalars, so no pixel pays a division by W or H.
@@ -189,15 +164,6 @@ _conv2d_head_tuned = triton.autotune(
     configs=_head_configs(), key=["C_IN", "C_X", "C_OUT", "KS", "SPLIT", "BLOCK_K", "K_REM"],  # + the tensor dtypes
 )(_conv2d_head_kernel)
 
-_PAD_BLOCK_P = 256  # pixels per program of the pad kernel: 4 KiB of fp32 output at C_X = 4
-
-
-def head_image_channels(c_in: int, dtype: torch.dtype) -> int:
-    """Channels per pixel of the padded image copy the head kernels read: a power of two of at
-    least 16 bytes (fp32 RGB: 4, bf16/fp16: 8), so one (pixel, tap) is one aligned 16-byte load."""
-    return max(16 // torch.empty((), dtype=dtype).element_size(), _next_pow2(c_in))
-
-
 def head_k_steps(c_x: int, kernel_size: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_K, K_REM) of the head's unrolled K steps over the KS*KS taps of C_X channels each:
     full steps of BLOCK_K = 128 bytes of K (fp32 32 = 8 taps, bf16/fp16 64 = 8 taps; fewer when
@@ -212,25 +178,10 @@ def head_k_steps(c_x: int, kernel_size: int, dtype: torch.dtype) -> tuple[int, i
 
 def pad_image_nhwc(x, kernel_size: int, in_shift=None) -> torch.Tensor:
     """The copy the head kernels (forward and wgrad) read: (N, H + 2P, W + 2P, C_X), P = KS // 2,
-    C_X = head_image_channels: x - in_shift (in x's dtype, as eager computes it) inside, 0 in
-    the border (the conv's zero padding) and in the extra channels. One pass: reads
-    N*H*W*Cin*e, writes N*(H+2P)*(W+2P)*16 bytes (the 540x960 fp32 RGB image: 6.2 MB read,
-    8.35 MB written)."""
-    n, h, w, c_in = x.shape
-    c_x = head_image_channels(c_in, x.dtype)
-    p = kernel_size // 2
-    out = torch.empty((n, h + 2 * p, w + 2 * p, c_x), device=x.device, dtype=x.dtype)
-    total = n * (h + 2 * p) * (w + 2 * p)
-    if total * c_x > _INT32_MAX:
-        raise ValueError(f"the padded image would have {total * c_x} elements; at most {_INT32_MAX} are supported")
-    if total == 0:
-        return out
-    grid = (triton.cdiv(total, _PAD_BLOCK_P),)
-    with _device_ctx(x):
-        _pad_image_kernel[grid](x, in_shift if in_shift is not None else x, out, total, h, w,
-                                C_IN=c_in, C_X=c_x, KS=kernel_size, HAS_SHIFT=in_shift is not None,
-                                INTERP=_INTERPRET, BLOCK_P=_PAD_BLOCK_P)
-    return out
+    C_X = `pad.vector_channels` (fp32 RGB 4, bf16/fp16 8): x - in_shift (in x's dtype, as eager
+    computes it) inside, 0 in the border (the conv's zero padding) and in the extra channels
+    (`pad.pad_bordered_nhwc`; the 540x960 fp32 RGB image: 6.2 MB read, 8.35 MB written)."""
+    return pad_bordered_nhwc(x, kernel_size, vector_channels(x.shape[-1], x.dtype), in_shift=in_shift)
 
 
 def head_conv_supported(c_in: int, kernel_size: int, *, skip=None, shuffle: int = 1) -> bool:
@@ -275,8 +226,8 @@ def conv2d_head_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu
     m = n * h * w
     if m == 0:
         return out
-    c_x = head_image_channels(c_in, x.dtype)
     xp = pad_image_nhwc(x, ks, in_shift)
+    c_x = xp.shape[-1]
     block_k, k_rem = head_k_steps(c_x, ks, x.dtype)
     block_n = _block_n(c_out)
     num_n_blocks = triton.cdiv(c_out, block_n)

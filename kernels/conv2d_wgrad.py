@@ -50,8 +50,8 @@ from ._common import (
     _next_pow2,
     _result,
 )
-from .conv2d_dgrad import _pad_grad
-from .conv2d_head import head_image_channels, pad_image_nhwc
+from .conv2d_head import pad_image_nhwc
+from .pad import pad_bordered_nhwc, vector_channels
 from ._jit import _conv_channel, _mma, _mma_3xtf32, _round_to
 
 __all__ = ["conv2d_wgrad_nhwc"]
@@ -76,7 +76,6 @@ def _wgrad_loop(
     is the segment's row) and needs no bounds mask at all.
     WITH_B (the k-block-0 programs only): also the column sums of G, the bias partial."""
     P: tl.constexpr = KS // 2
-    C_SH: tl.constexpr = C_G // (R * R)
     offs_p = tl.arange(0, BLOCK_P)
     ow0 = t * 0
     for _ in range(n_steps):
@@ -359,7 +358,7 @@ def _wgrad_tiling(c_in: int, ks: int, c_g: int, dtype: torch.dtype) -> dict:
     (the head, Cin = 3: 27 rows) take all packed rows in one BLOCK_KW block (27 of 32 used).
     At BLOCK_Q = 128 (the x2 upsampler) 3 taps leave only the 8-warp configs (_ACC_REGS_MAX)."""
     per_tap = c_in >= 16
-    c_x = c_in if per_tap else head_image_channels(c_in, dtype)
+    c_x = c_in if per_tap else vector_channels(c_in, dtype)
     if per_tap:
         block_kw = (16 if c_in <= 32 else 32) if _INTERPRET else min(64, _next_pow2(c_in))
     else:
@@ -455,11 +454,11 @@ def conv2d_wgrad_nhwc(x, grad_out, kernel_size: int, *, shuffle: int = 1, res_sc
     gk, gmask, g_cols = grad_out, grad_mask, c_out
     if r == 1 and c_out < tiling["BLOCK_Q"]:
         # A narrow gradient (the tail's 3 channels) is read from a copy padded to its one
-        # BLOCK_Q tile (`_pad_grad`, no border, the mask applied there): 16-byte loads of whole
+        # BLOCK_Q tile (`pad_bordered_nhwc`, no border, the mask applied there): 16-byte loads of whole
         # pixels, no column mask (3 channels would be 2-byte loads). 16 x 48x48 x 4 patches of
         # the x2 tail in bf16: 0.9 MB read, 4.7 MB written.
         g_cols = tiling["BLOCK_Q"]
-        gk, gmask = _pad_grad(grad_out, grad_mask, g_cols, 1), None
+        gk, gmask = pad_bordered_nhwc(grad_out, 1, g_cols, mask=grad_mask), None
     splits, rows_per_split = _num_splits(n * h, tiles, x.device, w)
     ws = torch.empty((splits, k_rows + 1, c_out), device=x.device, dtype=torch.float32)
     cfg = _launch_config_args(x.dtype)

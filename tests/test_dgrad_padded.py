@@ -1,5 +1,5 @@
 """dgrad of a narrow gradient (the tail's 3 channels) through the padded copy: kernels/conv2d_dgrad.py's
-`_pad_grad_kernel` (bordered, channel-padded copy of g, the prologue mask applied) and the
+`pad.pad_bordered_nhwc` (bordered, channel-padded copy of g, the prologue mask applied) and the
 dgrad kernel's G_PAD path (16 / G_PAD taps per 16-wide K step, unrolled, no bounds masks).
 
 Against float64 eager (dx = res_scale * conv_transpose(g * [mask != 0], W), zeroed where the
@@ -71,14 +71,14 @@ def test_dgrad_padded_gradient_parity(case, monkeypatch):
     imask = torch.relu(torch.randn(n, c_in, h, w, generator=gen)).to(dtype) if with_imask else None
 
     padded = []
-    real_pad = conv2d_dgrad._pad_grad
+    real_pad = conv2d_dgrad.pad_bordered_nhwc
 
-    def spy(*args):
-        out = real_pad(*args)
+    def spy(*args, **kwargs):
+        out = real_pad(*args, **kwargs)
         padded.append(out)
         return out
 
-    monkeypatch.setattr(conv2d_dgrad, "_pad_grad", spy)
+    monkeypatch.setattr(conv2d_dgrad, "pad_bordered_nhwc", spy)
     out = torch.full((n, h, w, c_in), float("nan"), dtype=dtype)
     dx = conv2d_dgrad_nhwc(_nhwc(g), weight, ks, res_scale=res_scale,
                            grad_mask=None if gmask is None else _nhwc(gmask),
