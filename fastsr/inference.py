@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
@@ -36,6 +36,10 @@ Tile = Union[int, str, None]
 # both conv outputs, the global skip, plus slack for conv workspaces (im2col on the CPU,
 # cuDNN workspaces). The upsampler adds about 2 * scale^2 (conv output + shuffled copy).
 _ACTIVATION_MAPS_LR = 8
+# The tail's 3 output channels at full resolution, as the CPU's oneDNN convolution writes them
+# before reordering: blocked in 16 channels (measured: eager fp32 EDSR with 4 features peaked at
+# 612 B per LR pixel at x2, 256 of them this buffer; the n_feats terms alone said 256).
+_TAIL_BLOCK_CHANNELS = 16
 # Never plan to use more than this fraction of the free memory: allocator fragmentation
 # and the estimate's error need headroom.
 _MEMORY_FRACTION = 0.5
@@ -127,9 +131,11 @@ def free_memory_bytes(device: torch.device | str) -> int | None:
 
 
 def activation_bytes_per_lr_pixel(model: nn.Module, scale: int, dtype: torch.dtype) -> int:
-    """Rough peak activation memory per LR pixel and image: n_feats * bytes * (8 + 2 s^2)."""
+    """Rough peak activation memory per LR pixel and image:
+    bytes * (n_feats * (8 + 2 s^2) + 16 s^2), the last term the tail's blocked output."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return _model_feats(model) * elem * (_ACTIVATION_MAPS_LR + 2 * scale * scale)
+    s2 = scale * scale
+    return elem * (_model_feats(model) * (_ACTIVATION_MAPS_LR + 2 * s2) + _TAIL_BLOCK_CHANNELS * s2)
 
 
 def auto_tile_size(
@@ -200,6 +206,7 @@ def upscale_peak_bytes(
     dtype: torch.dtype = torch.float32,
     on_cpu: bool = True,
     self_ensemble: bool = False,
+    probe_px: int = 0,
 ) -> int:
     """Estimated peak memory above the process's baseline to upscale one file with `upscale_rows`.
 
@@ -208,7 +215,11 @@ def upscale_peak_bytes(
     (s * tile rows, s * W, 3 or 4 with alpha), the PNG stream, and one tile's work: its
     float input and output, the network's activations (`activation_bytes_per_lr_pixel`
     with a margin; counted only on_cpu, elsewhere they live on the device), alpha and
-    bicubic resizing, the self-ensemble's copies. model None: bicubic.
+    bicubic resizing, the self-ensemble's copies. model None: bicubic. probe_px: the pixels
+    of the crop at which the first tile still times the CPU engines against each other
+    (`EDSR.whole_model_probe`): both run there and the heap keeps what each used, which
+    together measured about one estimate's worth of activations per probe pixel (EDSR-baseline
+    x2 fp32 at 256x256: fused 3.1 KB, OpenVINO 2.3 KB per pixel, estimate 5.4 KB).
     """
     h, w = lr_size
     s2 = scale * scale
@@ -220,11 +231,12 @@ def upscale_peak_bytes(
     per_px = 8 * channels + 12 + 8 * out_c * s2 + out_c * sample * s2
     if out_c == 4 or model is None:  # MATLAB bicubic: a float pass per axis, per channel
         per_px += 8 * (scale + s2) * (3 if model is None else 1)
-    if model is not None and on_cpu:
-        per_px += int(_ACTIVATION_MARGIN * activation_bytes_per_lr_pixel(model, scale, dtype))
+    activations = int(_ACTIVATION_MARGIN * activation_bytes_per_lr_pixel(model, scale, dtype)) if model is not None else 0
+    if on_cpu:
+        per_px += activations
     if self_ensemble:  # transformed input, transformed output, the float32 accumulator
         per_px += 24 + 36 * s2
-    work = context_px * per_px + _TILE_OVERHEAD_BYTES
+    work = context_px * per_px + probe_px * activations + _TILE_OVERHEAD_BYTES
     band = scale * th * scale * w * out_c * sample + _PNG_STREAM_BYTES
     decoded = h * w * channels * sample
     return max(h * w * DECODE_BYTES_PER_PIXEL[bit_depth], decoded + band + work)
@@ -269,12 +281,36 @@ def _spans(length: int, tile: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(n)]
 
 
+def _window_span(length: int, tile: int, overlap: int) -> int:
+    """The context window's length along one axis: the longest of the tiles' spans with
+    `overlap` on each side, clipped at the image's border. Every window of an image has it."""
+    return max(min(length, b + overlap) - max(0, a - overlap) for a, b in _spans(length, tile))
+
+
+def _window_start(start: int, overlap: int, span: int, length: int) -> int:
+    """Where a window of `span` pixels starts for a tile starting at `start`: `overlap` before
+    it, moved inward at the image's border so the window stays inside it."""
+    return min(max(0, start - overlap), length - span)
+
+
 def _tile_windows(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Row-major tiles of an h x w image: ((y0, y1, x0, x1) the tile, (cy0, cy1, cx0, cx1)
-    the tile plus `overlap` pixels of context per side, clipped at the border)."""
+    its context window).
+
+    Every window has one shape (`_window_span` per axis): a window at the border is moved
+    inward instead of clipped, so each tile still has `overlap` pixels of context on every
+    side that is not the image's border. One shape per image matters on the CPU: each new
+    input shape is timed (fused against OpenVINO), compiled by OpenVINO, and leaves its
+    working set in caches and in the heap, so the up to 9 shapes of clipped windows cost
+    time and memory that one shape pays once. The price, from 3 tiles per axis on, is up to
+    `overlap` more pixels per border window and axis.
+    """
+    wh, ww = _window_span(h, tile, overlap), _window_span(w, tile, overlap)
     for y0, y1 in _spans(h, tile):
+        cy0 = _window_start(y0, overlap, wh, h)
         for x0, x1 in _spans(w, tile):
-            yield (y0, y1, x0, x1), (max(0, y0 - overlap), min(h, y1 + overlap), max(0, x0 - overlap), min(w, x1 + overlap))
+            cx0 = _window_start(x0, overlap, ww, w)
+            yield (y0, y1, x0, x1), (cy0, cy0 + wh, cx0, cx0 + ww)
 
 
 def tile_count(lr_size: tuple[int, int], tile: int | None) -> int:
@@ -284,13 +320,13 @@ def tile_count(lr_size: tuple[int, int], tile: int | None) -> int:
 
 
 def tile_cost(lr_size: tuple[int, int], tile: int | None, overlap: int) -> float:
-    """Work of tiled over untiled: LR pixels the network runs on (each tile with its context,
-    clipped at the border) over the image's pixels. 1.0 untiled; the recompute factor."""
+    """Work of tiled over untiled: LR pixels the network runs on (every tile's context window,
+    `_tile_windows`) over the image's pixels. 1.0 untiled; the recompute factor."""
     h, w = lr_size
     if not tile:
         return 1.0
-    rows = sum(min(h, y1 + overlap) - max(0, y0 - overlap) for y0, y1 in _spans(h, tile))
-    cols = sum(min(w, x1 + overlap) - max(0, x0 - overlap) for x0, x1 in _spans(w, tile))
+    rows = len(_spans(h, tile)) * _window_span(h, tile, overlap)
+    cols = len(_spans(w, tile)) * _window_span(w, tile, overlap)
     return rows * cols / (h * w)
 
 
@@ -477,6 +513,7 @@ class Upscaler:
     tile: Tile = None
     tile_overlap: int | None = None
     self_ensemble: bool = False
+    _last_size: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
         """lr (N, 3, H, W) float 0..255 (uint8 for the bicubic protocol path) -> float32 CPU output."""
@@ -526,9 +563,15 @@ class Upscaler:
     def peak_bytes(self, shape: tuple[int, int, int], bit_depth: int, tile: int | None) -> int:
         """`upscale_peak_bytes` of one (H, W, channels) image with this upscaler and `tile`."""
         h, w, channels = shape
+        on_cpu = self.device.type == "cpu"
+        probe_px = 0
+        if on_cpu and hasattr(self.model, "whole_model_probe"):
+            window = (1, 3, h, w) if tile is None else (1, 3, min(h, tile + 2 * self.context), min(w, tile + 2 * self.context))
+            probe = self.model.whole_model_probe(window, self.scale)
+            probe_px = 0 if probe is None else probe[-2] * probe[-1]
         return upscale_peak_bytes(self.model, (h, w), channels, bit_depth, self.scale, tile, self.context,
-                                  dtype=self.compute_dtype, on_cpu=self.device.type == "cpu",
-                                  self_ensemble=self.self_ensemble)
+                                  dtype=self.compute_dtype, on_cpu=on_cpu, self_ensemble=self.self_ensemble,
+                                  probe_px=probe_px)
 
     def choose_tile(self, name: str, shape: tuple[int, int, int], bit_depth: int,
                     limit: int | None, base: int) -> tuple[int | None, int | None]:
@@ -570,6 +613,27 @@ class Upscaler:
         """`progress_tile` on the CPU, where an image that fits can take minutes; None elsewhere
         (a GPU finishes such an image in about a second: no bar is worth the recompute)."""
         return progress_tile(lr_size, self.context) if self.device.type == "cpu" else None
+
+    def release_shape_caches(self) -> None:
+        """Drop what earlier input shapes left in this process: OpenVINO's compiled shapes (each
+        with its buffers) and the free memory the native CPU path keeps on the heap
+        (`glibc_heap.trim`). The next input then pays one compile and fresh pages."""
+        runner = self.model.__dict__.get("_openvino") if self.model is not None else None
+        if runner is not None:
+            runner.clear_compiled()
+        from fastsr.ops.backends import glibc_heap
+
+        glibc_heap.trim()
+
+    def memory_baseline(self, lr_size: tuple[int, int] | None) -> int:
+        """What the process holds before an (H, W) image is upscaled under a memory bound
+        (`process_memory_bytes`). An image of another size than the last one (None: not known
+        yet) first drops the per-shape state the last one left (`release_shape_caches`): its
+        tiles have another shape, so that state would only add to the bound's baseline."""
+        if lr_size is None or (self._last_size is not None and lr_size != self._last_size):
+            self.release_shape_caches()
+        self._last_size = (-1, -1) if lr_size is None else lr_size  # unknown: the next image releases too
+        return process_memory_bytes()
 
     def check_memory_floor(self, limit: int) -> None:
         """Run a tiny input once, so that what the first call loads (the fused path imports its

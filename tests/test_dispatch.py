@@ -58,6 +58,22 @@ def test_the_fastest_candidate_wins_and_is_cached():
     assert dispatch.choose("conv2d", gpu_sig("conv2d"), None, never_run).name == "aten"  # the floor can win
 
 
+def test_would_time_says_what_choose_will_do(monkeypatch, tmp_path):
+    dispatch.set_timer(FakeTimer(triton_block=2.0, triton_convs=1.5, aten=1.8))
+    assert dispatch.would_time("resblock", gpu_sig())
+    assert not dispatch.would_time("resblock", gpu_sig(), "triton_block")  # one candidate
+    assert not dispatch.would_time("resblock", gpu_sig(), "reference")
+    dispatch.choose("resblock", gpu_sig(), None, never_run)
+    assert not dispatch.would_time("resblock", gpu_sig())  # remembered
+    assert dispatch.would_time("resblock", gpu_sig(shape=(1, 64, 270, 480)))
+    monkeypatch.setenv("FASTSR_PLAN_CACHE", str(tmp_path / "plans.json"))
+    dispatch.choose("resblock", gpu_sig(shape=(1, 64, 270, 480)), None, never_run)  # saved to disk
+    dispatch.clear_cache()
+    assert not dispatch.would_time("resblock", gpu_sig(shape=(1, 64, 270, 480)))  # on disk
+    monkeypatch.setenv("FASTSR_DETERMINISTIC", "1")
+    assert not dispatch.would_time("resblock", gpu_sig(shape=(1, 64, 135, 240)))  # pinned
+
+
 def test_the_cache_key_separates_shapes_dtypes_and_gpus():
     timer = FakeTimer(triton_block=1.0, triton_convs=2.0, aten=3.0)
     dispatch.set_timer(timer)

@@ -141,6 +141,42 @@ def test_a_big_input_is_timed_on_a_bounded_probe_once_for_all_its_sizes(measured
     assert any(f"x{_PROBE}x20|" in k for k in sig_keys), sig_keys
 
 
+def test_whole_model_probe_says_where_timing_is_still_to_come(measured, monkeypatch):
+    """Memory planning asks whether a new input's first run will time both engines (their
+    working sets are then both on the heap) and at which crop."""
+    model, _ = _pair(fused=True)
+    dispatch.set_timer(lambda runs: {"fused": 1.0, "openvino": 2.0})
+    assert model.whole_model_probe((1, 3, 300, 20), 2) == (1, 3, 256, 20)
+    with torch.no_grad():
+        model(torch.rand(1, 3, 300, 20) * 255)
+    assert model.whole_model_probe((1, 3, 400, 20), 2) is None  # the same probe: chosen already
+    assert model.whole_model_probe((1, 3, 30, 20), 2) == (1, 3, 30, 20)
+    assert fastsr.EDSR(2, 1, 8, backend="cpu").whole_model_probe((1, 3, 30, 20), 2) is None  # forced
+    assert fastsr.EDSR(2, 1, 8).whole_model_probe((1, 3, 30, 20), 2) is None  # eager
+    monkeypatch.setenv("FASTSR_DETERMINISTIC", "1")
+    assert model.whole_model_probe((1, 3, 30, 20), 2) is None  # pinned: nothing is timed
+
+
+def test_clear_compiled_drops_every_shape_and_keeps_the_conversion():
+    model, eager = _pair(backend="openvino")
+    runner = openvino_forward(model)
+    x = torch.rand(1, 3, 9, 7) * 255
+    with torch.no_grad():
+        model(x)
+        model(torch.rand(1, 3, 5, 6) * 255)
+        assert len(runner._compiled) == 2
+        runner.clear_compiled()
+        assert not runner._compiled and len(runner._converted) == 1
+        torch.testing.assert_close(model(x), eager(x), rtol=1e-4, atol=1e-4 * 255)  # compiled again
+    assert len(runner._compiled) == 1
+    from fastsr.inference import Upscaler
+
+    up = Upscaler(model, "test", torch.device("cpu"), torch.float32, 2)
+    up(x)
+    up.release_shape_caches()  # what --max-memory does between images of different sizes
+    assert not runner._compiled
+
+
 def test_converted_graphs_are_kept_on_disk_by_the_weights_bytes(tmp_path, monkeypatch):
     import openvino as ov
 

@@ -63,7 +63,25 @@ def test_progress_tile_is_cheap_and_gives_steps():
     assert inference.tile_count((3000, 4000), inference.progress_tile((3000, 4000), 36)) >= 8
     assert inference.progress_tile((128, 128), 36) is None  # any split would cost > 15%
     assert inference.tile_cost((128, 128), None, 36) == 1.0
+    # Two tiles per axis: both windows are 5 + 2 pixels long (one side is the border).
     assert inference.tile_cost((10, 10), 5, 2) == pytest.approx((7 + 7) ** 2 / 100)
+    # Three: every window is the middle one's 4 + 2 * 2 (the border ones moved inward, not clipped).
+    assert inference.tile_cost((12, 12), 4, 2) == pytest.approx((3 * 8) ** 2 / 144)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(4000, 4000, 864, 6), (37, 101, 8, 5), (10, 10, 5, 2),
+                                              (9, 30, 16, 40), (50, 7, 3, 0)])
+def test_tile_windows_have_one_shape_and_enough_context(h, w, tile, overlap):
+    windows = list(inference._tile_windows(h, w, tile, overlap))
+    assert len({(cy1 - cy0, cx1 - cx0) for _, (cy0, cy1, cx0, cx1) in windows}) == 1
+    covered = np.zeros((h, w), int)
+    for (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) in windows:
+        covered[y0:y1, x0:x1] += 1
+        assert 0 <= cy0 and cy1 <= h and 0 <= cx0 and cx1 <= w
+        # `overlap` context on each side, or the window reaches the image's border there.
+        assert (y0 - cy0 >= overlap or cy0 == 0) and (cy1 - y1 >= overlap or cy1 == h)
+        assert (x0 - cx0 >= overlap or cx0 == 0) and (cx1 - x1 >= overlap or cx1 == w)
+    assert (covered == 1).all()  # the tiles cut the image: every pixel once
 
 
 def test_a_big_image_that_fits_gets_a_bar_over_its_tiles(tmp_path, weights_x2, monkeypatch):
@@ -348,3 +366,21 @@ def test_max_memory_alone_prints_no_warning(tmp_path, weights_x2, capsys):
     PILImage.fromarray(_photo(16, 16)).save(src)
     assert _upscale(src, "-o", tmp_path / "o", "-s", 2, "-w", weights_x2, "--max-memory", "8GiB") == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_max_memory_drops_the_last_images_shape_state_when_the_size_changes(tmp_path, weights_x2, monkeypatch):
+    """Under --max-memory each image is planned against what the process holds; what a
+    previous image of another size left (OpenVINO's compiled shapes, the kept heap) is dropped
+    first, since the new tiles cannot use it. Images of one size keep it."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, (h, w) in {"a.png": (16, 20), "b.png": (16, 20), "c.png": (12, 9)}.items():
+        PILImage.fromarray(_photo(h, w)).save(d / name)
+    events = []
+    real_baseline = inference.Upscaler.memory_baseline
+    monkeypatch.setattr(inference.Upscaler, "memory_baseline",
+                        lambda self, size: events.append(("plan", size)) or real_baseline(self, size))
+    monkeypatch.setattr(inference.Upscaler, "release_shape_caches", lambda self: events.append(("release",)))
+    assert _upscale(d, "-o", tmp_path / "o", "-s", 2, "-w", weights_x2, "--max-memory", "8GiB") == 0
+    assert events == [("plan", (16, 20)), ("plan", (16, 20)), ("plan", (12, 9)), ("release",)]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_x2.png", "b_x2.png", "c_x2.png"]

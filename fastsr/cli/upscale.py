@@ -18,7 +18,6 @@ from fastsr.cli.common import (
 )
 from fastsr.distributed import Dist
 from fastsr.errors import FastSRError
-from fastsr import inference
 from fastsr.inference import Upscaler, format_size
 
 
@@ -194,8 +193,8 @@ def _upscale_file(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _Not
 
     path, target = job.path, job.target
     limit = args.max_memory
-    base = inference.process_memory_bytes() if limit is not None else 0
     header = read_header(path) if limit is not None else None
+    base = up.memory_baseline(None if header is None else header[0][:2]) if limit is not None else 0
     if header is not None and header[0][0] * header[0][1] <= args.max_pixels:  # else: read_pixels refuses
         up.choose_tile(str(path), *header, limit, base)  # refuses before decoding
     pixels, bit_depth = read_pixels(path, args.max_pixels)
@@ -226,7 +225,7 @@ def _upscale_animation(up: Upscaler, job: _Job, args: argparse.Namespace, notes:
     from fastsr.imageio import Animation, read_animation, write_animation
     from fastsr.inference import upscale_rows
 
-    base = inference.process_memory_bytes() if args.max_memory is not None else 0
+    base = up.memory_baseline(None) if args.max_memory is not None else 0
     anim = read_animation(job.path, args.max_pixels)
     tile = _tile_for(up, str(job.path), anim.frames[0].shape, 8, args, base, notes)
     process = _crop_upscaler(up, 8, str(job.path))
@@ -254,7 +253,7 @@ def _upscale_video(up: Upscaler, job: _Job, args: argparse.Namespace, notes: _No
     meta = probe(job.path)
     batch, tile = args.batch, up.tile
     if args.max_memory is not None:
-        base = inference.process_memory_bytes()
+        base = up.memory_baseline((meta.height, meta.width))
         batch, tile = 1, _tile_for(up, str(job.path), (meta.height, meta.width, 3), 8, args, base, notes)
     if up.device.type == "cuda" and getattr(up.model, "fused", False) and not notes.graphs:
         up.model.prepare_for_inference(cuda_graphs=True)

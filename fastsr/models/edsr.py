@@ -235,6 +235,32 @@ class _FusedMixin:
         return (x.device.type == "cpu" and not self.training and not torch.is_grad_enabled()
                 and self.backend_request in (None, "openvino") and not torch.compiler.is_compiling())
 
+    def _whole_model_signature(self, shape: tuple[int, ...], compute: torch.dtype, scale_idx: int):
+        """The whole-model choice's dispatch.Signature for CPU inputs of `shape` (N, 3, H, W).
+
+        Timed on at most a _PROBE x _PROBE crop: a big input (a 1568-px tile takes ~10 s a
+        forward on 2 cores) is one choice for all its sizes, at a few seconds of timing
+        instead of minutes; smaller inputs are timed at their own size."""
+        from fastsr.ops import dispatch
+
+        n, c, h, w = shape
+        probe = (n, c, min(h, _PROBE), min(w, _PROBE))
+        return dispatch.Signature("model", "cpu", dispatch.device_name(torch.device("cpu")), compute, probe,
+                                  self.n_feats, 3, (self.arch, scale_idx))
+
+    def whole_model_probe(self, shape: tuple[int, ...], scale: int) -> tuple[int, ...] | None:
+        """The crop (N, 3, h, w) at which CPU inference of an input of `shape` would still time
+        fastsr's fused ops against OpenVINO (both run there, and what each leaves on the heap
+        stays), or None when no timing is left to do: an eager or forced backend, one eligible
+        candidate, deterministic mode, a choice already made or on disk. For memory planning."""
+        from fastsr.ops import dispatch
+
+        if not self.fused or self.backend_request not in (None, "openvino"):
+            return None
+        scale_idx = self.scale_index(scale) if hasattr(self, "scale_index") else 0
+        sig = self._whole_model_signature(tuple(shape), self.compute_dtype or torch.float32, scale_idx)
+        return sig.shape if dispatch.would_time("model", sig, self.backend_request) else None
+
     def _forward_whole(self, x: torch.Tensor, scale_idx: int) -> torch.Tensor | None:
         """OpenVINO's output when the measured choice (or backend="openvino") says so, else None."""
         from fastsr.models.fused import fused_forward
@@ -242,13 +268,8 @@ class _FusedMixin:
         from fastsr.ops.backends.openvino import PRECISIONS, openvino_forward
 
         compute = self.compute_dtype or x.dtype
-        # Timed on at most a _PROBE x _PROBE crop: a big input (a 1568-px tile takes ~10 s a
-        # forward on 2 cores) is one choice for all its sizes, at a few seconds of timing
-        # instead of minutes; smaller inputs are timed at their own size.
-        n, c, h, w = x.shape
-        probe = (n, c, min(h, _PROBE), min(w, _PROBE))
-        sig = dispatch.Signature("model", "cpu", dispatch.device_name(x.device), compute, probe,
-                                 self.n_feats, 3, (self.arch, scale_idx))
+        sig = self._whole_model_signature(tuple(x.shape), compute, scale_idx)
+        probe = sig.shape
 
         def make_run(name: str):  # fresh data of the probe's shape
             fresh = torch.rand(probe, dtype=x.dtype) * self.rgb_range

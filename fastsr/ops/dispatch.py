@@ -357,6 +357,16 @@ def clear_cache() -> None:
     _settled.clear()
 
 
+def would_time(op: str, sig: Signature, requested: str | None = None) -> bool:
+    """Whether `choose(op, sig, requested, make_run)` would time candidates now (rather than
+    return a settled, remembered, cached or pinned choice): what it costs, in time and in the
+    candidates' memory, before the first run of a new signature."""
+    if requested == "reference" or f"{sig.key()}|{requested}" in _memory:
+        return False
+    ok, _ = _eligible(op, requested, sig)
+    return len(ok) > 1 and _timing_allowed(sig) and f"{sig.key()}|{requested}" not in _load_disk()
+
+
 def choose(op: str, sig: Signature, requested: str | None = None,
            make_run: Callable[[str], Callable[[], object]] | None = None) -> Choice:
     """The implementation of `op` for inputs of signature `sig` (see the module docstring).

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 
-__all__ = ["MMAP_THRESHOLD_MAX", "keep_large_allocations", "reason_not_applied", "applied"]
+__all__ = ["MMAP_THRESHOLD_MAX", "keep_large_allocations", "reason_not_applied", "applied", "trim"]
 
 # glibc's largest mmap threshold on 64-bit (4 * 1024 * 1024 * sizeof(long)): from this size
 # on, an allocation is always an mmap, whatever the dynamic threshold has grown to.
@@ -90,3 +90,14 @@ def keep_large_allocations() -> bool:
 def applied() -> bool:
     """Whether this process runs with the setting (it is applied lazily, at the first large buffer)."""
     return _state["applied"]
+
+
+def trim() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc's malloc_trim(0)), when the
+    setting is in effect; True if anything was returned. For a caller bounding the process's
+    memory: the kept heap is the working set of the largest forward so far, sized and
+    fragmented by its input shape, which a forward of another shape reuses only in part."""
+    if not _state["applied"]:
+        return False
+    libc = _libc()
+    return libc is not None and libc.malloc_trim(0) == 1
