@@ -70,6 +70,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 # Shared memory a block may use, by compute capability (the opt-in maximum).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_FORM_FLAGS = ("RESIDENT_W", "ROLL_ROWS")  # boolean config keys that pick a kernel's main-loop form
 
 # What one SM of an H200 holds (all sm_90 parts: H100 and H200 share the SM): the CTAs-per-SM
 # column is computed against these.
@@ -604,6 +605,10 @@ def cubin_report(cubin: bytes, work: Path, ptxas_log: str, dynamic_smem: int, wa
     facts = sass_facts(parse_sass(sass))
     s = _PTXAS_SPILL.search(ptxas_log)
     smem = dynamic_smem + static_smem
+    # ptxas's C7514: it serialized the wgmmas (a wait after every one), because other
+    # instructions read an accumulator while a wgmma on it may be in flight (e.g. register moves
+    # of a loop-carried accumulator). Said only in the log, never in the SASS's shape.
+    facts["wgmma_serialized"] = "C7514" in ptxas_log
     return dict(regs=regs, stack_bytes=stack, local_bytes=local,
                 spill_store_bytes=int(s.group(2)) if s else None, spill_load_bytes=int(s.group(3)) if s else None,
                 smem_bytes=smem, smem_dynamic=dynamic_smem, smem_static=static_smem,
@@ -960,6 +965,8 @@ def check_hopper(rows: list[dict]) -> list[str]:
         if sass["mma"] != "HGMMA":
             bad.append(f"{what}: mma {sass['mma']}, not HGMMA")
             continue
+        if sass.get("wgmma_serialized"):
+            bad.append(f"{what}: ptxas serialized its wgmmas (C7514: an accumulator read between wgmma and wait)")
         narrow = sass.get("hot_loop_narrowest_load")
         if narrow is not None and 0 < narrow < 16:
             bad.append(f"{what}: operand loads {sass['hot_loop_loads_by_width']} (bytes: count), not all 16 B or TMA")
@@ -997,7 +1004,10 @@ def emit(launches: list[Launch], arch: int, out_dir: Path | None, first_config: 
         dtype = _kernel_dtype(v.spec.signature)
         shown = {k: v2 for k, v2 in {**v.launch.kwargs, **v.config}.items()
                  if k.isupper() and not k.startswith(("INTERP", "PREC", "USE_INPUT"))}
-        config_text = " ".join(f"{k}={x}" for k, x in shown.items() if k.startswith(("BLOCK", "TILE"))) + \
+        # The main-loop forms a config switches on (kernels/conv2d_tma.py) are named in it too:
+        # two configs of one block size and warps may differ only there.
+        forms = [k.lower() for k in _FORM_FLAGS if shown.get(k) is True]
+        config_text = " ".join([f"{k}={x}" for k, x in shown.items() if k.startswith(("BLOCK", "TILE"))] + forms) + \
             " " + _short_config({k: x for k, x in v.config.items() if k in _OPTIONS})
         if v.error:
             problems.append(f"FAIL {v.name} {config_text}: {v.error}")

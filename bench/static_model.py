@@ -134,12 +134,24 @@ def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
     steps = ks * ks * chunks
     issued = 2.0 * tiles * bm * bn * steps * bk
     a_bytes = n * h * w * ks * ks * cin * e * nb
+    notes = []
+    if a.get("ROLL_ROWS"):
+        # Rolling rows (3x3): an item is a column strip x row_chunks rows; every input row of it,
+        # the halo rows at chunk boundaries included (those at the image's edge are zero-fill,
+        # no traffic), is 3 boxes feeding 9 MMAs; the prologue's 2 rows feed 9 MMAs together.
+        from fastsr.kernels.conv2d_tma import row_chunking
+
+        strips, row_chunks, chunk_rows = row_chunking(n * h, h, w, a["NUM_SMS"] * a["PROGRAMS_PER_SM"], bm)
+        tiles = n * row_chunks * strips * nb
+        issued = 2.0 * bm * bn * bk * ks * ks * n * strips * (h + row_chunks) * nb
+        a_bytes = n * w * (h + 2 * (row_chunks - 1)) * ks * cin * e * nb
+        notes.append(f"rolling rows: {tiles} items of {chunk_rows} rows")
     w_box = steps * bk * min(bn, cout) * e
     programs = grid[0] if grid else tiles
     w_bytes = (programs if a["RESIDENT_W"] else tiles) * w_box
     skip = _nbytes(a["skip_ptr"]) if a["HAS_SKIP"] else 0
     io = _nbytes(x) + _nbytes(out) + _nbytes(a["w_desc"]) + skip
-    notes = [f"{programs} programs, weights " + ("resident" if a["RESIDENT_W"] else "streamed")]
+    notes.insert(0, f"{programs} programs, weights " + ("resident" if a["RESIDENT_W"] else "streamed"))
     return Work(2.0 * n * h * w * ks * ks * cin * cout, issued, io, a_bytes + w_bytes + _nbytes(out) + skip,
                 a_bytes + w_bytes + _nbytes(out), tiles, notes)
 

@@ -34,11 +34,19 @@ grid stride. Two main-loop forms, chosen per autotune config (constexpr RESIDENT
   in the sm_90 SASS, after this tile's MMAs and epilogue: a short prefetch distance). Shared
   memory is 2 stages x KS*KS boxes + the weights, so at F = 64 only BLOCK_M = 64 with 2 stages
   fits the 227 KiB of an sm_90 block (225.1 KiB).
+- ROLL_ROWS = True (resident weights, KS 3): rolling rows. A work item is a strip of BLOCK_M
+  columns x a chunk of rows (`row_chunking`: about one item per program), walked top to bottom.
+  Each input row's 3 boxes (dx = -1, 0, +1) are loaded once and feed all 3 kernel rows: the
+  output row above (its last kernel row: then complete, stored), the row itself and the row
+  below (its first), with two fp32 accumulators carried from row to row. So A is read 3 times
+  per pixel instead of 9, the halo rows of a chunk once more, and a pipeline stage is one input
+  row (3 boxes), not a tile's 9. MMA rows issued per output pixel: (rows + 1) / rows per chunk.
 
-Bytes through L2 per output pixel (F = 64 bf16 3x3): A 9 x 128 = 1152 B (the taps re-read the
-input rows: a wgmma shared-memory operand cannot start one pixel into a swizzled box, so the
-horizontal taps are separate boxes); weights 73,728 / BLOCK_M B streamed, or ~0 resident;
-out 128 B and skip 128 B. DRAM: x, skip and out once (384 B/pixel with skip).
+Bytes through L2 per output pixel (F = 64 bf16 3x3): A 9 x 128 = 1152 B in the one-row forms
+(the taps re-read the input rows: a wgmma shared-memory operand cannot start one pixel into a
+swizzled box, so the horizontal taps are separate boxes), 3 x 128 = 384 B (+ the chunks' halo
+rows) with rolling rows; weights 73,728 / BLOCK_M B streamed, or ~0 resident; out 128 B and
+skip 128 B. DRAM: x, skip and out once (384 B/pixel with skip).
 
 The interpreter (TRITON_INTERPRET=1) runs the same kernel on CPU tensors: host-side
 TensorDescriptor boxes with negative coordinates are zero-filled there too. Operands are
@@ -58,24 +66,34 @@ from ._jit import _load_weight_taps, _round_for_desc, _widen
 __all__ = ["tma_conv_supported", "conv2d_nhwc_tma"]
 
 TMA_DTYPES = (torch.float16, torch.bfloat16)
+# Under the interpreter: whether 3x3 resident-weight convs run the rolling-rows form (tests set
+# False to run the one-row form), and the program count their row chunks are sized for.
+_INTERPRET_ROLL = True
+_INTERPRET_CHUNK_PROGRAMS = 8
 TMA_KERNEL_SIZES = (1, 3, 5)
 # Resident weights stay in shared memory beside 2 stages of KS*KS A boxes: KS 1 and 3 only.
 _RESIDENT_KERNEL_SIZES = (1, 3)
 
 
 def _tma_configs():
-    # (BLOCK_M, RESIDENT_W, programs per SM, warps, stages). Streamed weights: 16 KiB (BM 128)
-    # or 32 KiB (BM 256) of A + 8 KiB of W per stage, so 3-4 stages and 2 programs per SM fit.
-    # Resident weights: 2 x 9 x 8 KiB of A + 72 KiB of W + 8 KiB (the TMA store's staging tile,
-    # or with a skip its layout conversion) = 224 KiB at BM 64: one program per SM (a 1 x 1 x 128
-    # box would need 288 KiB of A stages).
+    # (BLOCK_M, RESIDENT_W, ROLL_ROWS, programs per SM, warps, stages). Streamed weights: 16 KiB
+    # (BM 128) or 32 KiB (BM 256) of A + 8 KiB of W per stage, so 3-4 stages and 2 programs per
+    # SM fit. Resident weights: 2 x 9 x 8 KiB of A + 72 KiB of W + 8 KiB (the TMA store's staging
+    # tile, or with a skip its layout conversion) = 224 KiB at BM 64: one program per SM (a
+    # 1 x 1 x 128 box would need 288 KiB of A stages). Rolling rows (3x3; its loop takes two
+    # input rows per iteration): a stage is 6 boxes, 48 KiB at BM 64 (2 stages: 192 KiB with the
+    # 72 KiB of weights and the epilogue's staging) or 96 KiB at BM 128 (1 stage, two warpgroups
+    # that overlap each other's waits: 136 KiB). sm_90 needs at BM 64 w4 243 registers, 255 and
+    # spills with a skip (`_prune` drops it there); BM 64 w8 spills either way (not listed).
     cfgs = []
-    for bm, resident, per_sm, warps, stages in [
-        (128, False, 2, 4, 3), (128, False, 2, 4, 4), (128, False, 2, 8, 3),
-        (256, False, 1, 8, 3),
-        (64, True, 1, 4, 2),
+    for bm, resident, roll, per_sm, warps, stages in [
+        (128, False, False, 2, 4, 3), (128, False, False, 2, 4, 4), (128, False, False, 2, 8, 3),
+        (256, False, False, 1, 8, 3),
+        (64, True, False, 1, 4, 2),
+        (64, True, True, 1, 4, 2), (128, True, True, 1, 8, 1),
     ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "RESIDENT_W": resident, "PROGRAMS_PER_SM": per_sm},
+        cfgs.append(triton.Config({"BLOCK_M": bm, "RESIDENT_W": resident, "ROLL_ROWS": roll,
+                                   "PROGRAMS_PER_SM": per_sm},
                                   num_warps=warps, num_stages=stages, pre_hook=_set_boxes))
     return cfgs
 
@@ -101,17 +119,91 @@ def _tile_origin(tile, H, TILES_W, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _row_chunking(ROWS, H, W, NUM_PROGRAMS, BLOCK_M: tl.constexpr):
+    """The rolling-rows form's work items: (column strips per image row, row chunks per image,
+    rows per chunk). As many chunks as give every program one item (at least 1, at most H):
+    at 540x960 with BLOCK_M 64 and 132 programs, 15 strips x 8 chunks of 68 rows = 120 items.
+    `row_chunking` is the host's copy of this rule (it sizes the grid)."""
+    strips = tl.cdiv(W, BLOCK_M)
+    chunks = tl.minimum(tl.maximum(NUM_PROGRAMS // ((ROWS // H) * strips), 1), H)
+    chunk_rows = tl.cdiv(H, chunks)
+    return strips, tl.cdiv(H, chunk_rows), chunk_rows
+
+
+@triton.jit
+def _row_boxes(x_desc, n, i, w0, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Input row i's three A boxes, one per horizontal tap (columns w0 - 1, w0, w0 + 1), each
+    [BLOCK_M, BLOCK_K]; rows and columns outside the image are zero-filled by the copy engine."""
+    b0 = x_desc.load([n, i, w0 - 1, 0]).reshape(BLOCK_M, BLOCK_K)
+    b1 = x_desc.load([n, i, w0, 0]).reshape(BLOCK_M, BLOCK_K)
+    b2 = x_desc.load([n, i, w0 + 1, 0]).reshape(BLOCK_M, BLOCK_K)
+    return b0, b1, b2
+
+
+@triton.jit
+def _row_dots(acc, b0, b1, b2, ws, DY: tl.constexpr, INTERP: tl.constexpr):
+    """acc + kernel row DY's three taps applied to one input row's boxes (`_row_boxes`)."""
+    acc = tl.dot(_widen(b0, INTERP), ws[3 * DY], acc)
+    acc = tl.dot(_widen(b1, INTERP), ws[3 * DY + 1], acc)
+    acc = tl.dot(_widen(b2, INTERP), ws[3 * DY + 2], acc)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, n, h, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W, INTERP: tl.constexpr,
+              C_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_SKIP: tl.constexpr,
+              STORE_BY_POINTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bias, ReLU, res_scale and skip on one tile's fp32 accumulator (pixels (n, h, w0 ..
+    w0 + BLOCK_M - 1), channels offs_n), one rounding, and its store: a TMA box (clipped at the
+    tensor's edge by the copy engine) or, STORE_BY_POINTER, masked 16-byte stores."""
+    if HAS_BIAS:
+        acc += bias[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    acc = acc * res_scale
+    offs_w = w0 + tl.arange(0, BLOCK_M)
+    pix = (n * H + h).to(tl.int64) * W + offs_w
+    s_mask = (offs_w < W)[:, None] & (offs_n < C_OUT)[None, :]
+    if HAS_SKIP:
+        # 16-byte loads through a pointer, not a TMA box: the pipeliner would double-buffer
+        # a skip box too, and at BLOCK_M 64 with resident weights those 16 KiB do not fit.
+        acc += tl.load(skip_ptr + pix[:, None] * C_OUT + offs_n[None, :], mask=s_mask, other=0.0).to(tl.float32)
+    if STORE_BY_POINTER:
+        tl.store(out_ptr + pix[:, None] * C_OUT + offs_n[None, :], _round_for_desc(acc, out_desc, INTERP),
+                 mask=s_mask)
+    else:
+        out_desc.store([n, h, w0, n0], _round_for_desc(acc, out_desc, INTERP).reshape(1, 1, BLOCK_M, BLOCK_N))
+
+
+@triton.jit
+def _roll_step(x_desc, n, i, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W,
+               INTERP: tl.constexpr, C_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+               HAS_SKIP: tl.constexpr, STORE_BY_POINTER: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One input row i of the rolling-rows form: acc_a (output row i - 1, kernel rows 0 and 1
+    summed) gets kernel row 2 and is stored; acc_b (row i, kernel row 0) gets kernel row 1;
+    row i + 1 starts with kernel row 0. Returns the new (acc_a, acc_b): rows i and i + 1."""
+    b0, b1, b2 = _row_boxes(x_desc, n, i, w0, BLOCK_M, BLOCK_K)
+    done = _row_dots(acc_a, b0, b1, b2, ws, 2, INTERP)
+    _epilogue(done, n, i - 1, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W, INTERP,
+              C_OUT, HAS_BIAS, RELU, HAS_SKIP, STORE_BY_POINTER, BLOCK_M, BLOCK_N)
+    mid = _row_dots(acc_b, b0, b1, b2, ws, 1, INTERP)
+    new = _row_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), b0, b1, b2, ws, 0, INTERP)
+    return mid, new
+
+
+@triton.jit
 def _conv2d_tma_kernel(
     x_desc, w_desc, out_desc, bias_ptr, skip_ptr, out_ptr,
-    ROWS, H, W, res_scale,
+    ROWS, H, W, res_scale, NUM_SMS,
     C_IN: tl.constexpr, C_OUT: tl.constexpr, KS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_SKIP: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    RESIDENT_W: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    RESIDENT_W: tl.constexpr, ROLL_ROWS: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
-    # PROGRAMS_PER_SM only sizes the grid (host side); PREC / USE_INPUT_PRECISION are unused:
-    # operands are bf16/fp16 (tensor cores) or, under the interpreter, exact fp32 widenings.
+    # PREC / USE_INPUT_PRECISION are unused: operands are bf16/fp16 (tensor cores) or, under
+    # the interpreter, exact fp32 widenings.
     PAD: tl.constexpr = KS // 2
     K_CHUNKS: tl.constexpr = (C_IN + BLOCK_K - 1) // BLOCK_K
     NUM_N_BLOCKS: tl.constexpr = (C_OUT + BLOCK_N - 1) // BLOCK_N
@@ -127,42 +219,70 @@ def _conv2d_tma_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)  # never added: HAS_BIAS is False
     if RESIDENT_W:
         ws = _load_weight_taps(w_desc, n0, KS, BLOCK_K, INTERP)
-    for tile in tl.range(first, NUM_TILES, stride):
-        n, h, w0 = _tile_origin(tile, H, TILES_W, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if RESIDENT_W:
-            for tap in tl.static_range(KS * KS):
-                a = x_desc.load([n, h + (tap // KS - PAD), w0 + (tap % KS - PAD), 0]).reshape(BLOCK_M, BLOCK_K)
-                acc = tl.dot(_widen(a, INTERP), ws[tap], acc)
-        else:
-            for step in range(KS * KS * K_CHUNKS):
-                tap = step // K_CHUNKS
-                k0 = (step - tap * K_CHUNKS) * BLOCK_K
-                a = x_desc.load([n, h + (tap // KS - PAD), w0 + (tap % KS - PAD), k0]).reshape(BLOCK_M, BLOCK_K)
-                b = w_desc.load([tap * C_IN + k0, n0])
-                acc = tl.dot(_widen(a, INTERP), _widen(b, INTERP), acc)
-        # ---- epilogue in fp32 registers: one rounding, at the store ----
-        if HAS_BIAS:
-            acc += bias[None, :]
-        if RELU:
-            acc = tl.maximum(acc, 0.0)
-        acc = acc * res_scale
-        if HAS_SKIP:
-            # 16-byte loads through a pointer, not a TMA box: the pipeliner would double-buffer
-            # a skip box too, and at BLOCK_M 64 with resident weights those 16 KiB do not fit.
-            offs_w = w0 + tl.arange(0, BLOCK_M)
-            pix = (n * H + h).to(tl.int64) * W + offs_w
-            s_mask = (offs_w < W)[:, None] & (offs_n < C_OUT)[None, :]
-            acc += tl.load(skip_ptr + pix[:, None] * C_OUT + offs_n[None, :], mask=s_mask, other=0.0).to(tl.float32)
-        if RESIDENT_W and HAS_SKIP:
-            # 16-byte stores, not a TMA store: its 8 KiB staging tile on top of the skip's layout
-            # conversion would not fit beside resident weights (238,736 B against 232,448 B).
-            tl.store(out_ptr + pix[:, None] * C_OUT + offs_n[None, :], _round_for_desc(acc, out_desc, INTERP),
-                     mask=s_mask)
-        else:
-            out_desc.store([n, h, w0, n0], _round_for_desc(acc, out_desc, INTERP).reshape(1, 1, BLOCK_M, BLOCK_N))
+    # With a skip, resident weights leave no room for the TMA store's staging tile beside the
+    # skip's layout conversion (238,736 B against 232,448 B): 16-byte stores there.
+    BY_POINTER: tl.constexpr = RESIDENT_W and HAS_SKIP and not ROLL_ROWS
+    if ROLL_ROWS:
+        # Rolling rows (KS 3): an item is a strip of BLOCK_M columns x chunk_rows rows, walked
+        # top to bottom. Each input row's 3 boxes are loaded once and feed all 3 kernel rows:
+        # output row i - 1 (its last taps: it is complete and stored), row i, row i + 1 (its
+        # first), two accumulators carried between rows. Rows h0 - 1 and h0 are the prologue.
+        strips, chunks, chunk_rows = _row_chunking(ROWS, H, W, NUM_SMS * PROGRAMS_PER_SM, BLOCK_M)
+        for item in tl.range(first, (ROWS // H) * chunks * strips, stride):
+            strip = item % strips
+            rest = item // strips
+            n = rest // chunks
+            h0 = (rest - n * chunks) * chunk_rows
+            h_end = tl.minimum(h0 + chunk_rows, H)
+            w0 = strip * BLOCK_M
+            b0, b1, b2 = _row_boxes(x_desc, n, h0 - 1, w0, BLOCK_M, BLOCK_K)
+            acc_a = _row_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), b0, b1, b2, ws, 0, INTERP)
+            b0, b1, b2 = _row_boxes(x_desc, n, h0, w0, BLOCK_M, BLOCK_K)
+            acc_a = _row_dots(acc_a, b0, b1, b2, ws, 1, INTERP)
+            acc_b = _row_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), b0, b1, b2, ws, 0, INTERP)
+            # Two rows per iteration, so the accumulators swap roles twice and are back in their
+            # registers at the back edge: a loop-carried swap would be register moves between
+            # wgmmas, which ptxas answers by serializing every wgmma (its warning C7514).
+            for i in tl.range(h0 + 1, h_end, 2):
+                acc_a, acc_b = _roll_step(x_desc, n, i, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale, skip_ptr,
+                                          out_ptr, out_desc, H, W, INTERP, C_OUT, HAS_BIAS, RELU, HAS_SKIP,
+                                          BY_POINTER, BLOCK_M, BLOCK_N, BLOCK_K)
+                acc_a, acc_b = _roll_step(x_desc, n, i + 1, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale,
+                                          skip_ptr, out_ptr, out_desc, H, W, INTERP, C_OUT, HAS_BIAS, RELU, HAS_SKIP,
+                                          BY_POINTER, BLOCK_M, BLOCK_N, BLOCK_K)
+            if (h_end - h0) % 2 == 1:  # an odd number of steps: the last one
+                _roll_step(x_desc, n, h_end, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale, skip_ptr, out_ptr,
+                           out_desc, H, W, INTERP, C_OUT, HAS_BIAS, RELU, HAS_SKIP, BY_POINTER, BLOCK_M, BLOCK_N,
+                           BLOCK_K)
+    else:
+        for tile in tl.range(first, NUM_TILES, stride):
+            n, h, w0 = _tile_origin(tile, H, TILES_W, BLOCK_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if RESIDENT_W:
+                for tap in tl.static_range(KS * KS):
+                    a = x_desc.load([n, h + (tap // KS - PAD), w0 + (tap % KS - PAD), 0]).reshape(BLOCK_M, BLOCK_K)
+                    acc = tl.dot(_widen(a, INTERP), ws[tap], acc)
+            else:
+                for step in range(KS * KS * K_CHUNKS):
+                    tap = step // K_CHUNKS
+                    k0 = (step - tap * K_CHUNKS) * BLOCK_K
+                    a = x_desc.load([n, h + (tap // KS - PAD), w0 + (tap % KS - PAD), k0]).reshape(BLOCK_M, BLOCK_K)
+                    b = w_desc.load([tap * C_IN + k0, n0])
+                    acc = tl.dot(_widen(a, INTERP), _widen(b, INTERP), acc)
+            _epilogue(acc, n, h, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W, INTERP,
+                      C_OUT, HAS_BIAS, RELU, HAS_SKIP, BY_POINTER, BLOCK_M, BLOCK_N)
+
+
+def row_chunking(rows: int, h: int, w: int, programs: int, block_m: int) -> tuple[int, int, int]:
+    """The host's copy of `_row_chunking`: (strips, chunks, rows per chunk); it sizes the grid."""
+    strips = triton.cdiv(w, block_m)
+    chunks = min(max(programs // ((rows // h) * strips), 1), h)
+    chunk_rows = triton.cdiv(h, chunks)
+    return strips, triton.cdiv(h, chunk_rows), chunk_rows
 
 
 def _resident_ok(ks: int, c_in: int, block_k: int) -> bool:
@@ -171,15 +291,32 @@ def _resident_ok(ks: int, c_in: int, block_k: int) -> bool:
     return ks in _RESIDENT_KERNEL_SIZES and c_in == block_k
 
 
+def _roll_ok(ks: int, c_in: int, block_k: int) -> bool:
+    """Rolling rows: resident weights and a 3x3 kernel (three taps per kernel row)."""
+    return ks == 3 and _resident_ok(ks, c_in, block_k)
+
+
 def _prune(configs, named_args, **kwargs):
-    """The autotuner's early prune: drop the resident-weight configs where they do not apply."""
-    keep = _resident_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"])
-    return [c for c in configs if keep or not c.kwargs["RESIDENT_W"]]
+    """The autotuner's early prune: drop the resident-weight and rolling-row configs where they
+    do not apply."""
+    resident = _resident_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"])
+    roll = _roll_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"])
+
+    def fits(c) -> bool:
+        # Rolling rows at BLOCK_M 64 on one warpgroup: three accumulators and the skip's tile
+        # need more than 255 registers (sm_90: 32 B of spills), so with a skip only BLOCK_M 128
+        # on two warpgroups.
+        return not (c.kwargs["ROLL_ROWS"] and kwargs.get("HAS_SKIP") and c.num_warps == 4)
+
+    return [c for c in configs if (resident or not c.kwargs["RESIDENT_W"]) and (roll or not c.kwargs["ROLL_ROWS"])
+            and fits(c)]
 
 
 _conv2d_tma_tuned = triton.autotune(
     configs=_tma_configs(),
-    key=["C_IN", "C_OUT", "KS"],  # the autotuner adds the tensor dtypes itself
+    # The autotuner adds the tensor dtypes itself. HAS_SKIP: the prune differs with a skip (and
+    # the skip's dummy pointer has x's dtype, so the dtypes alone would not tell the two apart).
+    key=["C_IN", "C_OUT", "KS", "HAS_SKIP"],
     prune_configs_by={"early_config_prune": _prune},
 )(_conv2d_tma_kernel)
 
@@ -245,19 +382,33 @@ def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: 
     def tiles(block_m: int) -> int:
         return n * h * triton.cdiv(w, block_m)
 
+    def items(block_m: int, roll: bool, programs: int) -> int:
+        if not roll:
+            return tiles(block_m)
+        strips, chunks, _ = row_chunking(n * h, h, w, programs, block_m)
+        return n * chunks * strips
+
     def grid(meta_):
-        progs = min(tiles(meta_["BLOCK_M"]), sms * meta_["PROGRAMS_PER_SM"])
+        programs = sms * meta_["PROGRAMS_PER_SM"]
+        progs = min(items(meta_["BLOCK_M"], meta_["ROLL_ROWS"], programs), programs)
         return (max(1, progs) * num_n_blocks,)
 
     xd, wd, od = descs(interp_bm)  # GPU configs re-box A and out: _set_boxes
     dummy = x  # never read: the matching HAS_* flag is False
+    # The interpreter's programs: 3 run the items, but the rolling rows are chunked as for 8
+    # (_INTERPRET_CHUNK_PROGRAMS), so small test images still have several chunks per image.
+    num_sms = _INTERPRET_CHUNK_PROGRAMS if _common._INTERPRET else sms
     args = (xd, wd, od, bias if bias is not None else dummy, skip if skip is not None else dummy, out,
-            n * h, h, w, float(res_scale))
+            n * h, h, w, float(res_scale), num_sms)
     if _common._INTERPRET:
-        # One fixed small config: resident weights whenever they apply (the form of the best
-        # predicted GPU config at F = 64), 3 programs so that each runs several tiles.
-        _conv2d_tma_kernel[(min(3, tiles(interp_bm)) * num_n_blocks,)](
-            *args, BLOCK_M=interp_bm, RESIDENT_W=_resident_ok(ks, c_in, block_k), PROGRAMS_PER_SM=1, **meta)
+        # One fixed small config: rolling rows where they apply (the form of the best predicted
+        # GPU config for 3x3 at F = 64; _INTERPRET_ROLL = False tests the one-row form), else
+        # resident weights where they apply, 3 programs so that each runs several items.
+        roll = _INTERPRET_ROLL and _roll_ok(ks, c_in, block_k)
+        progs = min(3, items(interp_bm, roll, _INTERPRET_CHUNK_PROGRAMS))
+        _conv2d_tma_kernel[(progs * num_n_blocks,)](
+            *args, BLOCK_M=interp_bm, RESIDENT_W=_resident_ok(ks, c_in, block_k), ROLL_ROWS=roll,
+            PROGRAMS_PER_SM=1, **meta)
         return out
     _launch(_conv2d_tma_kernel, _conv2d_tma_tuned, grid, args, meta, interpret={}, like=x)
     return out

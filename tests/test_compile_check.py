@@ -192,6 +192,7 @@ cases = {
     "not all 16 B or TMA": row("dgrad", hot_loop_narrowest_load=2, hot_loop_loads_by_width={"2": 8, "16": 1}),
     "no TMA load (UTMALDG)": row("body"),
     "2-byte global stores": row("upsampler", narrowest_store=2),
+    "serialized its wgmmas (C7514": row("body", hot_loop_tma_loads=3, wgmma_serialized=True),
 }
 print(json.dumps({"clean": check_hopper(clean), **{k: check_hopper([r]) for k, r in cases.items()}}))
 """

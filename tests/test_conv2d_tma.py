@@ -39,7 +39,13 @@ CASES = [
     ("c16to24_k1_b3_relu", 3, 4, 5, 16, 24, 1, dict(bias=True, relu=True)),
     ("c32to136_k3_scale", 1, 3, 34, 32, 136, 3, dict(bias=True, res_scale=0.25)),
     ("c64_k3_1x1", 1, 1, 1, 64, 64, 3, dict(bias=True, skip=True)),
+    # Rolling rows: two chunks of 7 and 6 rows per image and column strip (chunked as for the
+    # interpreter's 8 programs), the halo rows at the chunk boundary read from the other chunk.
+    ("c64_k3_b2_rows", 2, 13, 37, 64, 64, 3, dict(bias=True, relu=True, res_scale=0.5, skip=True)),
 ]
+# The 3x3 resident-weight cases, which the interpreter runs in the rolling-rows form: they are
+# run in the one-row form too (test_tma_conv_one_row_form_parity).
+ROLL_CASES = [c for c in CASES if c[6] == 3 and c[4] in (16, 32, 64)]
 
 
 @pytest.fixture
@@ -83,6 +89,62 @@ def test_tma_conv_parity(case, dtype_name, tma_on, launches):
     ref64 = _spec(x, weight, bias, skip, relu, res_scale, torch.float64)
     eager = _spec(x, weight, bias, skip, relu, res_scale, dtype)
     assert_parity(out.cpu(), ref64, eager, dtype, f"conv2d_tma[{name}, {dtype_name}]")
+
+
+@pytest.fixture
+def tma_forms(monkeypatch):
+    """The ROLL_ROWS flag of every TMA conv launch (the interpreter launches the kernel directly)."""
+    from fastsr.kernels import conv2d_tma as ct
+
+    seen, real = [], ct._conv2d_tma_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["ROLL_ROWS"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(ct, "_conv2d_tma_kernel", Spy())
+    return seen
+
+
+@pytest.mark.parametrize("case", ROLL_CASES, ids=[c[0] for c in ROLL_CASES])
+def test_tma_conv_one_row_form_parity(case, tma_on, tma_forms, monkeypatch):
+    """The one-row resident form (what the GPU's autotuner may still pick) on the cases the
+    interpreter otherwise runs with rolling rows; and that those do run rolling rows."""
+    from fastsr.kernels import conv2d_tma as ct
+
+    name, n, h, w, c_in, c_out, ks, opt = case
+    dtype = torch.bfloat16
+    x, weight, bias, skip = _inputs(f"{name}/one-row", n, h, w, c_in, c_out, ks, opt, dtype)
+    relu, res_scale = opt.get("relu", False), opt.get("res_scale", 1.0)
+    results = {}
+    for roll in (True, False):
+        monkeypatch.setattr(ct, "_INTERPRET_ROLL", roll)
+        out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=TRITON_DEVICE)
+        results[roll] = conv2d_nhwc(x, pack_weight(weight), bias, ks, relu=relu, res_scale=res_scale, skip=skip,
+                                    out=out)
+    assert tma_forms == [True, False]
+    ref64 = _spec(x, weight, bias, skip, relu, res_scale, torch.float64)
+    eager = _spec(x, weight, bias, skip, relu, res_scale, dtype)
+    assert_parity(results[False].cpu(), ref64, eager, dtype, f"conv2d_tma one-row[{name}]")
+    # The two forms sum the same fp32 products in other orders: one bf16 ulp apart at most.
+    ulp = results[False].float().abs().clamp_min(2.0**-126) * 2.0**-7
+    assert ((results[True].float() - results[False].float()).abs() <= ulp).all()
+
+
+def test_row_chunking_gives_every_program_an_item():
+    from fastsr.kernels.conv2d_tma import row_chunking
+
+    assert row_chunking(540, 540, 960, 132, 64) == (15, 8, 68)  # 120 items, one per program
+    assert row_chunking(540, 540, 960, 132, 128) == (8, 16, 34)  # 128 items
+    assert row_chunking(16 * 48, 48, 48, 132, 64) == (1, 8, 6)  # training patches: 128 items
+    assert row_chunking(1, 1, 5, 132, 64) == (1, 1, 1)
+    for rows, h, w, programs, bm in [(540, 540, 960, 132, 64), (26, 13, 37, 8, 32), (13, 13, 11, 8, 32),
+                                     (3000, 3000, 7, 132, 64)]:
+        strips, chunks, chunk_rows = row_chunking(rows, h, w, programs, bm)
+        assert (chunks - 1) * chunk_rows < h <= chunks * chunk_rows  # every row in one chunk, none empty
 
 
 def test_tma_conv_matches_pointer_kernel(tma_on, monkeypatch):
@@ -141,11 +203,17 @@ def test_autotune_prune_and_boxes():
 
     cfgs = ct._tma_configs()
     assert any(c.kwargs["RESIDENT_W"] for c in cfgs)
-    for ks, c_in, block_k, resident in [(3, 64, 64, True), (1, 16, 16, True), (5, 64, 64, False),
-                                        (3, 128, 64, False)]:
+    assert all(c.kwargs["RESIDENT_W"] for c in cfgs if c.kwargs["ROLL_ROWS"])  # rolling rows need them
+    for ks, c_in, block_k, resident, roll in [(3, 64, 64, True, True), (1, 16, 16, True, False),
+                                              (5, 64, 64, False, False), (3, 128, 64, False, False)]:
         kept = ct._prune(cfgs, {}, KS=ks, C_IN=c_in, BLOCK_K=block_k, HAS_SKIP=True)
         assert kept and any(c.kwargs["RESIDENT_W"] for c in kept) == resident, (ks, c_in)
+        assert any(c.kwargs["ROLL_ROWS"] for c in kept) == roll, (ks, c_in)
         assert sum(not c.kwargs["RESIDENT_W"] for c in kept) == sum(not c.kwargs["RESIDENT_W"] for c in cfgs)
+        # With a skip, rolling rows only on two warpgroups (one would spill); without, both.
+        assert not any(c.kwargs["ROLL_ROWS"] and c.num_warps == 4 for c in kept)
+        no_skip = ct._prune(cfgs, {}, KS=ks, C_IN=c_in, BLOCK_K=block_k, HAS_SKIP=False)
+        assert any(c.kwargs["ROLL_ROWS"] and c.num_warps == 4 for c in no_skip) == roll
     x = torch.empty(1, 4, 300, 64, dtype=torch.bfloat16)
     wp = torch.empty(9 * 64, 64, dtype=torch.bfloat16)
     nargs = dict(x_desc=TensorDescriptor.from_tensor(x, [1, 1, 32, 64]),
