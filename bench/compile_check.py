@@ -833,6 +833,15 @@ def variants(launches: list[Launch], arch: int, first_config: bool,
     return list(found.values()), records
 
 
+def _error_line(text: str) -> str:
+    """The line of a compile error that says what is wrong: Triton's CompilationError ends with
+    the source line and a caret under it, so the last line alone reads "^"; take the last line
+    with words in it (the message, or the failing source line when that is all there is)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    worded = [line for line in lines if any(ch.isalpha() for ch in line)]
+    return (worded or lines)[-1][:300]
+
+
 def compile_all(vs: list[Variant], arch: int, jobs: int = 1) -> None:
     """Compile every variant (errors are kept on the variant: a compile error is a finding)."""
 
@@ -840,7 +849,7 @@ def compile_all(vs: list[Variant], arch: int, jobs: int = 1) -> None:
         try:
             v.kernel, v.ptxas_log = compile_launch(v.launch, v.config, arch, v.spec)
         except Exception as e:  # report it, go on
-            v.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}" if str(e).strip() else repr(e)
+            v.error = f"{type(e).__name__}: {_error_line(str(e))}" if str(e).strip() else repr(e)
 
     with ptxas_reports():
         if jobs > 1:

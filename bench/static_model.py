@@ -124,7 +124,7 @@ def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
     KS*KS*Cin*e bytes per pixel and N block through L2. Weights: streamed, one BLOCK_K x BLOCK_N
     box per step per tile; resident (RESIDENT_W), once per program of the persistent grid. The
     skip is read once, the output written once (staged through shared memory for the TMA store)."""
-    x, out = a["x_desc"], a["out_desc"]
+    x, out = a["x_desc"], a["out_ptr"]  # out_ptr: a narrow output's out_desc is only x's stand-in
     e = _BYTES[x["dtype"]]
     n, h, w, cin = x["shape"]
     cout, ks = a["C_OUT"], a["KS"]

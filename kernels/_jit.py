@@ -128,7 +128,7 @@ def _conv_mainloop(
     weight tile (contiguous rows of the packed weight, from L2), and issues one MMA.
 
     W_COLS: the packed weight's row length. C_OUT, or (a narrow output: the tail's 3 channels)
-    its columns zero-padded to the one BLOCK_N tile (`pad_weight_columns`): then every weight
+    its columns zero-padded to the one BLOCK_N tile (`_common.pad_weight_columns`): then every weight
     row is one aligned 16-byte-multiple run and its load has no column mask (a 3-column row
     would be 2-byte loads)."""
     K_CHUNKS = (C_SRC + BLOCK_K - 1) // BLOCK_K

@@ -65,6 +65,7 @@ from ._common import (
     _conv_configs,
     _launch,
     _launch_config_args,
+    pad_weight_columns,
 )
 from ._jit import _conv_channel, _conv_mainloop, _round_to, _shuffle_col, _tile_coords
 from .conv2d_tma import conv2d_nhwc_tma, tma_conv_supported
@@ -174,17 +175,6 @@ def pack_weight(weight: torch.Tensor, shuffle: int = 1) -> torch.Tensor:
     if _check_shuffle(shuffle, c_out) > 1:
         return packed[:, shuffle_perm(c_out, shuffle, weight.device)]  # index_select: a contiguous copy
     return packed.contiguous()
-
-
-def pad_weight_columns(w_packed: torch.Tensor, block_n: int) -> torch.Tensor:
-    """A narrow packed weight (Cout < block_n, one N tile: the tail's 3 columns) with its columns
-    zero-padded to block_n, so the kernel loads each row as aligned 16-byte vectors instead of
-    Cout 2-byte scalars; any other weight as it is. One small copy (EDSR's tail: 576 x 16 bf16,
-    18 KB) per call, against the 9 x (K x Cout) scalar loads per tile it replaces."""
-    c_out = w_packed.shape[1]
-    if c_out >= block_n:
-        return w_packed
-    return torch.nn.functional.pad(w_packed, (0, block_n - c_out))
 
 
 def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: bool = False,

@@ -7,6 +7,9 @@ What one launch computes (the `conv2d_nhwc` contract without in_shift and pixel 
 
 x: (N, H, W, Cin) contiguous bf16/fp16; W packed (KS*KS*Cin, Cout) by `conv2d.pack_weight`;
 skip, out: (N, H, W, Cout) in x's dtype; bias fp32. KS in {1, 3, 5}, zero padding KS // 2.
+Cout a multiple of 8, or narrow (OUT_BY_POINTER: not a multiple of 8 but within one N tile, the
+tail's 3): then the weight is zero-padded to its tile (`_common.pad_weight_columns`) and the
+output written by masked pointer stores, since neither has 16-byte rows for a descriptor.
 
 How it is tiled. One tile is BLOCK_M consecutive pixels of ONE image row (n, h, w0 ..
 w0+BLOCK_M-1) x BLOCK_N output channels. The A operand of tap (dy, dx) and channel chunk k0
@@ -60,7 +63,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common
-from ._common import _block_n, _launch, _launch_config_args
+from ._common import _block_n, _launch, _launch_config_args, pad_weight_columns
 from ._jit import _load_weight_taps, _round_for_desc, _widen
 
 __all__ = ["tma_conv_supported", "conv2d_nhwc_tma"]
@@ -91,6 +94,10 @@ def _tma_configs():
         (256, False, False, 1, 8, 3),
         (64, True, False, 1, 4, 2),
         (64, True, True, 1, 4, 2), (128, True, True, 1, 8, 1),
+        # Narrow N (BLOCK_N <= 32: the tail's 16): rolling BM 256 on two warpgroups (1 stage,
+        # 123 KiB, 255 registers at sm_90). BM 128 on one warpgroup with 2 stages took 231 KiB
+        # and spilled 220 B: not listed.
+        (256, True, True, 1, 8, 1),
     ]:
         cfgs.append(triton.Config({"BLOCK_M": bm, "RESIDENT_W": resident, "ROLL_ROWS": roll,
                                    "PROGRAMS_PER_SM": per_sm},
@@ -199,7 +206,7 @@ def _conv2d_tma_kernel(
     C_IN: tl.constexpr, C_OUT: tl.constexpr, KS: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_SKIP: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_BY_POINTER: tl.constexpr,
     RESIDENT_W: tl.constexpr, ROLL_ROWS: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
     # PREC / USE_INPUT_PRECISION are unused: operands are bf16/fp16 (tensor cores) or, under
@@ -224,8 +231,9 @@ def _conv2d_tma_kernel(
     if RESIDENT_W:
         ws = _load_weight_taps(w_desc, n0, KS, BLOCK_K, INTERP)
     # With a skip, resident weights leave no room for the TMA store's staging tile beside the
-    # skip's layout conversion (238,736 B against 232,448 B): 16-byte stores there.
-    BY_POINTER: tl.constexpr = RESIDENT_W and HAS_SKIP and not ROLL_ROWS
+    # skip's layout conversion (238,736 B against 232,448 B): 16-byte stores there. A narrow
+    # output (OUT_BY_POINTER: Cout not a multiple of 8, the tail's 3) has no TMA descriptor.
+    BY_POINTER: tl.constexpr = OUT_BY_POINTER or (RESIDENT_W and HAS_SKIP and not ROLL_ROWS)
     if ROLL_ROWS:
         # Rolling rows (KS 3): an item is a strip of BLOCK_M columns x chunk_rows rows, walked
         # top to bottom. Each input row's 3 boxes are loaded once and feed all 3 kernel rows:
@@ -302,11 +310,16 @@ def _prune(configs, named_args, **kwargs):
     resident = _resident_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"])
     roll = _roll_ok(kwargs["KS"], kwargs["C_IN"], kwargs["BLOCK_K"])
 
+    narrow_n = kwargs["BLOCK_N"] <= 32
+
     def fits(c) -> bool:
+        bm, warps = c.kwargs["BLOCK_M"], c.num_warps
+        if c.kwargs["ROLL_ROWS"] and bm == 256:
+            return narrow_n  # the narrow-N config: its A stage leaves room for small weights only
         # Rolling rows at BLOCK_M 64 on one warpgroup: three accumulators and the skip's tile
-        # need more than 255 registers (sm_90: 32 B of spills), so with a skip only BLOCK_M 128
-        # on two warpgroups.
-        return not (c.kwargs["ROLL_ROWS"] and kwargs.get("HAS_SKIP") and c.num_warps == 4)
+        # need more than 255 registers (sm_90: 32 B of spills at N = 64), so with a skip only
+        # BLOCK_M 128 on two warpgroups.
+        return not (c.kwargs["ROLL_ROWS"] and kwargs.get("HAS_SKIP") and warps == 4 and not narrow_n)
 
     return [c for c in configs if (resident or not c.kwargs["RESIDENT_W"]) and (roll or not c.kwargs["ROLL_ROWS"])
             and fits(c)]
@@ -331,9 +344,11 @@ def tma_conv_supported(x: torch.Tensor, w_packed: torch.Tensor, out: torch.Tenso
     """Whether `conv2d_nhwc_tma` takes this (already checked) `conv2d_nhwc` call: a TMA-capable
     GPU (`_common._has_tma`; the tests patch it to run this path under the interpreter),
     bf16/fp16, no input shift, no pixel shuffle, and what the copy engine's descriptors need:
-    Cin a multiple of its K step (16, 32 or 64k: no weight box reads past a tap's rows), Cout a
-    multiple of 8 (16-byte row strides), and x, w_packed and out starting 16-byte aligned (a
-    view at an odd offset goes to the pointer kernel instead of failing).
+    Cin a multiple of its K step (16, 32 or 64k: no weight box reads past a tap's rows), and x
+    starting 16-byte aligned. Cout a multiple of 8 (16-byte row strides) with w_packed and out
+    16-byte aligned too (a view at an odd offset goes to the pointer kernel instead of failing);
+    or a narrow Cout (`_narrow_out`: the tail's 3), whose weight is padded to its one N tile and
+    whose output is written by pointer stores, so neither needs a descriptor.
 
     x: (N, H, W, Cin); w_packed: (KS*KS*Cin, Cout); out: the output about to be written."""
     if in_shift is not None or shuffle != 1 or kernel_size not in TMA_KERNEL_SIZES:
@@ -343,9 +358,17 @@ def tma_conv_supported(x: torch.Tensor, w_packed: torch.Tensor, out: torch.Tenso
     if not _common._has_tma(x.device):
         return False
     c_in, c_out = x.shape[3], w_packed.shape[1]
-    if c_in < 16 or c_in % _tma_block_k(c_in) or c_out < 8 or c_out % 8:
+    if c_in < 16 or c_in % _tma_block_k(c_in) or x.data_ptr() % 16:
         return False
-    return all(t.data_ptr() % 16 == 0 for t in (x, w_packed, out))
+    if _narrow_out(c_out):
+        return True
+    return c_out >= 8 and c_out % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (w_packed, out))
+
+
+def _narrow_out(c_out: int) -> bool:
+    """A Cout whose rows are not 16-byte multiples but fit one N tile: padded weight, pointer
+    stores (the tail's 3 channels)."""
+    return c_out % 8 != 0 and c_out < _block_n(c_out)
 
 
 def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: int, *, relu: bool = False,
@@ -362,19 +385,23 @@ def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: 
     block_k = _tma_block_k(c_in)
     num_n_blocks = triton.cdiv(c_out, block_n)
     interp_bm = _common._INTERPRET_BLOCK_M
+    narrow = _narrow_out(c_out)
+    wk = pad_weight_columns(w_packed, block_n) if narrow else w_packed  # 16-byte rows for its box
 
     def descs(block_m: int):
         # Boxes: A [1, 1, BM, BK]; weights [BK, BN]; out [1, 1, BM, BN]. Boxes past the tensor
-        # are zero-filled on load and clipped on store (padding="zero").
+        # are zero-filled on load and clipped on store (padding="zero"). A narrow output has no
+        # descriptor (6-byte rows): x's stands in, unused (OUT_BY_POINTER; it has out's dtype).
         xd = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_m, block_k])
-        wd = TensorDescriptor(w_packed, list(w_packed.shape), list(w_packed.stride()), [block_k, block_n])
-        od = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, block_m, block_n])
+        wd = TensorDescriptor(wk, list(wk.shape), list(wk.stride()), [block_k, block_n])
+        od = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_m, block_k]) if narrow else
+              TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, block_m, block_n]))
         return xd, wd, od
 
     meta = dict(
         C_IN=c_in, C_OUT=c_out, KS=ks,
         HAS_BIAS=bias is not None, RELU=bool(relu), HAS_SKIP=skip is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, OUT_BY_POINTER=narrow,
         **_launch_config_args(x.dtype),
     )
     sms = _common._multiprocessor_count(x.device)

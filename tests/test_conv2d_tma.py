@@ -42,6 +42,11 @@ CASES = [
     # Rolling rows: two chunks of 7 and 6 rows per image and column strip (chunked as for the
     # interpreter's 8 programs), the halo rows at the chunk boundary read from the other chunk.
     ("c64_k3_b2_rows", 2, 13, 37, 64, 64, 3, dict(bias=True, relu=True, res_scale=0.5, skip=True)),
+    # Narrow outputs (Cout not a multiple of 8: padded weight, pointer stores): the tail's
+    # 64 -> 3, and 5 channels with every epilogue op; 12 channels on the streamed 5x5 form.
+    ("c64to3_k3_tail", 1, 9, 40, 64, 3, 3, dict(bias=True)),
+    ("c32to5_k3_b2_all", 2, 6, 9, 32, 5, 3, dict(bias=True, relu=True, res_scale=0.5, skip=True)),
+    ("c16to12_k5_skip", 1, 5, 7, 16, 12, 5, dict(bias=True, skip=True)),
 ]
 # The 3x3 resident-weight cases, which the interpreter runs in the rolling-rows form: they are
 # run in the one-row form too (test_tma_conv_one_row_form_parity).
@@ -165,7 +170,7 @@ def test_tma_conv_matches_pointer_kernel(tma_on, monkeypatch):
     ("fp32 keeps the pointer path (IEEE fp32 MMA)", dict(dtype=torch.float32)),
     ("input shift (the head)", dict(shift=True)),
     ("pixel shuffle (the upsampler)", dict(c_out=64, shuffle=2)),
-    ("Cout not a multiple of 8 (the tail)", dict(c_out=3)),
+    ("Cout not a multiple of 8 and wider than one N tile", dict(c_out=130)),
     ("Cin not a multiple of its K step", dict(c_in=24)),
 ])
 def test_selection_falls_back_to_the_pointer_kernel(why, kw, tma_on, monkeypatch, launches):
@@ -206,14 +211,17 @@ def test_autotune_prune_and_boxes():
     assert all(c.kwargs["RESIDENT_W"] for c in cfgs if c.kwargs["ROLL_ROWS"])  # rolling rows need them
     for ks, c_in, block_k, resident, roll in [(3, 64, 64, True, True), (1, 16, 16, True, False),
                                               (5, 64, 64, False, False), (3, 128, 64, False, False)]:
-        kept = ct._prune(cfgs, {}, KS=ks, C_IN=c_in, BLOCK_K=block_k, HAS_SKIP=True)
+        kept = ct._prune(cfgs, {}, KS=ks, C_IN=c_in, BLOCK_K=block_k, HAS_SKIP=True, BLOCK_N=64)
         assert kept and any(c.kwargs["RESIDENT_W"] for c in kept) == resident, (ks, c_in)
         assert any(c.kwargs["ROLL_ROWS"] for c in kept) == roll, (ks, c_in)
         assert sum(not c.kwargs["RESIDENT_W"] for c in kept) == sum(not c.kwargs["RESIDENT_W"] for c in cfgs)
         # With a skip, rolling rows only on two warpgroups (one would spill); without, both.
         assert not any(c.kwargs["ROLL_ROWS"] and c.num_warps == 4 for c in kept)
-        no_skip = ct._prune(cfgs, {}, KS=ks, C_IN=c_in, BLOCK_K=block_k, HAS_SKIP=False)
+        no_skip = ct._prune(cfgs, {}, KS=ks, C_IN=c_in, BLOCK_K=block_k, HAS_SKIP=False, BLOCK_N=64)
         assert any(c.kwargs["ROLL_ROWS"] and c.num_warps == 4 for c in no_skip) == roll
+        assert not any(c.kwargs["ROLL_ROWS"] and c.kwargs["BLOCK_M"] == 256 for c in no_skip)  # narrow N only
+    tail = ct._prune(cfgs, {}, KS=3, C_IN=64, BLOCK_K=64, HAS_SKIP=False, BLOCK_N=16)
+    assert {(c.kwargs["BLOCK_M"], c.num_warps) for c in tail if c.kwargs["ROLL_ROWS"]} == {(64, 4), (128, 8), (256, 8)}
     x = torch.empty(1, 4, 300, 64, dtype=torch.bfloat16)
     wp = torch.empty(9 * 64, 64, dtype=torch.bfloat16)
     nargs = dict(x_desc=TensorDescriptor.from_tensor(x, [1, 1, 32, 64]),

@@ -350,7 +350,7 @@ def test_a_narrow_packed_weight_is_padded_to_its_one_tile(device):
     """The tail's 3-column packed weight reaches the kernel zero-padded to its 16-column tile (so
     its rows load as 16-byte vectors; parity of those convs: tail_16to3_k3 and k1_64to3_shift
     above); a weight as wide as its tile is passed as it is, no copy."""
-    from fastsr.kernels.conv2d import pad_weight_columns
+    from fastsr.kernels._common import pad_weight_columns
 
     gen = torch.Generator().manual_seed(11)
     narrow = pack_weight(_weight(gen, 3, 16, 3).to(device))

@@ -25,10 +25,10 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The pinned choice everywhere (fastsr.ops.dispatch): the tests check fastsr's own fused path,
 # so a CPU forward must not be timed against OpenVINO and handed to it when it wins (and
-# convert the model for ~10 s on the way). tests/test_dispatch.py and tests/test_openvino.py
+# convert the model for ~10 s on the way). tests/test_dispatch.py and tests/openvino_cases.py
 # lift it where the measured choice is what they test.
 os.environ.setdefault("FASTSR_DETERMINISTIC", "1")
-# No OpenVINO IR cache in ~/.cache from the tests (tests/test_openvino.py tests it in a tmp dir).
+# No OpenVINO IR cache in ~/.cache from the tests (tests/openvino_cases.py tests it in a tmp dir).
 os.environ.setdefault("FASTSR_OPENVINO_CACHE", "")
 os.environ.setdefault("FASTSR_PLAN_CACHE", "")  # nor choices (the command line's default is under $HOME)
 
