@@ -141,7 +141,8 @@ def work_conv_tma(a: dict, cfg: dict, grid: list[int]) -> Work:
         # no traffic), is 3 boxes feeding 9 MMAs; the prologue's 2 rows feed 9 MMAs together.
         from fastsr.kernels.conv2d_tma import row_chunking
 
-        strips, row_chunks, chunk_rows = row_chunking(n * h, h, w, a["NUM_SMS"] * a["PROGRAMS_PER_SM"], bm)
+        strips, row_chunks, chunk_rows = row_chunking(n * h, h, w, max(a["NUM_SMS"] * a["PROGRAMS_PER_SM"] // nb, 1),
+                                                      bm)
         tiles = n * row_chunks * strips * nb
         issued = 2.0 * bm * bn * bk * ks * ks * n * strips * (h + row_chunks) * nb
         a_bytes = n * w * (h + 2 * (row_chunks - 1)) * ks * cin * e * nb

@@ -221,9 +221,10 @@ def conv2d_nhwc(x, w_packed, bias, kernel_size: int, *, in_shift=None, relu: boo
     if m > _INT32_MAX:
         raise ValueError(f"x has {m} pixels; at most {_INT32_MAX} are supported")
 
-    if tma_conv_supported(x, w_packed, out, ks, in_shift=in_shift, shuffle=r):
+    if tma_conv_supported(x, w_packed, out, ks, in_shift=in_shift, shuffle=r, skip=skip):
         # Hopper: operands by TMA boxes (zero-filled padding), persistent grid (conv2d_tma.py).
-        return conv2d_nhwc_tma(x, w_packed, bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
+        return conv2d_nhwc_tma(x, w_packed, bias, ks, relu=relu, res_scale=res_scale, skip=skip, shuffle=r,
+                               out=out)
     block_n = _block_n(c_out, r)
     num_n_blocks = triton.cdiv(c_out, block_n)
     wk = pad_weight_columns(w_packed, block_n)

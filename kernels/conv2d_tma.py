@@ -64,7 +64,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _common
 from ._common import _block_n, _launch, _launch_config_args, pad_weight_columns
-from ._jit import _load_weight_taps, _round_for_desc, _widen
+from ._jit import _conv_channel, _load_weight_taps, _round_for_desc, _shuffle_col, _widen
 
 __all__ = ["tma_conv_supported", "conv2d_nhwc_tma"]
 
@@ -159,10 +159,12 @@ def _row_dots(acc, b0, b1, b2, ws, DY: tl.constexpr, INTERP: tl.constexpr):
 @triton.jit
 def _epilogue(acc, n, h, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W, INTERP: tl.constexpr,
               C_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_SKIP: tl.constexpr,
-              STORE_BY_POINTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              STORE_BY_POINTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
     """Bias, ReLU, res_scale and skip on one tile's fp32 accumulator (pixels (n, h, w0 ..
     w0 + BLOCK_M - 1), channels offs_n), one rounding, and its store: a TMA box (clipped at the
-    tensor's edge by the copy engine) or, STORE_BY_POINTER, masked 16-byte stores."""
+    tensor's edge by the copy engine) or, STORE_BY_POINTER, masked pointer stores; R > 1: the
+    columns are in shuffle order (`pack_weight(w, R)`) and land in the upscaled output, column
+    q = (i*R + j)*C_SH + c at sub-pixel (i, j), channel c (no skip with a shuffle)."""
     if HAS_BIAS:
         acc += bias[None, :]
     if RELU:
@@ -175,7 +177,12 @@ def _epilogue(acc, n, h, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out
         # 16-byte loads through a pointer, not a TMA box: the pipeliner would double-buffer
         # a skip box too, and at BLOCK_M 64 with resident weights those 16 KiB do not fit.
         acc += tl.load(skip_ptr + pix[:, None] * C_OUT + offs_n[None, :], mask=s_mask, other=0.0).to(tl.float32)
-    if STORE_BY_POINTER:
+    if R > 1:
+        C_SH: tl.constexpr = C_OUT // (R * R)
+        hr = (((n * H + h) * R).to(tl.int64) * (W * R) + offs_w * R) * C_SH  # sub-pixel (0, 0), channel 0
+        tl.store(out_ptr + hr[:, None] + _shuffle_col(offs_n, R, C_SH, W * R)[None, :],
+                 _round_for_desc(acc, out_desc, INTERP), mask=s_mask)
+    elif STORE_BY_POINTER:
         tl.store(out_ptr + pix[:, None] * C_OUT + offs_n[None, :], _round_for_desc(acc, out_desc, INTERP),
                  mask=s_mask)
     else:
@@ -186,14 +193,14 @@ def _epilogue(acc, n, h, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out
 def _roll_step(x_desc, n, i, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W,
                INTERP: tl.constexpr, C_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
                HAS_SKIP: tl.constexpr, STORE_BY_POINTER: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr):
     """One input row i of the rolling-rows form: acc_a (output row i - 1, kernel rows 0 and 1
     summed) gets kernel row 2 and is stored; acc_b (row i, kernel row 0) gets kernel row 1;
     row i + 1 starts with kernel row 0. Returns the new (acc_a, acc_b): rows i and i + 1."""
     b0, b1, b2 = _row_boxes(x_desc, n, i, w0, BLOCK_M, BLOCK_K)
     done = _row_dots(acc_a, b0, b1, b2, ws, 2, INTERP)
     _epilogue(done, n, i - 1, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W, INTERP,
-              C_OUT, HAS_BIAS, RELU, HAS_SKIP, STORE_BY_POINTER, BLOCK_M, BLOCK_N)
+              C_OUT, HAS_BIAS, RELU, HAS_SKIP, STORE_BY_POINTER, BLOCK_M, BLOCK_N, R)
     mid = _row_dots(acc_b, b0, b1, b2, ws, 1, INTERP)
     new = _row_dots(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), b0, b1, b2, ws, 0, INTERP)
     return mid, new
@@ -207,6 +214,7 @@ def _conv2d_tma_kernel(
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_SKIP: tl.constexpr,
     INTERP: tl.constexpr, PREC: tl.constexpr, USE_INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_BY_POINTER: tl.constexpr,
+    SHUFFLE: tl.constexpr,
     RESIDENT_W: tl.constexpr, ROLL_ROWS: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):
     # PREC / USE_INPUT_PRECISION are unused: operands are bf16/fp16 (tensor cores) or, under
@@ -225,7 +233,9 @@ def _conv2d_tma_kernel(
     stride = tl.num_programs(0) // NUM_N_BLOCKS
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)
+        # Shuffle-order column q is the conv's channel _conv_channel(q) (PyTorch's order).
+        b_idx = _conv_channel(offs_n, SHUFFLE, C_OUT // (SHUFFLE * SHUFFLE)) if SHUFFLE > 1 else offs_n
+        bias = tl.load(bias_ptr + b_idx, mask=offs_n < C_OUT, other=0.0)
     else:
         bias = tl.zeros((BLOCK_N,), dtype=tl.float32)  # never added: HAS_BIAS is False
     if RESIDENT_W:
@@ -239,7 +249,9 @@ def _conv2d_tma_kernel(
         # top to bottom. Each input row's 3 boxes are loaded once and feed all 3 kernel rows:
         # output row i - 1 (its last taps: it is complete and stored), row i, row i + 1 (its
         # first), two accumulators carried between rows. Rows h0 - 1 and h0 are the prologue.
-        strips, chunks, chunk_rows = _row_chunking(ROWS, H, W, NUM_SMS * PROGRAMS_PER_SM, BLOCK_M)
+        # The programs of one channel block are the ones that split its items.
+        strips, chunks, chunk_rows = _row_chunking(ROWS, H, W, tl.maximum(NUM_SMS * PROGRAMS_PER_SM // NUM_N_BLOCKS, 1),
+                                                   BLOCK_M)
         for item in tl.range(first, (ROWS // H) * chunks * strips, stride):
             strip = item % strips
             rest = item // strips
@@ -258,14 +270,14 @@ def _conv2d_tma_kernel(
             for i in tl.range(h0 + 1, h_end, 2):
                 acc_a, acc_b = _roll_step(x_desc, n, i, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale, skip_ptr,
                                           out_ptr, out_desc, H, W, INTERP, C_OUT, HAS_BIAS, RELU, HAS_SKIP,
-                                          BY_POINTER, BLOCK_M, BLOCK_N, BLOCK_K)
+                                          BY_POINTER, BLOCK_M, BLOCK_N, BLOCK_K, SHUFFLE)
                 acc_a, acc_b = _roll_step(x_desc, n, i + 1, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale,
                                           skip_ptr, out_ptr, out_desc, H, W, INTERP, C_OUT, HAS_BIAS, RELU, HAS_SKIP,
-                                          BY_POINTER, BLOCK_M, BLOCK_N, BLOCK_K)
+                                          BY_POINTER, BLOCK_M, BLOCK_N, BLOCK_K, SHUFFLE)
             if (h_end - h0) % 2 == 1:  # an odd number of steps: the last one
                 _roll_step(x_desc, n, h_end, w0, acc_a, acc_b, ws, n0, offs_n, bias, res_scale, skip_ptr, out_ptr,
                            out_desc, H, W, INTERP, C_OUT, HAS_BIAS, RELU, HAS_SKIP, BY_POINTER, BLOCK_M, BLOCK_N,
-                           BLOCK_K)
+                           BLOCK_K, SHUFFLE)
     else:
         for tile in tl.range(first, NUM_TILES, stride):
             n, h, w0 = _tile_origin(tile, H, TILES_W, BLOCK_M)
@@ -282,7 +294,7 @@ def _conv2d_tma_kernel(
                     b = w_desc.load([tap * C_IN + k0, n0])
                     acc = tl.dot(_widen(a, INTERP), _widen(b, INTERP), acc)
             _epilogue(acc, n, h, w0, n0, offs_n, bias, res_scale, skip_ptr, out_ptr, out_desc, H, W, INTERP,
-                      C_OUT, HAS_BIAS, RELU, HAS_SKIP, BY_POINTER, BLOCK_M, BLOCK_N)
+                      C_OUT, HAS_BIAS, RELU, HAS_SKIP, BY_POINTER, BLOCK_M, BLOCK_N, SHUFFLE)
 
 
 def row_chunking(rows: int, h: int, w: int, programs: int, block_m: int) -> tuple[int, int, int]:
@@ -316,10 +328,12 @@ def _prune(configs, named_args, **kwargs):
         bm, warps = c.kwargs["BLOCK_M"], c.num_warps
         if c.kwargs["ROLL_ROWS"] and bm == 256:
             return narrow_n  # the narrow-N config: its A stage leaves room for small weights only
-        # Rolling rows at BLOCK_M 64 on one warpgroup: three accumulators and the skip's tile
-        # need more than 255 registers (sm_90: 32 B of spills at N = 64), so with a skip only
-        # BLOCK_M 128 on two warpgroups.
-        return not (c.kwargs["ROLL_ROWS"] and kwargs.get("HAS_SKIP") and warps == 4 and not narrow_n)
+        # Rolling rows at BLOCK_M 64 on one warpgroup: three accumulators and the skip's tile,
+        # or the shuffle's store addresses, need more than 255 registers (sm_90 at N = 64: 32 B
+        # of spills with a skip, 44 B with the x2 shuffle), so there only BLOCK_M 128 on two
+        # warpgroups.
+        heavy_epilogue = kwargs.get("HAS_SKIP") or kwargs.get("SHUFFLE", 1) > 1
+        return not (c.kwargs["ROLL_ROWS"] and heavy_epilogue and warps == 4 and not narrow_n)
 
     return [c for c in configs if (resident or not c.kwargs["RESIDENT_W"]) and (roll or not c.kwargs["ROLL_ROWS"])
             and fits(c)]
@@ -329,7 +343,7 @@ _conv2d_tma_tuned = triton.autotune(
     configs=_tma_configs(),
     # The autotuner adds the tensor dtypes itself. HAS_SKIP: the prune differs with a skip (and
     # the skip's dummy pointer has x's dtype, so the dtypes alone would not tell the two apart).
-    key=["C_IN", "C_OUT", "KS", "HAS_SKIP"],
+    key=["C_IN", "C_OUT", "KS", "HAS_SKIP", "SHUFFLE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_conv2d_tma_kernel)
 
@@ -340,10 +354,13 @@ def _tma_block_k(c_in: int) -> int:
 
 
 def tma_conv_supported(x: torch.Tensor, w_packed: torch.Tensor, out: torch.Tensor, kernel_size: int, *,
-                       in_shift=None, shuffle: int = 1) -> bool:
+                       in_shift=None, shuffle: int = 1, skip=None) -> bool:
     """Whether `conv2d_nhwc_tma` takes this (already checked) `conv2d_nhwc` call: a TMA-capable
     GPU (`_common._has_tma`; the tests patch it to run this path under the interpreter),
-    bf16/fp16, no input shift, no pixel shuffle, and what the copy engine's descriptors need:
+    bf16/fp16, no input shift, a pixel shuffle only without a skip, with Cout a multiple of 64
+    and rows of at least _SHUFFLE_MIN_W pixels (the upsampler at inference sizes: 64-column
+    blocks, pointer stores into the upscaled output), and what the
+    copy engine's descriptors need:
     Cin a multiple of its K step (16, 32 or 64k: no weight box reads past a tap's rows), and x
     starting 16-byte aligned. Cout a multiple of 8 (16-byte row strides) with w_packed and out
     16-byte aligned too (a view at an odd offset goes to the pointer kernel instead of failing);
@@ -351,7 +368,9 @@ def tma_conv_supported(x: torch.Tensor, w_packed: torch.Tensor, out: torch.Tenso
     whose output is written by pointer stores, so neither needs a descriptor.
 
     x: (N, H, W, Cin); w_packed: (KS*KS*Cin, Cout); out: the output about to be written."""
-    if in_shift is not None or shuffle != 1 or kernel_size not in TMA_KERNEL_SIZES:
+    if in_shift is not None or kernel_size not in TMA_KERNEL_SIZES:
+        return False
+    if shuffle != 1 and (skip is not None or w_packed.shape[1] % _SHUFFLE_BLOCK_N or x.shape[2] < _SHUFFLE_MIN_W):
         return False
     if x.dtype not in TMA_DTYPES or x.dim() != 4:
         return False
@@ -360,9 +379,21 @@ def tma_conv_supported(x: torch.Tensor, w_packed: torch.Tensor, out: torch.Tenso
     c_in, c_out = x.shape[3], w_packed.shape[1]
     if c_in < 16 or c_in % _tma_block_k(c_in) or x.data_ptr() % 16:
         return False
-    if _narrow_out(c_out):
+    if shuffle != 1:  # 64k columns: 16-byte weight rows; the output by pointer stores
+        return w_packed.data_ptr() % 16 == 0
+    if _narrow_out(c_out):  # a padded copy of the weight; the output by pointer stores
         return True
     return c_out >= 8 and c_out % 8 == 0 and all(t.data_ptr() % 16 == 0 for t in (w_packed, out))
+
+
+# A pixel-shuffle conv's channel block: resident weights of one block fit shared memory (64 x 64
+# x 9 bf16 = 72 KiB; the pointer kernel's one 256-column tile would be 288 KiB).
+_SHUFFLE_BLOCK_N = 64
+# A tile is one image row, and a shuffle conv's epilogue leaves it only the BLOCK_M 128 rolling
+# config (`_prune`): a narrower row wastes MMA rows (48-pixel training patches: 2.7x; static
+# model 44.8 us against the pointer kernel's 33.2, whose tiles span rows). Interpreter tests
+# lower it (tests/test_conv2d_tma.py).
+_SHUFFLE_MIN_W = 128
 
 
 def _narrow_out(c_out: int) -> bool:
@@ -372,20 +403,21 @@ def _narrow_out(c_out: int) -> bool:
 
 
 def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: int, *, relu: bool = False,
-                    res_scale: float = 1.0, skip=None, out: torch.Tensor) -> torch.Tensor:
+                    res_scale: float = 1.0, skip=None, shuffle: int = 1, out: torch.Tensor) -> torch.Tensor:
     """Launch the TMA conv. The caller (`conv2d.conv2d_nhwc`) has checked every argument and
     `tma_conv_supported`; `out` is allocated.
 
     x: (N, H, W, Cin) bf16/fp16 contiguous; w_packed: (KS*KS*Cin, Cout); bias: (Cout,) fp32 or
-    None; skip: (N, H, W, Cout) or None; out: (N, H, W, Cout). Returns out."""
+    None; skip: (N, H, W, Cout) or None; out: (N, H, W, Cout), or for shuffle r (w_packed from
+    pack_weight(w, r), no skip) (N, rH, rW, Cout / r^2). Returns out."""
     n, h, w, c_in = x.shape
     c_out = w_packed.shape[1]
     ks = kernel_size
-    block_n = _block_n(c_out)
+    block_n = _SHUFFLE_BLOCK_N if shuffle > 1 else _block_n(c_out)
     block_k = _tma_block_k(c_in)
     num_n_blocks = triton.cdiv(c_out, block_n)
     interp_bm = _common._INTERPRET_BLOCK_M
-    narrow = _narrow_out(c_out)
+    narrow = shuffle == 1 and _narrow_out(c_out)
     wk = pad_weight_columns(w_packed, block_n) if narrow else w_packed  # 16-byte rows for its box
 
     def descs(block_m: int):
@@ -394,14 +426,14 @@ def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: 
         # descriptor (6-byte rows): x's stands in, unused (OUT_BY_POINTER; it has out's dtype).
         xd = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_m, block_k])
         wd = TensorDescriptor(wk, list(wk.shape), list(wk.stride()), [block_k, block_n])
-        od = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_m, block_k]) if narrow else
+        od = (TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_m, block_k]) if narrow or shuffle > 1 else
               TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, block_m, block_n]))
         return xd, wd, od
 
     meta = dict(
         C_IN=c_in, C_OUT=c_out, KS=ks,
         HAS_BIAS=bias is not None, RELU=bool(relu), HAS_SKIP=skip is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, OUT_BY_POINTER=narrow,
+        BLOCK_N=block_n, BLOCK_K=block_k, OUT_BY_POINTER=narrow or shuffle > 1, SHUFFLE=shuffle,
         **_launch_config_args(x.dtype),
     )
     sms = _common._multiprocessor_count(x.device)
@@ -412,12 +444,15 @@ def conv2d_nhwc_tma(x: torch.Tensor, w_packed: torch.Tensor, bias, kernel_size: 
     def items(block_m: int, roll: bool, programs: int) -> int:
         if not roll:
             return tiles(block_m)
-        strips, chunks, _ = row_chunking(n * h, h, w, programs, block_m)
+        strips, chunks, _ = row_chunking(n * h, h, w, max(programs // num_n_blocks, 1), block_m)
         return n * chunks * strips
 
     def grid(meta_):
         programs = sms * meta_["PROGRAMS_PER_SM"]
-        progs = min(items(meta_["BLOCK_M"], meta_["ROLL_ROWS"], programs), programs)
+        if meta_["ROLL_ROWS"]:  # the programs are shared by the channel blocks (`_row_chunking`)
+            per_block = max(programs // num_n_blocks, 1)
+            return (min(items(meta_["BLOCK_M"], True, programs), per_block) * num_n_blocks,)
+        progs = min(items(meta_["BLOCK_M"], False, programs), programs)
         return (max(1, progs) * num_n_blocks,)
 
     xd, wd, od = descs(interp_bm)  # GPU configs re-box A and out: _set_boxes

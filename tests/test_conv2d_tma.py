@@ -47,10 +47,15 @@ CASES = [
     ("c64to3_k3_tail", 1, 9, 40, 64, 3, 3, dict(bias=True)),
     ("c32to5_k3_b2_all", 2, 6, 9, 32, 5, 3, dict(bias=True, relu=True, res_scale=0.5, skip=True)),
     ("c16to12_k5_skip", 1, 5, 7, 16, 12, 5, dict(bias=True, skip=True)),
+    # Pixel shuffle (the upsampler): 64-column blocks in shuffle order, pointer stores into the
+    # upscaled output; x2 with 4 blocks on rolling rows (64 -> 256), x3 with 9 on the 5x5 form.
+    ("c64to256_k3_r2", 1, 7, 37, 64, 256, 3, dict(bias=True, shuffle=2)),
+    ("c16to576_k3_r3_relu", 2, 3, 5, 16, 576, 3, dict(bias=True, relu=True, shuffle=3)),
+    ("c32to256_k5_r2_scale", 1, 4, 6, 32, 256, 5, dict(bias=True, res_scale=0.5, shuffle=2)),
 ]
 # The 3x3 resident-weight cases, which the interpreter runs in the rolling-rows form: they are
 # run in the one-row form too (test_tma_conv_one_row_form_parity).
-ROLL_CASES = [c for c in CASES if c[6] == 3 and c[4] in (16, 32, 64)]
+ROLL_CASES = [c for c in CASES if c[6] == 3 and c[4] in (16, 32, 64) and "shuffle" not in c[7]]
 
 
 @pytest.fixture
@@ -69,30 +74,39 @@ def _inputs(name, n, h, w, c_in, c_out, ks, opt, dtype):
     return x, weight, bias, skip
 
 
-def _spec(x, weight, bias, skip, relu, res_scale, dtype):
+def _spec(x, weight, bias, skip, relu, res_scale, dtype, shuffle=1):
     """conv2d_ref on NCHW in `dtype` (bias and skip rounded to it, as eager would), back to NHWC,
     on the CPU."""
     x, weight, bias, skip = (None if t is None else t.cpu() for t in (x, weight, bias, skip))
     y = conv2d_ref(x.to(dtype).permute(0, 3, 1, 2), weight.to(dtype), None if bias is None else bias.to(dtype),
                    relu=relu, res_scale=res_scale,
-                   skip=None if skip is None else skip.to(dtype).permute(0, 3, 1, 2))
+                   skip=None if skip is None else skip.to(dtype).permute(0, 3, 1, 2), shuffle=shuffle)
     return y.permute(0, 2, 3, 1)
+
+
+@pytest.fixture
+def small_shuffle_rows(monkeypatch):
+    """Shuffle convs on the TMA path at the test images' widths (the GPU rule wants 128 px)."""
+    from fastsr.kernels import conv2d_tma as ct
+
+    monkeypatch.setattr(ct, "_SHUFFLE_MIN_W", 1)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_tma_conv_parity(case, dtype_name, tma_on, launches):
+def test_tma_conv_parity(case, dtype_name, tma_on, launches, small_shuffle_rows):
     name, n, h, w, c_in, c_out, ks, opt = case
     dtype = DTYPES[dtype_name]
     x, weight, bias, skip = _inputs(f"{name}/{dtype_name}", n, h, w, c_in, c_out, ks, opt, dtype)
-    relu, res_scale = opt.get("relu", False), opt.get("res_scale", 1.0)
-    out = torch.full((n, h, w, c_out), float("nan"), dtype=dtype, device=TRITON_DEVICE)
-    assert tma_conv_supported(x, pack_weight(weight), out, ks)
-    got = conv2d_nhwc(x, pack_weight(weight), bias, ks, relu=relu, res_scale=res_scale, skip=skip, out=out)
+    relu, res_scale, r = opt.get("relu", False), opt.get("res_scale", 1.0), opt.get("shuffle", 1)
+    out = torch.full((n, h * r, w * r, c_out // (r * r)), float("nan"), dtype=dtype, device=TRITON_DEVICE)
+    wp = pack_weight(weight, r)
+    assert tma_conv_supported(x, wp, out, ks, shuffle=r, skip=skip)
+    got = conv2d_nhwc(x, wp, bias, ks, relu=relu, res_scale=res_scale, skip=skip, shuffle=r, out=out)
     assert got is out
     assert launches == {"tma": 1, "pointer": 0}, launches
-    ref64 = _spec(x, weight, bias, skip, relu, res_scale, torch.float64)
-    eager = _spec(x, weight, bias, skip, relu, res_scale, dtype)
+    ref64 = _spec(x, weight, bias, skip, relu, res_scale, torch.float64, r)
+    eager = _spec(x, weight, bias, skip, relu, res_scale, dtype, r)
     assert_parity(out.cpu(), ref64, eager, dtype, f"conv2d_tma[{name}, {dtype_name}]")
 
 
@@ -169,7 +183,8 @@ def test_tma_conv_matches_pointer_kernel(tma_on, monkeypatch):
     ("no TMA on the device", dict(tma=False)),
     ("fp32 keeps the pointer path (IEEE fp32 MMA)", dict(dtype=torch.float32)),
     ("input shift (the head)", dict(shift=True)),
-    ("pixel shuffle (the upsampler)", dict(c_out=64, shuffle=2)),
+    ("pixel shuffle with Cout not a multiple of 64", dict(c_out=32, shuffle=2)),
+    ("pixel shuffle on rows narrower than 128 px", dict(c_out=64, shuffle=2)),
     ("Cout not a multiple of 8 and wider than one N tile", dict(c_out=130)),
     ("Cin not a multiple of its K step", dict(c_in=24)),
 ])
