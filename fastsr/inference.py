@@ -618,11 +618,11 @@ class Upscaler:
         """Drop what earlier input shapes left in this process: OpenVINO's compiled shapes (each
         with its buffers) and the free memory the native CPU path keeps on the heap
         (`glibc_heap.trim`). The next input then pays one compile and fresh pages."""
-        runner = self.model.__dict__.get("_openvino") if self.model is not None else None
-        if runner is not None:
-            runner.clear_compiled()
         from fastsr.ops.backends import glibc_heap
+        from fastsr.ops.backends.openvino import clear_compiled_shapes
 
+        if self.model is not None:
+            clear_compiled_shapes(self.model)
         glibc_heap.trim()
 
     def memory_baseline(self, lr_size: tuple[int, int] | None) -> int:

@@ -357,14 +357,20 @@ def clear_cache() -> None:
     _settled.clear()
 
 
+def _choice_key(sig: Signature, requested: str | None) -> str:
+    """The key of a timed choice, in memory and in the disk cache."""
+    return f"{sig.key()}|{requested}"
+
+
 def would_time(op: str, sig: Signature, requested: str | None = None) -> bool:
     """Whether `choose(op, sig, requested, make_run)` would time candidates now (rather than
     return a settled, remembered, cached or pinned choice): what it costs, in time and in the
     candidates' memory, before the first run of a new signature."""
-    if requested == "reference" or f"{sig.key()}|{requested}" in _memory:
+    key = _choice_key(sig, requested)
+    if requested == "reference" or key in _memory:
         return False
     ok, _ = _eligible(op, requested, sig)
-    return len(ok) > 1 and _timing_allowed(sig) and f"{sig.key()}|{requested}" not in _load_disk()
+    return len(ok) > 1 and _timing_allowed(sig) and key not in _load_disk()
 
 
 def choose(op: str, sig: Signature, requested: str | None = None,
@@ -378,7 +384,7 @@ def choose(op: str, sig: Signature, requested: str | None = None,
     settled = (op, sig, requested, triton_interpreting())
     if settled in _settled:  # one eligible candidate: no state but the interpreter flag changes it
         return _settled[settled]
-    key = f"{sig.key()}|{requested}"
+    key = _choice_key(sig, requested)
     if key in _memory:  # timed before: the eligible set it was timed among has not changed
         return _memory[key]
     ok, reasons = _eligible(op, requested, sig)

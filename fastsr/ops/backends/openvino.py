@@ -169,10 +169,20 @@ def _graph_digest(model: nn.Module, scale_idx: int) -> str:
     return digest.hexdigest()[:32]
 
 
+_RUNNER = "_openvino"  # where a model keeps its OpenVINOForward (its __dict__)
+
+
 def openvino_forward(model: nn.Module) -> OpenVINOForward:
     """The model's OpenVINOForward, created on first use."""
-    runner = model.__dict__.get("_openvino")
+    runner = model.__dict__.get(_RUNNER)
     if runner is None:
         runner = OpenVINOForward(model)
-        model.__dict__["_openvino"] = runner  # not a submodule: no state_dict entry, no .to()
+        model.__dict__[_RUNNER] = runner  # not a submodule: no state_dict entry, no .to()
     return runner
+
+
+def clear_compiled_shapes(model: nn.Module) -> None:
+    """`OpenVINOForward.clear_compiled` on the model's runner, if it has one (none is created)."""
+    runner = model.__dict__.get(_RUNNER)
+    if runner is not None:
+        runner.clear_compiled()
